@@ -1,0 +1,186 @@
+"""Checkpoints: atomic save, validated load, and rebuilding a model from a file.
+
+A checkpoint is a dict of JSON-like values and tensors (so `torch.load(weights_only=True)`
+reads it without running pickled code), tagged with `format` and `version`:
+
+    {"format": "rqlab-checkpoint", "version": 1, "rqlab_version": "...",
+     "model": ModelConfig.to_dict(), "state_dict": {...}, "policy": Policy.to_dict(), ...}
+
+    >>> save("runs/x/checkpoint.pt", {"model": model.config.to_dict(), "state_dict": model.state_dict()})
+    >>> model = load_model("runs/x/checkpoint.pt")       # rebuilt, weights and precision restored
+    >>> sha256("runs/x/checkpoint.pt")                    # for result records
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .validate import RqlabError
+
+FORMAT = "rqlab-checkpoint"
+VERSION = 1
+
+
+def rqlab_version() -> str:
+    """The installed rqlab version, or "unknown" when running from a bare source tree."""
+    try:
+        from . import __version__  # type: ignore[attr-defined]
+        return str(__version__)
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+        return version("rqlab")
+    except Exception:  # not installed
+        return "unknown"
+
+
+def _atomic_write(path, write) -> Path:
+    """Call `write(file_object)` on a temp file next to `path`, fsync, then os.replace.
+
+    Readers see the old file or the complete new one, never a partial one; on any error
+    (KeyboardInterrupt included) the temp file is removed and the old file is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (POSIX; a no-op elsewhere)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def save(path, payload: dict) -> Path:
+    """Write `payload` (JSON-like values and tensors) atomically, tagged as a checkpoint."""
+    if not isinstance(payload, dict):
+        raise RqlabError(f"checkpoint payload must be a dict, got {type(payload).__name__}")
+    payload = {"format": FORMAT, "version": VERSION, "rqlab_version": rqlab_version(), **payload}
+    return _atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def save_json(path, obj) -> Path:
+    """Write `obj` as indented JSON, atomically (e.g. a run's history.json)."""
+    text = json.dumps(obj, indent=2) + "\n"
+    return _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def load(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by `save` (weights_only: no code runs on load).
+
+    Raises RqlabError, naming the file, when it is missing, truncated or corrupt, or not
+    an rqlab checkpoint of a version this rqlab reads.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RqlabError(f"checkpoint {path} does not exist: check the path, or train a model first "
+                         "(rqlab train ... --out DIR writes DIR/checkpoint.pt)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+            OSError) as e:
+        raise RqlabError(
+            f"checkpoint {path} could not be read ({_first_line(e)}): "
+            "the file is truncated, corrupt or not a torch file; retrain or restore it from a copy "
+            "(rqlab writes checkpoints atomically, so an interrupted save leaves the previous one)") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RqlabError(f"{path} is not an rqlab checkpoint (no format={FORMAT!r} tag): "
+                         "load it with torch.load, or convert the model with rqlab.quant.convert")
+    if payload.get("version") != VERSION:
+        raise RqlabError(f"checkpoint {path} has version {payload.get('version')!r}, but this rqlab "
+                         f"({rqlab_version()}) reads version {VERSION}: use the rqlab that wrote it")
+    return payload
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+
+
+def policy_from_dict(d: dict | None):
+    """Inverse of `Policy.to_dict()` (None -> full precision).
+
+    (A natural home for this is rqlab.quant.policy; it lives here until it moves.)
+    """
+    from . import quant
+
+    if d is None:
+        return quant.Fixed(32)
+    kind = d.get("kind")
+    if kind == "fixed":
+        act = d.get("act_bits")
+        return quant.Fixed(d["bits"], None if act in (None, d["bits"]) else act)
+    if kind == "per_layer":
+        # to_dict writes every entry as a (w, a) pair; an equal pair was a plain int
+        bits = {k: (v if not isinstance(v, (list, tuple)) else int(v[0]) if v[0] == v[1] else tuple(v))
+                for k, v in d["bits"].items()}
+        return quant.PerLayer(bits, default=d.get("default", 32))
+    if kind == "random":
+        return quant.RandomPrecision(tuple(d["choices"]), seed=d.get("seed", 0))
+    raise RqlabError(f"policy kind={kind!r} is unknown: expected fixed, per_layer or random")
+
+
+def policy_state(policy):
+    """The policy's own RNG state (RandomPrecision), else None. Checkpoint-safe (tuples of ints)."""
+    return policy.get_state() if hasattr(policy, "get_state") else None
+
+
+def load_model(path, device="cpu", eval: bool = True):
+    """Rebuild the model stored in a checkpoint: config, weights (strict) and precision policy.
+
+    The model is returned on `device`, in eval mode unless `eval=False`. A random
+    precision policy is restored with its generator state as saved.
+    """
+    from . import models, quant
+
+    ckpt = load(path)
+    for key in ("model", "state_dict"):
+        if ckpt.get(key) is None:
+            raise RqlabError(f"checkpoint {path} has no {key!r} entry: it holds no model to rebuild")
+    model = models.from_config(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise RqlabError(f"checkpoint {path}: weights do not fit the stored model config: "
+                         f"{_first_line(e)}") from e
+    policy = policy_from_dict(ckpt.get("policy"))
+    if ckpt.get("policy_state") is not None and hasattr(policy, "set_state"):
+        policy.set_state(ckpt["policy_state"])
+    quant.apply(model, policy)
+    model.to(device)
+    return model.train(not eval)
+
+
+def sha256(path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file (recorded with results to pin the exact weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RqlabError(f"{path} does not exist: cannot hash it")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

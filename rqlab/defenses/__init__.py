@@ -1,0 +1,1 @@
+"""Defenses: training-time and configuration-time methods from the four papers."""

@@ -1,0 +1,105 @@
+"""`rqlab eval`: evaluate a checkpoint under an attack and write the record as JSON.
+
+    rqlab eval --checkpoint runs/x/checkpoint.pt --attack pgd --eps 0.1 --steps 20 --bits 4 \\
+               --n 1000 --json out.json
+    rqlab eval --checkpoint ... --random-bits 4-8 --calibrate 512 --attack eot-pgd --eot 10 --passes 5 --sanity
+"""
+from __future__ import annotations
+
+import json
+
+from .validate import RqlabError
+
+
+def add_cli(subparsers) -> None:
+    """Register `rqlab eval` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "eval", help="clean and robust accuracy of a checkpoint under an attack",
+        description="Evaluate a checkpoint at a precision policy under a threat model; prints a short table "
+                    "and writes the full record (per-example outcomes included) with --json.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by rqlab train")
+    p.add_argument("--data", default="fashion-mnist", help="dataset name (default fashion-mnist)")
+    p.add_argument("--data-root", default=None, help="dataset directory (default: rqlab's data root)")
+    p.add_argument("--attack", default="pgd",
+                   help="fgsm | pgd | cw | eot-pgd | expectation | transfer | autoattack | square (default pgd)")
+    p.add_argument("--norm", default="linf", help="linf | l2 (default linf)")
+    p.add_argument("--eps", type=float, default=0.1, help="radius in [0, 1] pixel units (default 0.1)")
+    p.add_argument("--steps", type=int, default=20, help="attack steps (default 20)")
+    p.add_argument("--step-size", type=float, default=None,
+                   help="default: 0.01 for linf 0.1, 2/255 for 8/255, else 2.5 eps / steps")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--eot", type=int, default=None, help="gradient samples per step (default 10 for eot-pgd, else 1)")
+    p.add_argument("--version", default=None, help="AutoAttack version: standard | rand (for random defenses)")
+    p.add_argument("--bits", default=None,
+                   help="defender's precision: fp, 4, w32a4, 4-8, 4,6,8 (default: as stored in the checkpoint)")
+    p.add_argument("--random-bits", default=None, help="random precision inference over a set, e.g. 4-8")
+    p.add_argument("--attack-bits", default=None,
+                   help="attacker's precision (e.g. 4 to craft at 4 bits; for eot-pgd/expectation the set)")
+    p.add_argument("--passes", type=int, default=1, help="stochastic forward passes per example (default 1)")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="post-training quantization: calibrate activation ranges of the precisions used on N "
+                        "training images first (needed for precisions the checkpoint was not trained at)")
+    p.add_argument("--n", type=int, default=1000, help="test examples (default 1000)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--sanity", action="store_true", help="run the sanity checks and add them to the record")
+    p.add_argument("--json", default=None, help="write the record here (atomically)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run_cli)
+
+
+def threat_from_args(args):
+    from . import quant
+    from .attacks import ThreatModel
+
+    options = {}
+    if args.version is not None:
+        options["version"] = args.version
+    policy = quant.parse_policy(args.attack_bits, seed=args.seed) if args.attack_bits else None
+    return ThreatModel(args.attack, norm=args.norm, eps=args.eps, steps=args.steps, step_size=args.step_size,
+                       restarts=args.restarts, eot=args.eot, seed=args.seed, policy=policy, options=options)
+
+
+def run_cli(args) -> int:
+    """`rqlab eval`: load, evaluate, print the table, write the JSON record. Returns 0."""
+    from . import checkpoint, data, quant
+    from .evaluate import evaluate, format_record
+    from .train import resolve_device
+
+    if args.bits and args.random_bits:
+        raise RqlabError("give --bits or --random-bits, not both")
+    threat = threat_from_args(args)  # fail on a bad threat before loading anything
+    spelling = args.random_bits or args.bits
+    policy = quant.parse_policy(spelling, seed=args.seed) if spelling else None
+    if args.random_bits and not isinstance(policy, quant.RandomPrecision):
+        raise RqlabError(f"--random-bits={args.random_bits!r} is a single precision: use a set such as 4-8 or 4,6,8")
+    device = resolve_device(args.device)
+    model = checkpoint.load_model(args.checkpoint, device=device)
+    calibration = None
+    if args.calibrate:
+        bits = set((policy or quant.current(model)).support()) | set(threat.policy.support() if threat.policy else ())
+        calib = data.load(args.data, split="train", n=args.calibrate, seed=args.seed, root=args.data_root)
+        x = calib.x.float().div(255).to(device)
+        quant.calibrate(model, [x[i:i + 256] for i in range(0, len(x), 256)], bits=sorted(bits))
+        calibration = {"n": args.calibrate, "bits": sorted(bits), "split": "train", "seed": args.seed}
+    test_set = data.load(args.data, split="test", n=args.n, seed=args.seed, root=args.data_root)
+    record = evaluate(model, test_set, threat, policy=policy, batch_size=args.batch_size, seed=args.seed,
+                      passes=args.passes, sanity=args.sanity, model_id=str(args.checkpoint),
+                      progress=not args.no_progress)
+    record["checkpoint_sha256"] = checkpoint.sha256(args.checkpoint)
+    record["data"] = args.data
+    record["calibration"] = calibration
+    print(format_record(record))
+    if args.json:
+        write_record(args.json, record)
+        print(f"record: {args.json}")
+    return 0
+
+
+def write_record(path, record: dict) -> None:
+    """Write a record as JSON atomically (temp file + os.replace)."""
+    from .checkpoint import save_json
+
+    json.dumps(record)  # fail before touching the file if it is not serialisable
+    save_json(path, record)

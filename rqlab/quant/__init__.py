@@ -1,0 +1,14 @@
+"""Quantization: fake-quant functions with STE, quantized layers, switchable BN,
+precision policies, post-training quantization and BitOPs (METHODS section 1).
+
+    >>> from rqlab import quant
+    >>> quant.apply(model, quant.Fixed(4))
+    >>> with quant.using(model, quant.RandomPrecision((4, 5, 6, 7, 8), seed=0)):
+    ...     logits = model(x)
+"""
+from .bitops import bitops, format_summary, layer_macs, macs, summary
+from .functional import (STE_MODES, WEIGHT_SCHEMES, binarize_activation, binarize_weight, grid_step,
+                         quantize_per_channel, quantize_range, quantize_symmetric, quantize_weight)
+from .layers import ActQuant, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, batch_norm
+from .policy import Fixed, PerLayer, Policy, RandomPrecision, apply, current, parse_policy, quant_layers, using
+from .ptq import calibrate, convert, ptq, quantizable_names

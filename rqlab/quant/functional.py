@@ -1,0 +1,131 @@
+"""Uniform fake quantization with straight-through estimators (METHODS section 1).
+
+One function family: every quantizer maps a float tensor to the float values of a
+b-bit grid (forward) and passes the gradient straight through (backward).
+
+Grid (b >= 2, asymmetric): for a range [lo, hi] widened to contain 0,
+    scale = (hi - lo) / (2^b - 1),   zero_point = round(-lo / scale) in [0, 2^b - 1]
+    Q(x)  = (clamp(round(x / scale) + zero_point, 0, 2^b - 1) - zero_point) * scale
+so 0 is exactly representable (ReLU zeros and zero padding stay exact). This is the
+affine scheme of torch's native fake-quant ops, which are the fast path used here.
+
+Symmetric per-tensor (option): scale = max|x| / (2^(b-1) - 1), grid -(2^(b-1)-1)..(2^(b-1)-1).
+
+Binary (b = 1, XNOR-style): weights sign(w) * mean|w| per output channel,
+activations sign(x). Both use the STE masked to |x| <= 1.
+
+STE variants (`ste`):
+    "clipped": gradient 1 where the value was inside the grid, 0 where it was clamped
+               (the native ops' backward);
+    "plain":   gradient 1 everywhere.
+"""
+from __future__ import annotations
+
+import torch
+
+STE_MODES = ("clipped", "plain")
+WEIGHT_SCHEMES = ("per_channel", "per_tensor_symmetric")
+_EPS = 1e-8
+
+
+def _affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int):
+    """scale and integer zero point for a range [lo, hi] (widened to contain 0)."""
+    qmax = 2 ** bits - 1
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale = torch.clamp((hi - lo) / qmax, min=_EPS)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
+    return scale.float(), zero_point
+
+
+def _plain(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Forward value q, gradient 1 with respect to x (plain straight-through)."""
+    return x + (q - x).detach()
+
+
+def quantize_per_channel(w: torch.Tensor, bits: int, ste: str = "clipped", axis: int = 0) -> torch.Tensor:
+    """Fake-quantize `w` with one min..max range per slice along `axis` (2^b - 1 steps).
+
+    w: any shape, e.g. conv weight (C_out, C_in, kH, kW); ranges recomputed from `w` on
+    every call and treated as constants in the backward pass.
+    """
+    if bits == 1:
+        return binarize_weight(w, axis)
+    wd = w.detach().float().transpose(0, axis).reshape(w.shape[axis], -1)  # (C, rest)
+    lo, hi = torch.aminmax(wd, dim=1)
+    scale, zp = _affine_qparams(lo, hi, bits)
+    q = torch.fake_quantize_per_channel_affine(w.float(), scale, zp, axis, 0, 2 ** bits - 1).to(w.dtype)
+    return _plain(w, q.detach()) if ste == "plain" else q
+
+
+def quantize_symmetric(w: torch.Tensor, bits: int, ste: str = "clipped") -> torch.Tensor:
+    """Fake-quantize `w` with one symmetric range max|w| for the whole tensor."""
+    if bits == 1:
+        alpha = w.detach().abs().mean()
+        return _binary_ste(w, alpha)
+    qmax = 2 ** (bits - 1) - 1
+    scale = torch.clamp(w.detach().abs().max().float() / qmax, min=_EPS).reshape(1)
+    zp = torch.zeros(1, dtype=torch.int32, device=w.device)
+    q = torch.fake_quantize_per_tensor_affine(w.float(), scale, zp, -qmax, qmax).to(w.dtype)
+    return _plain(w, q.detach()) if ste == "plain" else q
+
+
+def quantize_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                   ste: str = "clipped") -> torch.Tensor:
+    """Fake-quantize `x` on the b-bit grid of the range [lo, hi] (scalar tensors).
+
+    Used for activations, whose range is tracked or calibrated (see layers.ActQuant).
+    Values beyond the range are clamped; with ste="clipped" their gradient is 0.
+    """
+    if bits == 1:
+        return binarize_activation(x)
+    scale, zp = _affine_qparams(lo.reshape(1), hi.reshape(1), bits)
+    q = torch.fake_quantize_per_tensor_affine(x.float(), scale, zp, 0, 2 ** bits - 1).to(x.dtype)
+    return _plain(x, q.detach()) if ste == "plain" else q
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign(x) * alpha forward; gradient alpha-free, masked to |x| <= 1 backward."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, zero_to_one: bool):
+        ctx.save_for_backward(x)
+        s = torch.sign(x)
+        if zero_to_one:  # weights: sign(0) := +1 so every weight takes one of two values
+            s = torch.where(x == 0, torch.ones_like(s), s)
+        return s * alpha
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype), None, None
+
+
+def _binary_ste(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return _SignSTE.apply(w, alpha, True)
+
+
+def binarize_weight(w: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """XNOR-Net weights: sign(w) * mean|w| of each slice along `axis`. Shape kept."""
+    dims = [d for d in range(w.dim()) if d != axis]
+    alpha = w.detach().abs().mean(dim=dims, keepdim=True) if dims else w.detach().abs()
+    return _binary_ste(w, alpha)
+
+
+def binarize_activation(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) with the |x| <= 1 STE. After a ReLU (x >= 0) this is the {0, 1} step."""
+    return _SignSTE.apply(x, torch.ones((), dtype=x.dtype, device=x.device), False)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, scheme: str = "per_channel", ste: str = "clipped") -> torch.Tensor:
+    """Weight quantizer by scheme name; bits = 32 returns `w` unchanged."""
+    if bits >= 32:
+        return w
+    if scheme == "per_channel":
+        return quantize_per_channel(w, bits, ste)
+    return quantize_symmetric(w, bits, ste)
+
+
+def grid_step(lo: float, hi: float, bits: int) -> float:
+    """Step size of the b-bit affine grid over [lo, hi] (widened to contain 0)."""
+    return (max(hi, 0.0) - min(lo, 0.0)) / (2 ** bits - 1)
