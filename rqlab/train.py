@@ -208,7 +208,7 @@ def accuracy(model: nn.Module, loader, policy=None, n: int | None = None) -> flo
 
 def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = None, out=None,
         test_loader=None, resume: bool = True, progress: bool = True,
-        log: Callable[[str], None] | None = print) -> list[dict]:
+        log: Callable[[str], None] | None = print, epoch_metrics: dict | None = None) -> list[dict]:
     """Train `model` in place; return the history (one metrics dict per epoch).
 
     train_loader: yields (x (B, C, H, W) float in [0, 1], y (B,) int64); `set_epoch(e)`
@@ -218,6 +218,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
         the fields in RESUME_FREE_FIELDS; `epochs` may grow, and the schedule is then
         that of the new total). resume=False starts over and overwrites it.
     log: where epoch summaries go (None: silent); progress: a tqdm bar per epoch.
+    epoch_metrics: {key: fn(model) -> float}, called after each epoch (not timed) under
+        the evaluation policy, e.g. {"pgd20_acc": ...}; each value goes into the history row.
     """
     from tqdm.auto import tqdm
 
@@ -297,12 +299,16 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
             "epoch_time_s": epoch_time,
             "cumulative_time_s": (history[-1]["cumulative_time_s"] if history else 0.0) + epoch_time,
         }
+        for key, metric in (epoch_metrics or {}).items():
+            with quant.using(model, checkpoint.policy_from_dict(policy.to_dict())):
+                row[key] = float(metric(model))
         _check_finite(row["train_loss"], epoch, cfg)
         hooks.epoch_end(model, epoch, row)
         history.append(row)
         if ckpt_path is not None:
             _save(ckpt_path, model, optimizer, cfg, hooks, policy, history, steps)
         test = f"  test_acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""
+        test += "".join(f"  {k} {row[k]:.4f}" for k in (epoch_metrics or {}))
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.4f}"
             f"{test}  lr {lr:.4g}  {epoch_time:.1f}s")
     return history

@@ -3,6 +3,10 @@
     rqlab train --model smallcnn --data fashion-mnist --epochs 2            # ~90% clean accuracy
     rqlab train --bits 4 --out runs/smallcnn-4bit                           # quantization-aware, 4 bits
     rqlab train --bits 4-8 --epochs 10                                      # a random precision per forward
+    rqlab train --defense pgd-at --epochs 5                                 # PGD-7 adversarial training
+    rqlab train --defense rpt-pgd-at --bits 4-8                             # Double-Win Quant: RPT + RPI
+    rqlab train --defense dq --beta 3e-3 --bits w32a4                       # Defensive Quantization
+    rqlab train --defense odgq --bits 1                                     # ODG-Q, binary network
 
 Writes OUT/checkpoint.pt and OUT/history.json after every epoch; re-running the same
 command resumes from them (--no-resume starts over). torch is imported inside run_cli,
@@ -40,6 +44,19 @@ def add_cli(subparsers) -> None:
     p.add_argument("--bits", default="fp",
                    help="training precision: fp, 4, w32a4, or a random set such as 4-8 or 4,6,8 "
                         "(a new draw every forward); default fp")
+    p.add_argument("--defense", default="natural",
+                   help="natural | pgd-at | fgsm-rs | dq | dq-pgd-at | rpt | rpt-pgd-at | rpt-fgsm-rs | odgq "
+                        "(default natural; rpt* need a precision set in --bits and build switchable BN)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="linf radius of adversarial defenses (default 0.1 for (fashion-)mnist, else 8/255)")
+    p.add_argument("--attack-steps", type=int, default=7, help="PGD steps of pgd-at (default 7)")
+    p.add_argument("--attack-step-size", type=float, default=None,
+                   help="PGD step of pgd-at (default 0.025 for eps 0.1, 2/255 for 8/255, else 2.5 eps / steps)")
+    p.add_argument("--beta", type=float, default=1e-3, help="DQ orthogonality weight (default 1e-3)")
+    p.add_argument("--lam", type=float, default=1.0, help="ODG-Q weight of the variance of domain risks (default 1)")
+    p.add_argument("--eval-pgd", type=int, default=0, metavar="N",
+                   help="after every epoch, PGD-20 robust accuracy (at --eps) on N test examples (default 0: off)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--augment", action="store_true", help="random crop (padding 4) and horizontal flip")
     p.add_argument("--n-train", type=int, default=None, help="train on a fixed random subset of N examples")
     p.add_argument("--eval-n", type=int, default=None,
@@ -56,9 +73,14 @@ def run_cli(args) -> int:
 
     Raises RqlabError for bad settings (the CLI prints it without a traceback).
     """
-    from . import models
+    from . import defenses, models
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     model_name = models.canonical_name(args.model)  # fail before loading any data
+    defense = defenses.canonical(args.defense)
 
     from . import data, quant
     from .train import TrainConfig, fit, resolve_device, seed_everything
@@ -68,8 +90,10 @@ def run_cli(args) -> int:
                       device=args.device, amp=args.amp, augment=args.augment, n_train=args.n_train,
                       eval_n=args.eval_n)
     policy = quant.parse_policy(args.bits, seed=cfg.seed)
+    hooks = make_hooks(args, defense, policy)
     device = resolve_device(cfg.device)
-    out = Path(args.out or f"runs/{model_name}-{args.data}-{args.bits.strip().lower().replace(',', '_')}-s{cfg.seed}")
+    spelling = args.bits.strip().lower().replace(',', '_')
+    out = Path(args.out or f"runs/{model_name}-{args.data}-{defense}-{spelling}-s{cfg.seed}")
 
     # Subsets are fixed (seed 0), whatever the run's seed: runs differ in weights and order only.
     train_set = data.load(args.data, split="train", n=cfg.n_train, seed=0, root=args.data_root)
@@ -80,18 +104,59 @@ def run_cli(args) -> int:
 
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone
     model = models.create(model_name, input_shape=tuple(train_set.input_shape), mean=tuple(train_set.mean),
-                          std=tuple(train_set.std), num_classes=train_set.num_classes)
+                          std=tuple(train_set.std), num_classes=train_set.num_classes,
+                          sbn_bits=policy.support() if defenses.needs_bits_set(defense) else None)
     quant.apply(model, policy)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{model_name}: {n_params / 1e6:.3f} M parameters, {quant.macs(model) / 1e6:.2f} M MACs/example, "
-          f"precision {policy} | {args.data}: {len(train_set)} train, {len(test_set)} test | device {device}")
+          f"precision {policy}, defense {hooks.name} | {args.data}: {len(train_set)} train, {len(test_set)} test | device {device}")
 
+    metrics = {}
+    if args.eval_pgd:
+        metrics["pgd20_acc"] = pgd20_metric(test_set, args.eval_pgd, args.eps or default_eps(args.data), device)
     t0 = time.perf_counter()
-    history = fit(model, train_loader, cfg, out=out, test_loader=test_loader,
-                  resume=not args.no_resume, progress=not args.no_progress)
+    history = fit(model, train_loader, cfg, hooks=hooks, out=out, test_loader=test_loader,
+                  resume=not args.no_resume, progress=not args.no_progress, epoch_metrics=metrics)
     last = history[-1]
     print(f"clean test accuracy {100 * last['test_acc']:.2f}% ({len(test_set)} test examples, precision {policy}) "
           f"after {last['epoch']} epochs; training time {last['cumulative_time_s']:.0f}s, "
           f"this run {time.perf_counter() - t0:.0f}s")
     print(f"checkpoint: {out / 'checkpoint.pt'}")
     return 0
+
+
+def default_eps(data_name: str) -> float:
+    """METHODS section 0: linf 0.1 on (Fashion-)MNIST, 8/255 on CIFAR-10/100 and SVHN."""
+    return 0.1 if "mnist" in data_name else 8 / 255
+
+
+def default_train_step(eps: float) -> float | None:
+    """METHODS: training step 0.025 at eps 0.1, 2/255 at 8/255; None: 2.5 eps / steps."""
+    return {0.1: 0.025, round(8 / 255, 6): 2 / 255}.get(round(eps, 6))
+
+
+def make_hooks(args, defense: str, policy):
+    """The training hooks for `--defense` and its settings (eps, steps, beta, lam, bits)."""
+    from . import defenses, quant
+    from .validate import RqlabError
+
+    eps = args.eps if args.eps is not None else default_eps(args.data)
+    step = args.attack_step_size if args.attack_step_size is not None else default_train_step(eps)
+    bits = None
+    if defenses.needs_bits_set(defense):
+        if not isinstance(policy, quant.RandomPrecision):
+            raise RqlabError(f"--defense {defense} trains over a precision set: give --bits as a set such as "
+                             f"4-8 or 4,6,8 (got --bits {args.bits})")
+        bits = policy.choices
+    return defenses.build(defense, eps=eps, steps=args.attack_steps, step_size=step, beta=args.beta,
+                          lam=args.lam, bits=bits, seed=args.seed)
+
+
+def pgd20_metric(test_set, n: int, eps: float, device):
+    """fn(model) -> PGD-20 robust accuracy (linf eps, METHODS step) on the first n test examples."""
+    from .attacks import ThreatModel
+    from .evaluate import evaluate
+
+    threat = ThreatModel("pgd", eps=eps, steps=20)
+    n = min(n, len(test_set))
+    return lambda model: evaluate(model, test_set, threat, n=n, progress=False)["robust_accuracy"]

@@ -42,7 +42,10 @@ class DefensiveQuantization(Hooks):
     def __init__(self, beta: float = 1e-3, inner: Hooks | None = None):
         self.beta = check_float(beta, "beta", 0.0)
         self.inner = inner or Hooks()
-        self.name = "dq" if type(self.inner) is Hooks else f"dq+{self.inner.name}"
+        self.name = "dq" if type(self.inner) is Hooks else f"dq-{self.inner.name}"
+
+    def config(self) -> dict:
+        return {"beta": self.beta, "inner": self.inner.config()}
 
     def precision(self, model, step):
         self.inner.precision(model, step)

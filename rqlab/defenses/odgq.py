@@ -46,6 +46,9 @@ class ODGQ(Hooks):
         self._g_prev: torch.Tensor | None = None  # (P, C, H, W) last input-gradient sign, fgsm_rs slot
         self.last_risks: dict[str, float] = {}
 
+    def config(self) -> dict:
+        return {"eps": self.eps, "alpha": self.alpha, "lam": self.lam, "seed": self.seed}
+
     # -- one step: batch() builds the four domains, loss() scores them ------------------
 
     def _rand(self, shape, device) -> torch.Tensor:

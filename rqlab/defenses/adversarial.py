@@ -1,0 +1,101 @@
+"""Adversarial training: PGD-AT and FGSM-RS, as training hooks for `rqlab.train.fit`.
+
+Papers: Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant
+to Adversarial Attacks", ICLR 2018 (PGD-AT); Wong, Rice, Kolter, "Fast is better than
+free: Revisiting adversarial training", ICLR 2020 (FGSM-RS).
+
+    >>> fit(model, loader, cfg, hooks=PGDTraining(eps=0.1, steps=7, step_size=0.025))
+    >>> fit(model, loader, cfg, hooks=FGSMRS(eps=0.1))          # alpha = 1.25 eps
+
+The adversarial batch is crafted on the model as the training step sees it: at the
+precision the policy (or a defense such as RPT) set for this step, with eval-mode batch
+norm (running statistics are not touched by the attack's forward passes) and frozen
+parameters; the weight update then runs in train mode on the adversarial batch only.
+Each step's random start is seeded by (seed, step), so resumed runs stay exact.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..attacks import ThreatModel, pgd
+from ..attacks.base import ascend, ce_loss, eval_mode, input_grad, prepared, project
+from ..quant.layers import ActQuant
+from ..train import Hooks
+from ..validate import check_float, check_int
+
+
+@torch.no_grad()
+def ensure_act_ranges(model: nn.Module, x: torch.Tensor) -> None:
+    """Give every activation quantizer a range for its current precision before an
+    eval-mode attack: a precision met for the first time takes its range from this clean
+    batch (as its first training forward would), batch norm untouched."""
+    fresh = [a for a in model.modules() if isinstance(a, ActQuant)]
+    if not fresh:
+        return
+    with eval_mode(model):
+        for a in fresh:
+            a.training = True  # observe: only ranges never seen are initialised below
+        saved = [(a, a.seen.clone(), a.ranges.clone()) for a in fresh]
+        model(x)
+        for a, seen, ranges in saved:  # keep ranges that already existed as they were
+            known = seen > 0
+            a.ranges[known], a.seen[known] = ranges[known], seen[known]
+
+
+class PGDTraining(Hooks):
+    """Madry PGD-AT: train on PGD-`steps` examples (linf ball, random start).
+
+    eps: radius in [0, 1] pixels; steps: PGD steps (7 in Double-Win Quant); step_size:
+    default 2.5 eps / steps (METHODS: 0.025 for Fashion-MNIST eps 0.1, 2/255 for
+    CIFAR eps 8/255: pass them explicitly); seed: random starts.
+    """
+
+    name = "pgd-at"
+
+    def __init__(self, eps: float = 0.1, steps: int = 7, step_size: float | None = None, seed: int = 0):
+        self.threat = ThreatModel("pgd", norm="linf", eps=eps, steps=check_int(steps, "steps", 1),
+                                  step_size=step_size, seed=check_int(seed, "seed", 0))
+        self._step = 0
+
+    def config(self) -> dict:
+        return {"eps": self.threat.eps, "steps": self.threat.steps, "step_size": self.threat.alpha,
+                "seed": self.threat.seed}
+
+    def precision(self, model, step):
+        self._step = step
+
+    def batch(self, model, x, y):
+        ensure_act_ranges(model, x)
+        return pgd(model, x, y, self.threat.replace(seed=self.threat.seed + self._step)), y
+
+
+class FGSMRS(Hooks):
+    """FGSM with a random start (fast adversarial training):
+    delta ~ U(-eps, eps), delta <- clip(delta + alpha sign(grad_x CE), -eps, eps).
+
+    One extra forward/backward per step. alpha defaults to 1.25 eps (Wong et al.).
+    """
+
+    name = "fgsm-rs"
+
+    def __init__(self, eps: float = 0.1, alpha: float | None = None, seed: int = 0):
+        self.eps = check_float(eps, "eps", 0.0, 1.0)
+        self.alpha = check_float(1.25 * self.eps if alpha is None else alpha, "alpha", 0.0)
+        self.seed = check_int(seed, "seed", 0)
+        self._step = 0
+
+    def config(self) -> dict:
+        return {"eps": self.eps, "alpha": self.alpha, "seed": self.seed}
+
+    def precision(self, model, step):
+        self._step = step
+
+    def batch(self, model, x, y):
+        ensure_act_ranges(model, x)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._step)
+        delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * self.eps).to(x)
+        x0 = (x + delta).clamp(0, 1)
+        with prepared(model):
+            grad = input_grad(model, x0, y, ce_loss)
+        return project(ascend(x0, grad, "linf", self.alpha), x, "linf", self.eps).detach(), y
