@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rqlab import __version__, train_cli
+from rqlab import __version__, bitselect_cli, eval_cli, report_cli, train_cli, zoo_cli
 from rqlab.validate import RqlabError
 
 
@@ -56,7 +56,7 @@ def add_data_parser(subparsers) -> None:
 
 
 # One function per subcommand: it adds the subcommand's parser and sets `run`.
-SUBCOMMANDS = [add_data_parser, train_cli.add_cli]
+SUBCOMMANDS = [add_data_parser, train_cli.add_cli, eval_cli.add_cli, bitselect_cli.add_cli, report_cli.add_cli, zoo_cli.add_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:
