@@ -15,7 +15,7 @@ of the recipe's evaluation precisions, and writes the card NAME.json beside it w
 the checkpoint's SHA-256.
 
 The Fashion-MNIST recipes are sized for 2 CPU cores (adversarially trained models use a
-fixed 12,000-example training subset for 4 epochs); the CIFAR-10 recipes carry the
+fixed 10,000-example training subset for 4 epochs); the CIFAR-10 recipes carry the
 paper's hyperparameters for GPU users and are not trained here.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Recipe:
 
 
 _FM = ("--model", "smallcnn", "--data", "fashion-mnist", "--seed", "0")
-_AT = ("--n-train", "12000", "--epochs", "4", "--eval-pgd", "200")   # adversarial recipes, CPU-sized
+_AT = ("--n-train", "10000", "--epochs", "4", "--eval-pgd", "200")   # adversarial recipes, CPU-sized
 _NAT = ("--epochs", "3", "--eval-pgd", "200")
 _CIFAR = ("--data", "cifar10", "--epochs", "160", "--lr", "0.1", "--schedule", "step", "--augment",
           "--batch-size", "128", "--seed", "0", "--eval-pgd", "1000")
@@ -262,9 +262,10 @@ def clean_accuracy(model, data, policy, passes: int = 1) -> float:
 
 
 def _trained_bits(model) -> list[int]:
-    from ..quant.layers import ActQuant
+    """Bits whose activation ranges every quantized (not keep_fp) layer already has."""
+    from .. import quant
 
-    acts = [m for m in model.modules() if isinstance(m, ActQuant)]
+    acts = [layer.act for _, layer in quant.quant_layers(model)]
     return sorted(set.intersection(*(set(a.calibrated_bits()) for a in acts))) if acts else []
 
 
