@@ -52,6 +52,7 @@ def _atomic_write(path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600 files; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -72,6 +73,13 @@ def _atomic_write(path, write) -> Path:
     except OSError:
         pass
     return path
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file (0666 less the umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save(path, payload: dict) -> Path:

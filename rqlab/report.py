@@ -87,6 +87,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from .checkpoint import file_mode
 from .validate import RqlabError, check_choice, check_int
 
 DEFAULT_CONFIG = "reports/default.yaml"
@@ -491,7 +492,7 @@ def execute_notebook(source: str, output: str, params: dict, cwd: str, cell_prog
         trace = "\n".join(lines)
     finally:
         if os.path.exists(tmp) and os.path.getsize(tmp) > 0:  # papermill wrote it (also when a cell failed)
-            os.chmod(tmp, _file_mode())
+            os.chmod(tmp, file_mode())
             os.replace(tmp, out)
         elif os.path.exists(tmp):
             os.unlink(tmp)
@@ -560,25 +561,15 @@ def _flatten(obj, prefix: str, out: dict, max_list: int = 8) -> None:
 
 
 def _write(path, data: bytes) -> Path:
-    """Atomic write (checkpoint._atomic_write) with the usual permissions: mkstemp's temp
-    files are 0600, and a report is meant to be read by others (or served)."""
     from .checkpoint import _atomic_write
 
-    def write(f):
-        os.fchmod(f.fileno(), _file_mode())
-        f.write(data)
-
-    return _atomic_write(path, write)
+    return _atomic_write(path, lambda f: f.write(data))
 
 
 def _write_json(path, obj) -> Path:
     return _write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _file_mode() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def environment() -> dict:
