@@ -15,7 +15,7 @@ of the recipe's evaluation precisions, and writes the card NAME.json beside it w
 the checkpoint's SHA-256.
 
 The Fashion-MNIST recipes are sized for 2 CPU cores (adversarially trained models use a
-fixed 10,000-example training subset for 4 epochs); the CIFAR-10 recipes carry the
+fixed 6,000-example training subset for 4 epochs); the CIFAR-10 recipes carry the
 paper's hyperparameters for GPU users and are not trained here.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Recipe:
 
 
 _FM = ("--model", "smallcnn", "--data", "fashion-mnist", "--seed", "0")
-_AT = ("--n-train", "10000", "--epochs", "4", "--eval-pgd", "200")   # adversarial recipes, CPU-sized
+_AT = ("--n-train", "6000", "--epochs", "4", "--eval-pgd", "200")   # adversarial recipes, CPU-sized
 _NAT = ("--epochs", "3", "--eval-pgd", "200")
 _CIFAR = ("--data", "cifar10", "--epochs", "160", "--lr", "0.1", "--schedule", "step", "--augment",
           "--batch-size", "128", "--seed", "0", "--eval-pgd", "1000")
