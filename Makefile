@@ -6,8 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rqlab-setup
 PIP_INSTALL := $(BIN)/python -m pip install -q
 
-# What `make report` runs; a later issue replaces it with the real report.
-REPORT_CMD = $(BIN)/rqlab train --model smallcnn --data fashion-mnist --epochs 2 --out runs/default
+# The default report (reports/default.yaml, quick profile) into reports/out/index.html.
+REPORT_CMD = $(BIN)/rqlab report --profile quick --out reports/out
 
 .PHONY: setup data test report
 
