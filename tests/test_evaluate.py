@@ -110,3 +110,12 @@ def test_cli_writes_the_record(trained_smallcnn, tmp_path, capsys):
     bad = parser.parse_args(["eval", "--checkpoint", str(ckpt), "--attack", "deepfool"])
     with pytest.raises(RqlabError, match="attack='deepfool' is unknown"):
         bad.run(bad)
+
+
+def test_rqlab_eval_is_registered_and_errors_are_clear(tmp_path, capsys):
+    from rqlab.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--n", "10"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--attack", "l3-magic"]) == 2
+    assert "attack='l3-magic' is unknown" in capsys.readouterr().err
