@@ -1,0 +1,289 @@
+"""Plain-text readings of measured numbers: every sentence is generated from the numbers
+it states, with the sampling noise of the measurement beside it, so a notebook never
+prints a conclusion its data do not carry.
+
+    >>> r = transfer_reading(tm, n=500)     # diagonal vs off-diagonal of a transfer matrix
+    >>> print(r["text"]); r["gap"]
+    >>> gains_reading(scores, baseline="FP", n=500)["text"]     # which gains survive adaptive attacks
+
+Noise: a 95% half-width of 1.96 sqrt(p (1 - p) / n) per accuracy; for a difference of two
+accuracies measured on the same n examples the half-widths are combined as for
+independent samples (conservative for positively correlated outcomes).
+"""
+from __future__ import annotations
+
+import math
+
+from ..validate import RqlabError, check_int
+
+
+def pct(v: float) -> str:
+    """0.631 -> '63.1%'."""
+    return f"{100 * v:.1f}%"
+
+
+def half_width(p: float, n: int) -> float:
+    """95% half-width of an accuracy p measured on n examples (normal approximation)."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else 1.0
+
+
+def diff_half_width(p: float, q: float, n: int) -> float:
+    """95% half-width of p - q, both measured on n examples."""
+    return math.hypot(half_width(p, n), half_width(q, n))
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ---- 01: precision transferability ----------------------------------------------------
+
+def transfer_cells(tm: dict) -> tuple[list[float], list[float]]:
+    """(diagonal cells, off-diagonal cells) of the square block of a transfer matrix: rows
+    and columns that name the same fixed precision ("eot" row and "rpi" column excluded)."""
+    common = [lab for lab in tm["row_labels"] if lab in tm["col_labels"]]
+    if len(common) < 2:
+        raise RqlabError("a transfer reading needs at least two precisions both attacked and evaluated")
+    ri = {lab: i for i, lab in enumerate(tm["row_labels"])}
+    ci = {lab: j for j, lab in enumerate(tm["col_labels"])}
+    diag = [tm["matrix"][ri[a]][ci[a]] for a in common]
+    off = [tm["matrix"][ri[a]][ci[b]] for a in common for b in common if a != b]
+    return diag, off
+
+
+def transfer_reading(tm: dict, n: int | None = None, paper: dict | None = None) -> dict:
+    """Diagonal (attacked and evaluated at the same precision) against off-diagonal
+    (transferred) robust accuracy of `transfer_matrix`'s result.
+
+    n: examples per cell (for the noise statement). paper: a matrix in the same format to
+    quote beside it (e.g. `paper.DWQ_TRANSFER`). Returns {"diagonal_mean",
+    "off_diagonal_mean", "gap" (off - diagonal, fraction), "cell_half_width", "eot_mean",
+    "rpi_mean", "verdict", "text"}.
+    """
+    diag, off = transfer_cells(tm)
+    d, o = _mean(diag), _mean(off)
+    gap = o - d
+    out = {"diagonal_mean": d, "off_diagonal_mean": o, "gap": gap, "cell_half_width": None,
+           "eot_mean": None, "rpi_mean": None}
+    lines = [f"Diagonal (attack and inference at the same precision): mean robust accuracy {pct(d)} over "
+             f"{len(diag)} cells. Off-diagonal (attack transferred to another precision): mean {pct(o)} over "
+             f"{len(off)} cells, {abs(100 * gap):.1f} points {'higher' if gap >= 0 else 'lower'}."]
+    if n is not None:
+        n = check_int(n, "n", 1)
+        h = half_width(0.5 * (d + o), n)
+        out["cell_half_width"] = h
+        if gap > 2 * h:
+            verdict = "poor transfer"
+            lines.append(f"With {n} examples a cell's 95% interval is about ±{100 * h:.1f} points, so the gap is "
+                         "well beyond the noise: attacks made at one precision transfer poorly to others, "
+                         "as Double-Win Quant reports.")
+        elif gap > h:
+            verdict = "some transfer loss"
+            lines.append(f"With {n} examples a cell's 95% interval is about ±{100 * h:.1f} points: the gap exceeds "
+                         "one interval but not two, so the transfer loss is modest at this sample size.")
+        elif gap >= -h:
+            verdict = "no clear gap"
+            lines.append(f"With {n} examples a cell's 95% interval is about ±{100 * h:.1f} points: the gap is "
+                         "within the noise, so these numbers do not show poor transfer across precisions.")
+        else:
+            verdict = "transfer stronger"
+            lines.append(f"With {n} examples a cell's 95% interval is about ±{100 * h:.1f} points: transferred "
+                         "attacks are clearly *stronger* than same-precision ones, a sign that the white-box "
+                         "attack is weakened at some precisions (e.g. masked gradients); check those rows.")
+        out["verdict"] = verdict
+    else:
+        out["verdict"] = None
+    labels = tm["row_labels"]
+    if "eot" in labels:
+        i = labels.index("eot")
+        fixed = [j for j, c in enumerate(tm["col_labels"]) if c != "rpi"]
+        out["eot_mean"] = _mean(tm["matrix"][i][j] for j in fixed)
+        lines.append(f"EOT-PGD over the whole precision set leaves {pct(out['eot_mean'])} on average across the "
+                     f"fixed inference precisions (diagonal: {pct(d)}): "
+                     + ("one attack averaged over the set is about as strong as the matched white-box attacks."
+                        if n is not None and abs(out["eot_mean"] - d) <= out["cell_half_width"] else
+                        "weaker than the matched white-box attacks." if out["eot_mean"] > d else
+                        "stronger than the matched white-box attacks."))
+    if "rpi" in tm["col_labels"]:
+        j = tm["col_labels"].index("rpi")
+        rows = [i for i, r in enumerate(labels) if r != "eot"]
+        out["rpi_mean"] = _mean(tm["matrix"][i][j] for i in rows)
+        line = f"Under random precision inference the fixed-precision attacks leave {pct(out['rpi_mean'])} on average"
+        if "eot" in labels:
+            line += f", the EOT attack {pct(tm['matrix'][labels.index('eot')][j])}"
+        lines.append(line + ".")
+    if paper is not None:
+        pd, po = (_mean(c) for c in transfer_cells(paper))
+        lines.append(f"For comparison, the paper's CIFAR-10 table: diagonal {pct(pd)}, off-diagonal {pct(po)} "
+                     f"(gap {100 * (po - pd):.1f} points).")
+    out["text"] = " ".join(lines)
+    return out
+
+
+# ---- 05: which gains survive adaptive attacks -------------------------------------------
+
+def gains_reading(scores: dict, baseline: str, n: int, paper_protocol: str = "paper") -> dict:
+    """Gains of each configuration over `baseline` under the paper's protocol and under the
+    strongest attack measured (the lowest mean accuracy over every protocol, the paper's
+    included).
+
+    scores: {config: {protocol: {"mean": acc, "worst": acc}}} (fractions; "worst": correct
+    in every stochastic pass). n: examples per score. Returns {"configs": {config:
+    {"paper_gain", "adaptive_gain", "worst_gain", "strongest", "half_width",
+    "paper_gain_clear", "verdict"}}, "text"}; verdict (of the adaptive gain) "survives" |
+    "within noise" | "reversed"; paper_gain_clear: the paper-protocol gain exceeds its noise.
+    """
+    if baseline not in scores:
+        raise RqlabError(f"baseline={baseline!r} has no scores: configs are {list(scores)}")
+    n = check_int(n, "n", 1)
+
+    def strongest(cfg):
+        proto = min(scores[cfg], key=lambda p: scores[cfg][p]["mean"])
+        return proto, scores[cfg][proto]["mean"], min(s["worst"] for s in scores[cfg].values())
+
+    b_proto, b_mean, b_worst = strongest(baseline)
+    b_paper = scores[baseline][paper_protocol]["mean"]
+    out, lines = {}, [f"{baseline}: {pct(b_paper)} under the paper's protocol, {pct(b_mean)} under its strongest "
+                      f"attack ({b_proto})."]
+    for cfg in scores:
+        if cfg == baseline:
+            continue
+        proto, mean, worst = strongest(cfg)
+        paper_gain = scores[cfg][paper_protocol]["mean"] - b_paper
+        gain, worst_gain = mean - b_mean, worst - b_worst
+        h = diff_half_width(mean, b_mean, n)
+        h_paper = diff_half_width(scores[cfg][paper_protocol]["mean"], b_paper, n)
+        verdict = "survives" if gain > h else "within noise" if gain >= -h else "reversed"
+        out[cfg] = {"paper_gain": paper_gain, "adaptive_gain": gain, "worst_gain": worst_gain, "strongest": proto,
+                    "half_width": h, "paper_gain_clear": paper_gain > h_paper, "verdict": verdict}
+        line = (f"{cfg}: {paper_gain * 100:+.1f} points over {baseline} under the paper's protocol (95% noise "
+                f"±{100 * h_paper:.1f}); under the strongest attack ({proto}, {pct(mean)}) {gain * 100:+.1f} points "
+                f"(±{100 * h:.1f}); worst case over the stochastic passes {worst_gain * 100:+.1f} points.")
+        if paper_gain > h_paper:
+            line += {"survives": f" The gain survives the adaptive attacks ({gain / paper_gain:.0%} of it remains).",
+                     "within noise": " The gain does not survive the adaptive attacks: what remains is within "
+                                     "the noise.",
+                     "reversed": f" Under adaptive attacks it is worse than {baseline}: the gain was an artefact "
+                                 "of the non-adaptive evaluation."}[verdict]
+        else:
+            line += {"survives": " No clear gain under the paper's protocol, yet one beyond the noise under the "
+                                 "strongest attack.",
+                     "within noise": " No clear gain under either evaluation at this sample size.",
+                     "reversed": f" No clear gain under the paper's protocol, and worse than {baseline} under "
+                                 "adaptive attacks."}[verdict]
+        lines.append(line)
+    return {"configs": out, "text": " ".join(lines)}
+
+
+# ---- 03: allocations against budget -------------------------------------------------------
+
+def allocation_reading(rows: list[dict], n: int, method: str = "lipschitz", against: str = "uniform") -> dict:
+    """Does `method` beat `against` at equal budget? rows: `bitselect.compare_allocations`
+    rows. Returns {"budgets", "gains" (robust, per budget), "wins", "losses", "ties", "text"}."""
+    n = check_int(n, "n", 1)
+    by = {}
+    for r in rows:
+        by.setdefault(r["budget"], {}).setdefault(r["method"], []).append(r)
+    budgets = sorted(b for b, m in by.items() if method in m and against in m)
+    if not budgets:
+        raise RqlabError(f"no budget has both {method!r} and {against!r} rows")
+    gains, wins, losses = [], 0, 0
+    for b in budgets:
+        a, u = by[b][method][0]["robust_accuracy"], _mean(r["robust_accuracy"] for r in by[b][against])
+        g = a - u
+        h = diff_half_width(a, u, n)
+        gains.append(g)
+        wins += g > h
+        losses += g < -h
+    ties = len(budgets) - wins - losses
+    text = (f"At {len(budgets)} budget(s), the {method} allocation's robust accuracy minus the {against} one's: "
+            + ", ".join(f"{b:g}: {100 * g:+.1f}" for b, g in zip(budgets, gains))
+            + f" points (mean {100 * _mean(gains):+.1f}). Beyond the 95% noise of {n} examples it wins at {wins}, "
+              f"loses at {losses} and ties at {ties}: "
+            + ("the claim that it beats uniform at equal budget holds here." if wins and not losses else
+               "the claim that it beats uniform at equal budget is not supported here." if not wins else
+               "the evidence is mixed."))
+    return {"budgets": budgets, "gains": gains, "wins": wins, "losses": losses, "ties": ties, "text": text}
+
+
+# ---- 04: training curves --------------------------------------------------------------------
+
+def curves_reading(curves: dict, ratios: dict, n: int, subject: str = "odgq", reference: str = "natural",
+                   costly: str = "pgd-at", labels: dict | None = None) -> dict:
+    """Final-epoch robust accuracy of `subject` against `reference` and `costly`, and their
+    epoch-time ratios. Returns {"final_robust", "ratios", "robust_gain", "text"}."""
+    labels = labels or {}
+    name = lambda m: labels.get(m, m)  # noqa: E731
+    final = {m: c["robust_acc"][-1] for m, c in curves.items()}
+    parts = [f"{name(m)} {pct(v)} ({ratios[m]:.1f}x {name(reference)}'s epoch time)" for m, v in final.items()]
+    text = f"Robust accuracy after the last epoch: {', '.join(parts)}."
+    gain = None
+    if subject in final and reference in final:
+        gain = final[subject] - final[reference]
+        h = diff_half_width(final[subject], final[reference], n)
+        text += (f" {name(subject)} is {100 * gain:+.1f} points over {name(reference)} (95% noise ±{100 * h:.1f}) at "
+                 f"{ratios[subject]:.1f}x its epoch time")
+        if costly in final:
+            text += (f"; {name(costly)} reaches {pct(final[costly])} at {ratios[costly]:.1f}x"
+                     f" ({100 * (final[subject] - final[costly]):+.1f} points for {name(subject)})")
+        text += "."
+        cheap = ratios[subject] <= 2.0
+        text += (" The claim (robust accuracy far above natural training at a cost close to it) holds here."
+                 if gain > h and cheap else
+                 " The claim does not hold here: " + ("the robust gain is within the noise" if gain <= h else
+                                                       f"its epoch time is {ratios[subject]:.1f}x natural") + ".")
+    return {"final_robust": final, "ratios": dict(ratios), "robust_gain": gain, "text": text}
+
+
+# ---- 02: error amplification and beta -------------------------------------------------------
+
+def amplification_reading(amp: dict) -> dict:
+    """Growth of D_l from the first layer to the logits for each model, and which model
+    amplifies most at the logits. amp: `sweeps.amplification` output."""
+    growth, lines = {}, []
+    for name, a in amp.items():
+        first, last = a["amplification"][0], a["amplification"][-1]
+        growth[name] = last / first if first > 0 else float("inf")
+        lines.append(f"{name}: D grows from {first:.3f} at {a['layers'][0]} to {last:.3f} at the logits "
+                     f"({growth[name]:.1f}x).")
+    logits = {name: a["amplification"][-1] for name, a in amp.items()}
+    hi, lo = max(logits, key=logits.get), min(logits, key=logits.get)
+    lines.append(f"At the logits {hi} has the largest relative error ({logits[hi]:.3f}) and {lo} the smallest "
+                 f"({logits[lo]:.3f}).")
+    return {"growth": growth, "logits": logits, "text": " ".join(lines)}
+
+
+def beta_reading(rows: list[dict], n: int) -> dict:
+    """How the orthogonality penalty, the Lipschitz bound and robust accuracy move with
+    beta (`sweeps.beta_sweep` rows, sorted by beta here)."""
+    n = check_int(n, "n", 1)
+    rows = sorted(rows, key=lambda r: r["beta"])
+    if len(rows) < 2:
+        return {"text": f"Only one beta ({rows[0]['beta']:g}) was trained: nothing to compare.",
+                "best": rows[0]["beta"]}
+    lo, hi = rows[0], rows[-1]
+
+    def trend(key):
+        vals = [r[key] for r in rows]
+        if all(b <= a for a, b in zip(vals, vals[1:])):
+            return "falls monotonically"
+        if all(b >= a for a, b in zip(vals, vals[1:])):
+            return "rises monotonically"
+        return "is not monotonic"
+
+    best = max(rows, key=lambda r: r["robust_accuracy"])
+    h = diff_half_width(best["robust_accuracy"], lo["robust_accuracy"], n)
+    text = (f"From beta={lo['beta']:g} to {hi['beta']:g} the orthogonality penalty {trend('orthogonality')} "
+            f"({lo['orthogonality']:.3g} to {hi['orthogonality']:.3g}) and the network Lipschitz bound "
+            f"{trend('bound')} ({lo['bound']:.3g} to {hi['bound']:.3g}). Robust accuracy is highest at "
+            f"beta={best['beta']:g} ({pct(best['robust_accuracy'])}; beta={lo['beta']:g}: "
+            f"{pct(lo['robust_accuracy'])}, 95% noise of the difference ±{100 * h:.1f} points)"
+            + (", a gain beyond the noise." if best["robust_accuracy"] - lo["robust_accuracy"] > h else
+               ", a difference within the noise.") + " These models are trained briefly on a small subset: the "
+            "trend of the penalty and the bound is the robust part of this reading.")
+    return {"text": text, "best": best["beta"]}
+
+
+__all__ = ["pct", "half_width", "diff_half_width", "transfer_cells", "transfer_reading", "gains_reading",
+           "allocation_reading", "curves_reading", "amplification_reading", "beta_reading"]

@@ -1,0 +1,354 @@
+"""The five notebooks (notebooks/*.ipynb), run end to end by papermill with the smoke
+settings of reports/default.yaml, and checked through the results.json each writes:
+shapes, ranges and relations that hold at any sample size (robust <= clean, budgets met,
+the knapsack's objective no worse than any other allocation's, one curve point per epoch,
+non-decreasing wall time...). A bad parameter must stop a notebook in its first code cell
+with RqlabError. The committed notebooks carry no outputs.
+
+Models: each notebook uses its zoo models where `rqlab zoo build` has stored them; until
+then tiny stand-ins, trained here on 384 images (cached under .pytest_cache), take their
+place, so the notebooks' logic is tested while the zoo trains. The kernels run with one
+thread (OMP_NUM_THREADS=1): on a CPU shared with a training job, two threads made the
+float64 power iterations of the Lipschitz estimates about 50x slower.
+"""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+papermill = pytest.importorskip("papermill")
+
+from rqlab import report, zoo  # noqa: E402
+from rqlab.validate import RqlabError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+CONFIG = ROOT / "reports" / "default.yaml"
+STEMS = ["01_precision_transferability", "02_lipschitz_error_amplification", "03_bit_selection",
+         "04_odgq_training_curves", "05_double_win_quant"]
+CELL_TIMEOUT = 240  # seconds per cell: a hung kernel fails the test instead of blocking the suite
+VALIDATION_CELL = 3  # 0 title, 1 parameters, 2 papermill's injected parameters, 3 the checks
+TINY = "notebook-tiny-v1"  # change to retrain the cached stand-ins
+
+# The model parameters of each notebook and the stand-in that replaces a zoo model not built yet.
+MODEL_ROLES = {
+    "01_precision_transferability": {"model": "fp"},
+    "02_lipschitz_error_amplification": {"model": "dq", "fp_model": "fp", "vanilla_model": "a4"},
+    "03_bit_selection": {"model": "fp"},
+    "05_double_win_quant": {"model": "rpt", "fp_model": "fp", "rpi_model": "fp"},
+}
+
+pytestmark = pytest.mark.notebook
+
+
+# ---- fixtures ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def kernel():
+    try:
+        report.check_kernel()
+    except RqlabError as e:
+        pytest.skip(f"no usable python3 kernel: {e}")
+
+
+@pytest.fixture(scope="session")
+def smoke():
+    """{stem: parameters of its first run} in the smoke profile of reports/default.yaml."""
+    runs = report.plan(report.load_config(CONFIG), "smoke")
+    out = {}
+    for r in runs:
+        out.setdefault(r.notebook, dict(r.params))
+    return out
+
+
+def _train_tiny(path: Path, role: str) -> Path:
+    """A SmallCNN trained 2 epochs on 384 Fashion-MNIST images, activation ranges for 2..8
+    (or its switchable-BN set), saved as an rqlab checkpoint."""
+    import torch
+
+    from rqlab import checkpoint, data, defenses, models, quant
+    from rqlab.train import TrainConfig, fit, seed_everything
+
+    sbn = (4, 5, 6, 7, 8) if role == "rpt" else None
+    policy = {"fp": quant.Fixed(32), "a4": quant.Fixed(32, act_bits=4), "dq": quant.Fixed(32, act_bits=4),
+              "rpt": quant.RandomPrecision(sbn or (4,))}[role]
+    defense = {"fp": "natural", "a4": "natural", "dq": "dq", "rpt": "rpt"}[role]
+    try:
+        ds = data.load("fashion-mnist", "train", n=384, seed=0)
+    except RqlabError as e:
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seed_everything(0)
+        model = models.create("smallcnn", input_shape=ds.input_shape, mean=ds.mean, std=ds.std, sbn_bits=sbn)
+        quant.apply(model, policy)
+        fit(model, data.Loader(ds, 128, shuffle=True), TrainConfig(epochs=2, device="cpu"),
+            hooks=defenses.build(defense, beta=3e-3, bits=sbn), progress=False, log=None)
+        model.eval()
+        x = ds.x.float().div(255)
+        have = set.intersection(*(set(m.act.calibrated_bits()) for _, m in quant.quant_layers(model)))
+        missing = sorted(set(sbn or range(2, 9)) - have)
+        if missing:
+            quant.calibrate(model, [x[:192], x[192:]], missing)
+        quant.apply(model, policy)
+    finally:
+        torch.set_num_threads(threads)
+    checkpoint.save(path, {"model": model.config.to_dict(), "state_dict": model.state_dict(),
+                           "policy": policy.to_dict()})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(request):
+    """Stand-in checkpoints by role, trained on first use (only when a zoo model is missing)."""
+    folder = Path(request.config.cache.mkdir("rqlab-models"))
+    cache = {}
+
+    def get(role: str) -> str:
+        if role not in cache:
+            path = folder / f"{TINY}-{role}.pt"
+            cache[role] = str(path if path.is_file() else _train_tiny(path, role))
+        return cache[role]
+
+    return get
+
+
+def defaults(stem: str) -> dict:
+    """The literal defaults of a notebook's parameters cell."""
+    src = report.notebook_parameters(NOTEBOOKS, stem)
+    return {k: ast.literal_eval(v) for k, v in src.items()}
+
+
+def with_models(stem: str, params: dict, tiny) -> tuple[dict, dict]:
+    """params with every model parameter that names a zoo model not built yet replaced by a
+    stand-in; returns (params, {name: what is used})."""
+    built = set(zoo.names(trained_only=True))
+    base = defaults(stem)
+    params, used = dict(params), {}
+    for name, role in MODEL_ROLES.get(stem, {}).items():
+        spec = params.get(name, base[name])
+        params[name] = spec if spec in built else tiny(role)
+        used[name] = params[name]
+    return params, used
+
+
+def execute(stem: str, params: dict, out: Path, monkeypatch) -> tuple[dict, object]:
+    """Run the notebook into `out` (its output_dir); returns (results.json, executed notebook)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    out.mkdir(parents=True, exist_ok=True)
+    executed = out / f"{stem}.ipynb"
+    papermill.execute_notebook(str(NOTEBOOKS / f"{stem}.ipynb"), str(executed),
+                               parameters={**params, "output_dir": str(out)}, kernel_name="python3",
+                               language="python", cwd=str(NOTEBOOKS), progress_bar=False,
+                               execution_timeout=CELL_TIMEOUT, extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    return json.loads((out / "results.json").read_text()), nbformat.read(executed, as_version=4)
+
+
+def check_report_contract(nb, out: Path) -> None:
+    """The batch report finds a main figure and key numbers."""
+    tagged = [c for c in nb.cells if "main-figure" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and any("image/png" in o.get("data", {}) for o in tagged[0].outputs)
+    assert report.main_figure(nb).startswith(b"\x89PNG")
+    numbers, files, warnings = report.read_results(out)
+    assert files == ["results.json"] and not warnings and numbers
+
+
+def unit(v) -> bool:
+    return isinstance(v, (int, float)) and 0.0 <= v <= 1.0
+
+
+# ---- the committed notebooks and the report config ----------------------------------------
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_committed_notebook_is_clean_and_declares_its_parameters(stem):
+    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code), "commit notebooks without outputs"
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert tagged == [1], "one cell tagged parameters, right after the title"
+    assert nb.cells[2].source.startswith("# Check every parameter"), "the checks come first after the parameters"
+    names = defaults(stem)
+    for common in ("dataset", "bits", "attack", "eps", "steps", "n_examples", "seed", "device", "output_dir",
+                   "interactive"):
+        assert common in names, f"{stem} does not declare {common}"
+    assert names["interactive"] is True and names["output_dir"].startswith("../runs/")
+    assert "=" not in "".join(line.partition("#")[2] for line in nb.cells[1].source.splitlines()), \
+        "papermill cannot parse a parameter line whose comment holds '='"
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "full"])
+def test_default_report_config_plans_against_the_real_notebooks(profile):
+    runs = report.plan(report.load_config(CONFIG), profile)
+    assert {r.notebook for r in runs} == set(STEMS)
+    assert all(r.params["interactive"] is False for r in runs)
+
+
+# ---- each notebook at its smoke settings ----------------------------------------------------
+
+def test_01_precision_transferability(kernel, smoke, tiny, tmp_path, monkeypatch):
+    stem = STEMS[0]
+    params, used = with_models(stem, {**smoke[stem], "interactive": True}, tiny)  # the explorer runs too
+    res, nb = execute(stem, params, tmp_path, monkeypatch)
+    check_report_contract(nb, tmp_path)
+    bits = params["bits"]
+    ((label, tm),) = res["models"].items()
+    assert tm["spec"] == used["model"] and tm["n"] == params["n_examples"]
+    assert tm["row_labels"] == [("fp" if b == 32 else str(b)) for b in bits] + ["eot"]
+    assert tm["col_labels"] == [("fp" if b == 32 else str(b)) for b in bits] + ["rpi"]
+    assert tm["eot_samples"] == params["eot"]
+    m = tm["matrix"]
+    assert len(m) == len(bits) + 1 and all(len(row) == len(bits) + 1 for row in m)
+    assert all(unit(v) for row in m for v in row) and all(unit(v) for v in tm["clean"])
+    for j in range(len(bits)):  # fixed precisions: robust <= clean (the rpi column's passes draw anew)
+        assert all(m[i][j] <= tm["clean"][j] + 1e-9 for i in range(len(m)))
+    diag = [m[i][i] for i in range(len(bits))]
+    assert res["diagonal_mean"][label] == pytest.approx(sum(diag) / len(diag))
+    assert res["gap"][label] == pytest.approx(res["off_diagonal_mean"][label] - res["diagonal_mean"][label])
+    assert res["verdict"][label] in ("poor transfer", "some transfer loss", "no clear gap", "transfer stronger")
+    assert f"{100 * res['diagonal_mean'][label]:.1f}%" in res["reading"][label]  # text from the numbers
+    widgets = [o for c in nb.cells for o in c.get("outputs", [])
+               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widgets, "interactive=True displays the explorer"
+
+
+def test_02_lipschitz_error_amplification(kernel, smoke, tiny, tmp_path, monkeypatch):
+    stem = STEMS[1]
+    params, _ = with_models(stem, smoke[stem], tiny)
+    res, nb = execute(stem, params, tmp_path, monkeypatch)
+    check_report_contract(nb, tmp_path)
+    assert set(res["amplification"]) == {"FP", "vanilla", "DQ"}
+    for name, a in res["amplification"].items():
+        assert a["layers"][-1] == "logits" and len(a["layers"]) == len(a["amplification"]) >= 2
+        assert all(v >= 0 for v in a["amplification"])
+        rows = res["accuracy_vs_bits"][name]
+        assert [r["bits"] for r in rows] == sorted(params["bits"])
+        assert all(unit(r["robust_accuracy"]) and r["robust_accuracy"] <= r["clean_accuracy"] + 1e-9 for r in rows)
+        lip = res["lipschitz"][name]
+        prod = 1.0
+        for layer in lip["layers"]:
+            assert layer["lipschitz"] >= 0
+            prod *= layer["lipschitz"]
+        assert lip["bound"] == pytest.approx(prod) and lip["local_mean"] >= 0
+    betas = sorted({*params["betas"], params["beta"]})
+    assert [r["beta"] for r in res["beta_sweep"]] == betas
+    assert res["beta_row"]["beta"] == params["beta"]
+    assert all(r["orthogonality"] >= 0 and r["robust_accuracy"] <= r["clean_accuracy"] + 1e-9
+               for r in res["beta_sweep"])
+
+
+def test_03_bit_selection(kernel, smoke, tiny, tmp_path, monkeypatch):
+    stem = STEMS[2]
+    params, _ = with_models(stem, smoke[stem], tiny)
+    res, nb = execute(stem, params, tmp_path, monkeypatch)
+    check_report_contract(nb, tmp_path)
+    rows, budgets, options = res["allocations"], params["budgets"], set(params["bits"])
+    assert res["budget_met"] is True and res["budgets"] == sorted(budgets)
+    assert {(r["budget"], r["method"]) for r in rows} == {(b, m) for b in budgets for m in defaults(stem)["methods"]}
+    for r in rows:
+        assert r["cost"] <= r["budget"] + 1e-9 and set(r["bits"].values()) <= options
+        assert r["robust_accuracy"] <= r["clean_accuracy"] + 1e-9
+    for b in budgets:  # the exact knapsack: no allocation at this budget has a lower objective
+        at = [r for r in rows if r["budget"] == b]
+        best = next(r for r in at if r["method"] == "lipschitz")
+        assert all(best["objective"] <= r["objective"] + 1e-9 for r in at)
+    table = res["sensitivity"]["table"]
+    assert table and all(set(row) == {str(b) for b in options} for row in table.values())
+
+
+def test_04_odgq_training_curves_live(kernel, smoke, tmp_path, monkeypatch):
+    stem = STEMS[3]
+    params = smoke[stem]
+    assert params["live"] is True, "the smoke profile trains the four methods live"
+    res, nb = execute(stem, params, tmp_path, monkeypatch)
+    check_report_contract(nb, tmp_path)
+    check_curves(res, params, live=True)
+
+
+def check_curves(res, params, live: bool):
+    methods = ["natural", "fgsm-rs", "pgd-at", "odgq"]
+    assert res["source"] == ("live" if live else "zoo")
+    for b in params["bits"]:
+        curves = res["curves"][str(b)]
+        assert list(curves) == methods
+        for m, c in curves.items():
+            n = len(c["epoch"])
+            if live:
+                assert c["epoch"] == list(range(1, params["epochs"] + 1))
+            assert all(len(c[k]) == n for k in ("clean_acc", "robust_acc", "epoch_time_s", "cumulative_time_s"))
+            assert all(unit(v) for v in c["clean_acc"] + c["robust_acc"])
+            if live:  # the same test images for both
+                assert all(r <= a + 1e-9 for r, a in zip(c["robust_acc"], c["clean_acc"]))
+            t = c["cumulative_time_s"]
+            assert all(e > 0 for e in c["epoch_time_s"]) and all(u <= v for u, v in zip(t, t[1:]))
+            assert t[-1] == pytest.approx(sum(c["epoch_time_s"]))
+        ratio = res["epoch_time_ratio"][str(b)]
+        assert ratio["natural"] == pytest.approx(1.0) and all(v > 0 for v in ratio.values())
+
+
+def test_04_odgq_training_curves_from_the_zoo(kernel, tmp_path, monkeypatch):
+    from rqlab.analysis.curves import ZOO_CURVES
+
+    missing = [n for n in ZOO_CURVES[4].values() if n not in zoo.names(trained_only=True)]
+    if missing:
+        pytest.skip(f"zoo models not built yet: {missing} (rqlab zoo build)")
+    stem = STEMS[3]
+    params = {"live": False, "bits": [4], "n_examples": 32, "steps": 3, "interactive": False}
+    res, nb = execute(stem, params, tmp_path, monkeypatch)
+    check_report_contract(nb, tmp_path)
+    check_curves(res, params, live=False)
+    for m, name in ZOO_CURVES[4].items():
+        assert res["curves"]["4"][m]["epoch"] == [r["epoch"] for r in zoo.card(name)["history"]]
+
+
+def test_05_double_win_quant(kernel, smoke, tiny, tmp_path, monkeypatch):
+    stem = STEMS[4]
+    params, _ = with_models(stem, smoke[stem], tiny)
+    res, nb = execute(stem, params, tmp_path, monkeypatch)
+    check_report_contract(nb, tmp_path)
+    protocols = ["paper", "eot_pgd", "expectation", "autoattack"]
+    assert list(res["scores"]) == ["FP", "RPI", "RPI+RPT"]
+    for cfg, by in res["scores"].items():
+        assert list(by) == protocols
+        for p, s in by.items():
+            assert unit(s["mean"]) and unit(s["worst"]) and s["worst"] <= s["mean"] + 1e-9
+            assert s["mean"] <= s["clean"] + 1e-9  # robust <= clean within each record
+            assert s["passes"] == (1 if cfg == "FP" else params["passes"])
+    assert res["scores"]["FP"]["eot_pgd"]["same_as"] == "paper"  # one precision: EOT is plain PGD
+    bitops = res["bitops"]
+    assert bitops["RPI"] < bitops["FP"] and bitops["RPI"] == pytest.approx(bitops["RPI+RPT"])
+    assert res["aa_reduced"] is True and res["aa_n_iter"] == params["aa_n_iter"]
+    for cfg in ("RPI", "RPI+RPT"):
+        assert res["verdict"][cfg] in ("survives", "within noise", "reversed")
+        strongest = min(res["robust_mean"][cfg].values())
+        assert res["adaptive_gain"][cfg] == pytest.approx(strongest - min(res["robust_mean"]["FP"].values()))
+    text = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "instead of the reference 100" in text, "a reduced AutoAttack is said so"
+
+
+# ---- bad parameters stop in the first code cell ------------------------------------------------
+
+BAD = [
+    ("01_precision_transferability", {"model": "fmnist-no-such-model"}, "is unknown"),
+    ("02_lipschitz_error_amplification", {"bits": [4, 12]}, "cannot run at [12]"),
+    ("03_bit_selection", {"bits": [1, 4]}, "binary layers have no activation range"),
+    ("04_odgq_training_curves", {"live": False, "bits": [2]}, "set live=True"),
+    ("05_double_win_quant", {"model": "no/such/checkpoint.pt"}, "is not an existing checkpoint file"),
+]
+
+
+@pytest.mark.parametrize("stem,bad,message", BAD, ids=[s[:2] for s, _, _ in BAD])
+def test_bad_parameter_fails_in_the_first_code_cell(kernel, smoke, tiny, tmp_path, monkeypatch, stem, bad, message):
+    params, _ = with_models(stem, smoke[stem], tiny)
+    with pytest.raises(papermill.PapermillExecutionError) as info:
+        execute(stem, {**params, **bad}, tmp_path, monkeypatch)
+    e = info.value
+    assert e.ename == "RqlabError" and message in e.evalue
+    assert e.cell_index == VALIDATION_CELL
+    assert not (tmp_path / "results.json").exists()

@@ -1,0 +1,109 @@
+"""Readings (rqlab.analysis.readings): each verdict from hand-made numbers on both sides of
+its noise threshold, and the paper's table in rqlab's orientation."""
+import math
+
+import pytest
+
+from rqlab.analysis import paper, readings as R
+from rqlab.validate import RqlabError
+
+
+def tm(diag, off, eot=None, rpi=None):
+    labels = ["2", "4", "fp"]
+    m = [[diag if i == j else off for j in range(3)] for i in range(3)]
+    rows, cols = list(labels), list(labels)
+    if rpi is not None:
+        cols.append("rpi")
+        for row in m:
+            row.append(rpi)
+    if eot is not None:
+        rows.append("eot")
+        m.append([eot] * len(cols))
+    return {"row_labels": rows, "col_labels": cols, "matrix": m}
+
+
+def test_noise_formulas():
+    assert R.half_width(0.5, 100) == pytest.approx(1.96 * 0.05)
+    assert R.diff_half_width(0.5, 0.5, 100) == pytest.approx(math.sqrt(2) * 1.96 * 0.05)
+    assert R.pct(0.6314) == "63.1%"
+
+
+def test_paper_table_orientation_and_mean():
+    t = paper.DWQ_TRANSFER
+    assert t["matrix"][1][0] == pytest.approx(0.543)   # attacked at 4 bits, inferred at 3 (METHODS row 3, column 4)
+    assert t["matrix"][0][1] == pytest.approx(0.771)   # attacked at 3, inferred at 4
+    assert sum(map(sum, t["matrix"])) / 36 == pytest.approx(t["mean"], abs=5e-4)
+    diag, off = R.transfer_cells(t)
+    assert sum(diag) / 6 == pytest.approx(0.453) and len(off) == 30
+
+
+def test_transfer_reading_verdicts():
+    r = R.transfer_reading(tm(0.40, 0.70, eot=0.35, rpi=0.6), n=500, paper=paper.DWQ_TRANSFER)
+    assert r["diagonal_mean"] == pytest.approx(0.40) and r["off_diagonal_mean"] == pytest.approx(0.70)
+    assert r["gap"] == pytest.approx(0.30) and r["verdict"] == "poor transfer"
+    assert r["eot_mean"] == pytest.approx(0.35) and r["rpi_mean"] == pytest.approx(0.6)
+    assert "40.0%" in r["text"] and "70.0%" in r["text"] and "diagonal 45.3%" in r["text"]
+    h = R.half_width(0.5, 100)
+    assert R.transfer_reading(tm(0.5, 0.5 + 1.5 * h), n=100)["verdict"] == "some transfer loss"
+    assert R.transfer_reading(tm(0.5, 0.5 + 0.5 * h), n=100)["verdict"] == "no clear gap"
+    assert R.transfer_reading(tm(0.6, 0.3), n=100)["verdict"] == "transfer stronger"
+    assert R.transfer_reading(tm(0.5, 0.6))["verdict"] is None  # no n: no noise statement
+    with pytest.raises(RqlabError, match="at least two precisions"):
+        R.transfer_reading({"row_labels": ["4"], "col_labels": ["4"], "matrix": [[0.5]]})
+
+
+def scores(fp, rpi_paper, rpi_adaptive):
+    return {"FP": {"paper": {"mean": fp, "worst": fp}, "eot_pgd": {"mean": fp, "worst": fp}},
+            "RPI": {"paper": {"mean": rpi_paper, "worst": rpi_paper - 0.05},
+                    "eot_pgd": {"mean": rpi_adaptive, "worst": rpi_adaptive - 0.1}}}
+
+
+def test_gains_reading_separates_surviving_lost_and_reversed_gains():
+    r = R.gains_reading(scores(0.40, 0.60, 0.55), "FP", n=1000)["configs"]["RPI"]
+    assert r["verdict"] == "survives" and r["paper_gain_clear"] and r["strongest"] == "eot_pgd"
+    assert r["paper_gain"] == pytest.approx(0.20) and r["adaptive_gain"] == pytest.approx(0.15)
+    assert r["worst_gain"] == pytest.approx(0.05)
+    lost = R.gains_reading(scores(0.40, 0.60, 0.41), "FP", n=1000)
+    assert lost["configs"]["RPI"]["verdict"] == "within noise" and "does not survive" in lost["text"]
+    rev = R.gains_reading(scores(0.40, 0.60, 0.20), "FP", n=1000)
+    assert rev["configs"]["RPI"]["verdict"] == "reversed" and "artefact" in rev["text"]
+    none = R.gains_reading(scores(0.40, 0.41, 0.40), "FP", n=100)
+    assert not none["configs"]["RPI"]["paper_gain_clear"] and "No clear gain under either" in none["text"]
+    with pytest.raises(RqlabError, match="baseline='X'"):
+        R.gains_reading(scores(0.4, 0.5, 0.5), "X", n=10)
+
+
+def test_allocation_reading_counts_wins_beyond_noise():
+    rows = [{"budget": b, "method": m, "robust_accuracy": acc}
+            for b, (lip, uni) in {3.0: (0.60, 0.40), 4.0: (0.50, 0.50), 5.0: (0.30, 0.55)}.items()
+            for m, acc in (("lipschitz", lip), ("uniform", uni))]
+    r = R.allocation_reading(rows, n=1000)
+    assert (r["wins"], r["ties"], r["losses"]) == (1, 1, 1) and r["budgets"] == [3.0, 4.0, 5.0]
+    assert "mixed" in r["text"]
+    assert "holds here" in R.allocation_reading(rows[:2], n=1000)["text"]
+    with pytest.raises(RqlabError, match="no budget has both"):
+        R.allocation_reading(rows[:1], n=10)
+
+
+def test_curves_reading_checks_gain_and_cost():
+    def curve(robust, t):
+        return {"robust_acc": [robust], "epoch_time_s": [t]}
+
+    curves = {"natural": curve(0.05, 1.0), "pgd-at": curve(0.6, 8.0), "odgq": curve(0.5, 1.3)}
+    ratios = {"natural": 1.0, "pgd-at": 8.0, "odgq": 1.3}
+    r = R.curves_reading(curves, ratios, n=500)
+    assert r["robust_gain"] == pytest.approx(0.45) and "holds here" in r["text"]
+    slow = R.curves_reading(curves, {**ratios, "odgq": 6.0}, n=500)
+    assert "does not hold" in slow["text"] and "6.0x natural" in slow["text"]
+
+
+def test_amplification_and_beta_readings():
+    amp = {"FP": {"layers": ["conv1", "logits"], "amplification": [0.1, 0.2]},
+           "a4": {"layers": ["conv1", "logits"], "amplification": [0.1, 0.5]}}
+    r = R.amplification_reading(amp)
+    assert r["growth"] == {"FP": pytest.approx(2.0), "a4": pytest.approx(5.0)} and "a4 has the largest" in r["text"]
+    rows = [{"beta": b, "orthogonality": o, "bound": 10 - b, "robust_accuracy": a}
+            for b, o, a in ((0.0, 9.0, 0.3), (0.01, 4.0, 0.5), (0.001, 6.0, 0.35))]
+    b = R.beta_reading(rows, n=1000)
+    assert b["best"] == 0.01 and "falls monotonically" in b["text"] and "beyond the noise" in b["text"]
+    assert "nothing to compare" in R.beta_reading(rows[:1], n=10)["text"]
