@@ -1,0 +1,177 @@
+"""Measure what docs/findings.md reports, from the zoo models, and print it as Markdown.
+
+    .venv/bin/python scripts/findings.py                 # every section (about 30 min on 2 CPU cores)
+    .venv/bin/python scripts/findings.py --section b     # one section: a, b, c or d
+    .venv/bin/python scripts/findings.py --n 200         # fewer test examples, faster
+
+Each section writes its numbers to docs/findings/<section>.json (atomically) and prints
+the tables pasted into docs/findings.md. Test examples: the first N of the seed-0 subset
+of the Fashion-MNIST test split; attacks: linf eps 0.1, PGD-20 step 0.01 (METHODS section 0).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rqlab import checkpoint, data, quant, zoo
+from rqlab.analysis import sweeps
+from rqlab.analysis.adaptive import evaluate_protocols
+from rqlab.analysis.curves import epoch_time_ratio, zoo_curves
+from rqlab.attacks import ThreatModel
+from rqlab.defenses import bitselect
+from rqlab.evaluate import evaluate
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "findings"
+PGD20 = ThreatModel("pgd", eps=0.1, steps=20)
+RPI = (4, 5, 6, 7, 8)
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def ci(rec: dict, key: str = "robust") -> str:
+    lo, hi = rec[f"{key}_ci95"]
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def section_a(test, n: int) -> dict:
+    """FP vs vanilla quantized vs DQ: accuracy against activation bits, error amplification."""
+    names = {"FP (natural)": "fmnist-fp-natural", "vanilla w32a4 (natural)": "fmnist-a4-natural",
+             "DQ w32a4 (natural, beta 3e-3)": "fmnist-dq-natural"}
+    models = {k: zoo.load(v) for k, v in names.items()}
+    bits = [1, 2, 4, 8, 32]
+    table = {k: sweeps.accuracy_vs_bits(m, test, PGD20, bits, act_only=True, n=n) for k, m in models.items()}
+    print("\n### (a) Accuracy against activation bits (weights FP), PGD-20 eps 0.1, n =", n)
+    print("\n| model | " + " | ".join(f"a{b if b < 32 else 'FP'} clean / PGD-20" for b in bits) + " |")
+    print("|---|" + "---|" * len(bits))
+    for k, rows in table.items():
+        print(f"| {k} | " + " | ".join(f"{pct(r['clean_accuracy'])} / {pct(r['robust_accuracy'])}" for r in rows) + " |")
+
+    x, y = test.x[:n].float() / 255, test.y[:n]
+    adv = {}
+    for k, m in models.items():  # each model attacked white-box at its own precision (w32a4, or FP)
+        with quant.using(m, quant.Fixed(32) if "FP" in k else quant.Fixed(32, act_bits=4)):
+            adv[k] = sweeps.craft(m, x, y, PGD20)
+    amp = {}
+    for k, m in models.items():
+        with quant.using(m, quant.Fixed(32) if "FP" in k else quant.Fixed(32, act_bits=4)):
+            amp[k] = sweeps.amplification({k: m}, x, adv[k])[k]
+    shared = {}
+    for k, m in models.items():  # the same inputs for every model: crafted on the FP model
+        with quant.using(m, quant.Fixed(32) if "FP" in k else quant.Fixed(32, act_bits=4)):
+            shared[k] = sweeps.amplification({k: m}, x, adv["FP (natural)"])[k]
+    layers = amp["FP (natural)"]["layers"]
+    for title, d in (("white-box PGD-20 on each model", amp), ("PGD-20 crafted on the FP model, same inputs", shared)):
+        print(f"\n### (a) Error amplification D_l = mean ||a_l(x_adv) - a_l(x)|| / ||a_l(x)|| ({title})")
+        print("\n| model | " + " | ".join(layers) + " |")
+        print("|---|" + "---|" * len(layers))
+        for k, v in d.items():
+            print(f"| {k} | " + " | ".join(f"{a:.3f}" for a in v["amplification"]) + " |")
+    return {"accuracy_vs_act_bits": table, "amplification_whitebox": amp, "amplification_shared": shared, "n": n}
+
+
+def section_b(test, n: int, aa_n: int, passes: int = 5) -> dict:
+    """RPI and RPT under the paper's protocol and under adaptive attacks."""
+    rpi = quant.RandomPrecision(RPI, seed=0)
+    configs = {"PGD-7 AT, FP": ("fmnist-fp-pgd7", quant.Fixed(32)),
+               "PGD-7 AT (8-bit) + RPI 4..8": ("fmnist-q8-pgd7", rpi),
+               "RPT 4..8 + RPI 4..8": ("fmnist-rpt-pgd7", rpi)}
+    rows = []
+    for label, (name, policy) in configs.items():
+        model = zoo.load(name)
+        row = {"config": label, "model": name, "policy": policy.to_dict(),
+               "bitops_g": quant.bitops(model, policy) / 1e9}
+        scores = evaluate_protocols(model, policy, test, eps=0.1, steps=20, adaptive=("eot_pgd", "expectation"),
+                                    passes=passes, n=n)
+        row.update({k: v["mean"] for k, v in scores.items()}, clean=scores["paper"]["clean"],
+                   worst={k: v["worst"] for k, v in scores.items()}, ci95={k: v["ci95"] for k, v in scores.items()})
+        row["autoattack"] = evaluate_protocols(model, policy, test, eps=0.1, adaptive=("autoattack",), passes=passes,
+                                               n=aa_n)["autoattack"]["mean"]
+        if isinstance(policy, quant.RandomPrecision):
+            # The attacker crafts at one precision drawn from the set and the defender runs
+            # RPI; the expected outcome over the draw is the mean over the set's precisions.
+            per_b = [evaluate(model, test, PGD20.replace(policy=quant.Fixed(b)), policy=policy, n=n, passes=passes,
+                              progress=False)["robust_accuracy"] for b in RPI]
+            row["one_drawn_precision"] = statistics.mean(per_b)
+            row["one_drawn_precision_per_bits"] = dict(zip(map(str, RPI), per_b))
+        rows.append(row)
+        print(f"  done {label}", file=sys.stderr, flush=True)
+    print(f"\n### (b) RPI and RPT, eps 0.1, n = {n} ({passes} stochastic passes for random policies, mean "
+          f"accuracy; AutoAttack on n = {aa_n})")
+    print("\n| configuration | GBitOPs | clean | PGD-20 crafted at one drawn b | PGD-20, the model draws b every "
+          "forward (paper) | EOT-PGD (K=10) | expectation over 4..8 | AutoAttack (rand for RPI) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        g = lambda k: pct(r[k]) if k in r else "-"  # noqa: E731
+        print(f"| {r['config']} | {r['bitops_g']:.3f} | {pct(r['clean'])} | {g('one_drawn_precision')} | "
+              f"{g('paper')} | {g('eot_pgd')} | {g('expectation')} | {g('autoattack')} |")
+    return {"rows": rows, "n": n, "passes": passes}
+
+
+def section_c(test, n: int) -> dict:
+    """Lipschitz-guided bit selection against uniform, random and reverse at equal budgets."""
+    model = zoo.load("fmnist-fp-pgd7")
+    rows = bitselect.compare_allocations(model, test, PGD20, budgets=[3.0, 4.0, 5.0], n=n, random_seeds=3)
+    print(f"\n### (c) Bit allocation on fmnist-fp-pgd7 (PTQ, per-layer bits of conv2, conv3, fc1), "
+          f"PGD-20 eps 0.1, n = {n}")
+    print("\n| budget (avg bits) | method | bits | avg bits | objective | clean | PGD-20 [95% CI] |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        label = r["method"] + (f" (seed {r['seed']})" if r.get("seed") is not None else "")
+        print(f"| {r['budget']:g} | {label} | {', '.join(str(b) for b in r['bits'].values())} | "
+              f"{r['avg_bits']:.2f} | {r['objective']:.2f} | {pct(r['clean_accuracy'])} | "
+              f"{pct(r['robust_accuracy'])} {ci(r)} |")
+    return {"rows": rows, "n": n}
+
+
+def section_d() -> dict:
+    """ODG-Q: epoch time and robust accuracy against natural, FGSM-RS and PGD-7 AT at 4 bits."""
+    curves = zoo_curves(4)
+    ratios = epoch_time_ratio(curves)
+    cards = {m: zoo.card(c["source"].removeprefix("zoo ")) for m, c in curves.items()}
+    cards["odgq-binary"] = zoo.card("fmnist-odgq-bin")
+    print("\n### (d) Training at 4 bits on 6,000 images for 4 epochs (zoo histories); final accuracy on "
+          "the zoo card (clean n = 1000, PGD-20 n = 500)")
+    print("\n| method | mean epoch time (s) | x natural | clean | PGD-20 | PGD-20 per epoch (n = 200) |")
+    print("|---|---|---|---|---|---|")
+    out = {}
+    for m, c in cards.items():
+        hist = c["history"]
+        t = statistics.mean(h["epoch_time_s"] for h in hist)
+        ratio = ratios.get(m, t / statistics.mean(h["epoch_time_s"] for h in cards["natural"]["history"]))
+        ev = c["eval"][0]
+        print(f"| {m} | {t:.1f} | {ratio:.2f} | {pct(ev['clean_accuracy'])} | {pct(ev['pgd20_accuracy'])} | "
+              + ", ".join(pct(h["pgd20_acc"]) for h in hist) + " |")
+        out[m] = {"epoch_time_s": t, "ratio_to_natural": ratio, "eval": ev, "history": hist}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--section", default="abcd", help="any of a, b, c, d (default: all)")
+    p.add_argument("--n", type=int, default=500, help="test examples (default 500)")
+    p.add_argument("--aa-n", type=int, default=100, help="test examples for AutoAttack rand (default 100)")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    test = data.load("fashion-mnist", "test", n=max(args.n, args.aa_n), seed=0)
+    for s in args.section:
+        t0 = time.perf_counter()
+        result = {"a": lambda: section_a(test, args.n), "b": lambda: section_b(test, args.n, args.aa_n),
+                  "c": lambda: section_c(test, args.n), "d": section_d}[s]()
+        result["seconds"] = time.perf_counter() - t0
+        result["torch"] = torch.__version__
+        checkpoint.save_json(OUT / f"{s}.json", result)
+        print(f"\n(section {s}: {result['seconds'] / 60:.1f} min)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
