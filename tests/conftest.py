@@ -1,5 +1,6 @@
 """Shared fixtures: real Fashion-MNIST and a naturally trained SmallCNN (trained once,
-cached on disk under pytest's cache directory).
+cached on disk under pytest's cache directory); for the notebook tests, the python3
+kernel check, the smoke parameters and tiny stand-in models (tests/nbsetup.py).
 
 The training loop here is a deliberately tiny SGD loop (one epoch over the 60k
 training images). One epoch over only 10k images gives ~85% accuracy too, but a model
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import nbsetup
 
 FMNIST_NORM = dict(input_shape=(1, 28, 28), mean=(0.286,), std=(0.353,))
 RECIPE = "smallcnn-fmnist-60k-e1-sgd0.1-wd5e-4-bs128-seed0-v2"  # change to retrain the cached model
@@ -70,3 +73,24 @@ def trained_smallcnn(request):
         opt.step()
     torch.save(model.state_dict(), cache)
     return model.eval()
+
+
+# ---- notebooks (tests/test_notebooks.py, tests/test_browser.py; helpers in nbsetup.py) ------
+
+@pytest.fixture(scope="session")
+def kernel():
+    """Skips when there is no usable python3 kernel."""
+    nbsetup.check_kernel()
+
+
+@pytest.fixture(scope="session")
+def smoke():
+    """{stem: parameters of its first run} in the smoke profile of reports/default.yaml."""
+    return nbsetup.smoke_params()
+
+
+@pytest.fixture(scope="session")
+def tiny(request):
+    """tiny(role) -> a stand-in checkpoint's path, trained on first use (only when a zoo
+    model is missing; see nbsetup.with_models)."""
+    return nbsetup.tiny_models(Path(request.config.cache.mkdir("rqlab-models")))

@@ -13,7 +13,6 @@ float64 power iterations of the Lipschitz estimates about 50x slower.
 """
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -22,120 +21,16 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 papermill = pytest.importorskip("papermill")
 
+from nbsetup import CONFIG, NOTEBOOKS, STEMS, defaults, with_models  # noqa: E402
 from rqlab import report, zoo  # noqa: E402
-from rqlab.validate import RqlabError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ROOT / "notebooks"
-CONFIG = ROOT / "reports" / "default.yaml"
-STEMS = ["01_precision_transferability", "02_lipschitz_error_amplification", "03_bit_selection",
-         "04_odgq_training_curves", "05_double_win_quant"]
 CELL_TIMEOUT = 240  # seconds per cell: a hung kernel fails the test instead of blocking the suite
 VALIDATION_CELL = 3  # 0 title, 1 parameters, 2 papermill's injected parameters, 3 the checks
-TINY = "notebook-tiny-v1"  # change to retrain the cached stand-ins
-
-# The model parameters of each notebook and the stand-in that replaces a zoo model not built yet.
-MODEL_ROLES = {
-    "01_precision_transferability": {"model": "fp"},
-    "02_lipschitz_error_amplification": {"model": "dq", "fp_model": "fp", "vanilla_model": "a4"},
-    "03_bit_selection": {"model": "fp"},
-    "05_double_win_quant": {"model": "rpt", "fp_model": "fp", "rpi_model": "fp"},
-}
 
 pytestmark = pytest.mark.notebook
 
 
-# ---- fixtures ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def kernel():
-    try:
-        report.check_kernel()
-    except RqlabError as e:
-        pytest.skip(f"no usable python3 kernel: {e}")
-
-
-@pytest.fixture(scope="session")
-def smoke():
-    """{stem: parameters of its first run} in the smoke profile of reports/default.yaml."""
-    runs = report.plan(report.load_config(CONFIG), "smoke")
-    out = {}
-    for r in runs:
-        out.setdefault(r.notebook, dict(r.params))
-    return out
-
-
-def _train_tiny(path: Path, role: str) -> Path:
-    """A SmallCNN trained 2 epochs on 384 Fashion-MNIST images, activation ranges for 2..8
-    (or its switchable-BN set), saved as an rqlab checkpoint."""
-    import torch
-
-    from rqlab import checkpoint, data, defenses, models, quant
-    from rqlab.train import TrainConfig, fit, seed_everything
-
-    sbn = (4, 5, 6, 7, 8) if role == "rpt" else None
-    policy = {"fp": quant.Fixed(32), "a4": quant.Fixed(32, act_bits=4), "dq": quant.Fixed(32, act_bits=4),
-              "rpt": quant.RandomPrecision(sbn or (4,))}[role]
-    defense = {"fp": "natural", "a4": "natural", "dq": "dq", "rpt": "rpt"}[role]
-    try:
-        ds = data.load("fashion-mnist", "train", n=384, seed=0)
-    except RqlabError as e:
-        pytest.skip(f"Fashion-MNIST not available: {e}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        seed_everything(0)
-        model = models.create("smallcnn", input_shape=ds.input_shape, mean=ds.mean, std=ds.std, sbn_bits=sbn)
-        quant.apply(model, policy)
-        fit(model, data.Loader(ds, 128, shuffle=True), TrainConfig(epochs=2, device="cpu"),
-            hooks=defenses.build(defense, beta=3e-3, bits=sbn), progress=False, log=None)
-        model.eval()
-        x = ds.x.float().div(255)
-        have = set.intersection(*(set(m.act.calibrated_bits()) for _, m in quant.quant_layers(model)))
-        missing = sorted(set(sbn or range(2, 9)) - have)
-        if missing:
-            quant.calibrate(model, [x[:192], x[192:]], missing)
-        quant.apply(model, policy)
-    finally:
-        torch.set_num_threads(threads)
-    checkpoint.save(path, {"model": model.config.to_dict(), "state_dict": model.state_dict(),
-                           "policy": policy.to_dict()})
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny(request):
-    """Stand-in checkpoints by role, trained on first use (only when a zoo model is missing)."""
-    folder = Path(request.config.cache.mkdir("rqlab-models"))
-    cache = {}
-
-    def get(role: str) -> str:
-        if role not in cache:
-            path = folder / f"{TINY}-{role}.pt"
-            cache[role] = str(path if path.is_file() else _train_tiny(path, role))
-        return cache[role]
-
-    return get
-
-
-def defaults(stem: str) -> dict:
-    """The literal defaults of a notebook's parameters cell."""
-    src = report.notebook_parameters(NOTEBOOKS, stem)
-    return {k: ast.literal_eval(v) for k, v in src.items()}
-
-
-def with_models(stem: str, params: dict, tiny) -> tuple[dict, dict]:
-    """params with every model parameter that names a zoo model not built yet replaced by a
-    stand-in; returns (params, {name: what is used})."""
-    built = set(zoo.names(trained_only=True))
-    base = defaults(stem)
-    params, used = dict(params), {}
-    for name, role in MODEL_ROLES.get(stem, {}).items():
-        spec = params.get(name, base[name])
-        params[name] = spec if spec in built else tiny(role)
-        used[name] = params[name]
-    return params, used
-
+# ---- helpers (the fixtures kernel, smoke and tiny are in tests/conftest.py) -----------------
 
 def execute(stem: str, params: dict, out: Path, monkeypatch) -> tuple[dict, object]:
     """Run the notebook into `out` (its output_dir); returns (results.json, executed notebook)."""
