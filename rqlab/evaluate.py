@@ -109,8 +109,10 @@ def evaluate(model: nn.Module, data, threat: ThreatModel, policy=None, n: int | 
     clean_hits = torch.zeros(len(x), dtype=torch.long)
     robust_hits = torch.zeros(len(x), dtype=torch.long)
     bar = _progress(len(x), f"{threat.attack} {policy}", progress)
+    # frozen_weights: the weights stay fixed for the whole evaluation, so each precision's
+    # quantized weights are computed once, not in every forward of every batch's attack.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), quant.using(model, policy), \
-            eval_mode(model):
+            eval_mode(model), quant.frozen_weights(model):
         torch.manual_seed(seed)
         try:
             for i, start in enumerate(range(0, len(x), batch_size)):

@@ -179,8 +179,9 @@ def accuracy(model: nn.Module, loader, policy=None, n: int | None = None) -> flo
     """Clean accuracy in [0, 1] over `loader` (at most the first `n` examples).
 
     Runs in eval mode (restored after) under `policy` if given (restored after), else
-    under the model's current policy. no_grad, not inference_mode: tensors made here
-    may later meet autograd.
+    under the model's current policy, with the weights quantized once
+    (`quant.frozen_weights`). no_grad, not inference_mode: tensors made here may later
+    meet autograd.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -188,7 +189,8 @@ def accuracy(model: nn.Module, loader, policy=None, n: int | None = None) -> flo
     correct = torch.zeros((), dtype=torch.long, device=device)
     total = 0
     try:
-        with quant.using(model, policy) if policy is not None else contextlib.nullcontext():
+        with quant.using(model, policy) if policy is not None else contextlib.nullcontext(), \
+                quant.frozen_weights(model):
             for x, y in loader:
                 if n is not None:
                     x, y = x[: n - total], y[: n - total]

@@ -29,8 +29,17 @@ def _accuracy(model: nn.Module, x, y, x_adv, passes: int = 1) -> float:
     return total / passes
 
 
+@torch.no_grad()
+def _fixed_column(model: nn.Module, x, y, crafted) -> tuple[float, list[float]]:
+    """Clean and robust accuracies at one fixed precision, the clean predictions made once
+    (a fixed policy in eval mode is deterministic): the values of `_accuracy`, with one
+    forward for x plus one per crafted batch instead of two per cell."""
+    ok = model(x).argmax(1) == y  # (B,)
+    return ok.float().mean().item(), [(ok & (model(xa).argmax(1) == y)).float().mean().item() for xa in crafted]
+
+
 def transfer_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_bits, infer_bits,
-                    threat: ThreatModel, eot_policy=None, passes: int = 5) -> dict:
+                    threat: ThreatModel, eot_policy=None, passes: int = 5, eot_samples: int | None = None) -> dict:
     """Robust accuracy of examples crafted at each attack precision, evaluated at each
     inference precision: exactly len(attack_bits) attack runs (+1 with eot_policy).
 
@@ -39,8 +48,10 @@ def transfer_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_b
     eot_policy: a RandomPrecision; adds a row "eot" (crafted with eot_pgd over its set,
         with the threat's eps/steps/step size and eot samples) and a column "rpi"
         (evaluated under the random policy itself, mean over `passes` forward passes).
+    eot_samples: gradient samples per step of the "eot" row (default: the threat's eot,
+        else eot_pgd's default 10); the fixed-precision rows keep the threat's own.
     Returns {"row_labels", "col_labels", "matrix" (rows x cols), "clean" (per column),
-    "threat", "eot_policy"}, JSON-serialisable; accuracies are fractions.
+    "threat", "eot_policy", "eot_samples"}, JSON-serialisable; accuracies are fractions.
     """
     attack_bits = list(check_bits_set(attack_bits, "attack_bits"))
     infer_bits = list(check_bits_set(infer_bits, "infer_bits"))
@@ -53,22 +64,38 @@ def transfer_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_b
         settings.append(eot_policy)
         col_labels.append("rpi")
 
-    crafted, row_labels = [], []
+    with quant.frozen_weights(model):  # each precision's weights quantized once, for every run
+        return _transfer_matrix(model, x, y, attack_bits, settings, col_labels, threat, eot_policy, passes,
+                                eot_samples)
+
+
+def _transfer_matrix(model, x, y, attack_bits, settings, col_labels, threat, eot_policy, passes,
+                     eot_samples) -> dict:
+    crafted, row_labels, eot = [], [], None
     for a in attack_bits:
         crafted.append(attacks.get(threat.attack)(model, x, y, threat.replace(policy=quant.Fixed(a))))
         row_labels.append(str(quant.Fixed(a)))
     if eot_policy is not None:
-        eot = threat.replace(attack="eot_pgd", policy=eot_policy, options={})
+        eot = threat.replace(attack="eot_pgd", policy=eot_policy, options={},
+                             eot=threat.eot if eot_samples is None else check_int(eot_samples, "eot_samples", 1))
         crafted.append(attacks.get("eot_pgd")(model, x, y, eot))
         row_labels.append("eot")
 
     matrix, clean = [[None] * len(settings) for _ in crafted], []
     with eval_mode(model):
         for j, p in enumerate(settings):
-            k = passes if isinstance(p, quant.RandomPrecision) else 1
-            with quant.using(model, quant.RandomPrecision(p.choices, p.seed) if k > 1 else p):
-                clean.append(_accuracy(model, x, y, x, k))
+            if not isinstance(p, quant.RandomPrecision):
+                with quant.using(model, p):
+                    clean_j, column = _fixed_column(model, x, y, crafted)
+                clean.append(clean_j)
+                for i, value in enumerate(column):
+                    matrix[i][j] = value
+                continue
+            # the random column keeps its order of draws: x and x_adv draw in turn
+            with quant.using(model, quant.RandomPrecision(p.choices, p.seed) if passes > 1 else p):
+                clean.append(_accuracy(model, x, y, x, passes))
                 for i, x_adv in enumerate(crafted):
-                    matrix[i][j] = _accuracy(model, x, y, x_adv, k)
+                    matrix[i][j] = _accuracy(model, x, y, x_adv, passes)
     return {"row_labels": row_labels, "col_labels": col_labels, "matrix": matrix, "clean": clean,
-            "threat": threat.to_dict(), "eot_policy": eot_policy.to_dict() if eot_policy is not None else None}
+            "threat": threat.to_dict(), "eot_policy": eot_policy.to_dict() if eot_policy is not None else None,
+            "eot_samples": eot.eot_samples if eot is not None else None}

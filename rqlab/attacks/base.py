@@ -52,8 +52,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def prepared(model: nn.Module, policy=None) -> Iterator[nn.Module]:
     """The model as an attack sees it: eval mode, parameters frozen (no parameter
-    gradients), input checks off on the hot path, and the attacker's precision `policy`
-    applied if given. Everything is restored on exit."""
+    gradients), input checks off on the hot path, weights quantized once per precision
+    (`quant.frozen_weights`), and the attacker's precision `policy` applied if given.
+    Everything is restored on exit."""
     from .. import quant
 
     params = [(p, p.requires_grad) for p in model.parameters()]
@@ -64,7 +65,8 @@ def prepared(model: nn.Module, policy=None) -> Iterator[nn.Module]:
             p.requires_grad_(False)
         if check is not None:
             norm.check = False
-        with eval_mode(model), (quant.using(model, policy) if policy is not None else contextlib.nullcontext()):
+        with eval_mode(model), quant.frozen_weights(model), \
+                (quant.using(model, policy) if policy is not None else contextlib.nullcontext()):
             yield model
     finally:
         for p, flag in params:
@@ -176,13 +178,18 @@ def precision_support(model: nn.Module, policy=None) -> list:
 
 
 def expected_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, support: list,
-                   loss_fn=ce_loss) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, misclassification rate) per example over the policies of `support`."""
+                   loss_fn=ce_loss, switch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, misclassification rate) per example over the policies of `support`.
+    `switch`: from `quant.switching(model, support)`, to set each policy cheaply."""
     from .. import quant
 
     loss, wrong = torch.zeros(len(x), device=x.device), torch.zeros(len(x), device=x.device)
     for p in support:
-        with quant.using(model, p):
+        if switch is not None:
+            switch(p)
             lo, wr = score(model, x, y, loss_fn)
+        else:
+            with quant.using(model, p):
+                lo, wr = score(model, x, y, loss_fn)
         loss, wrong = loss + lo / len(support), wrong + wr / len(support)
     return loss, wrong

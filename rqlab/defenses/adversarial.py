@@ -18,20 +18,26 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import quant
 from ..attacks import ThreatModel, pgd
 from ..attacks.base import ascend, ce_loss, eval_mode, input_grad, prepared, project
 from ..quant.layers import ActQuant
 from ..train import Hooks
-from ..validate import check_float, check_int
+from ..validate import FP_BITS, check_float, check_int
 
 
 @torch.no_grad()
 def ensure_act_ranges(model: nn.Module, x: torch.Tensor) -> None:
     """Give every activation quantizer a range for its current precision before an
     eval-mode attack: a precision met for the first time takes its range from this clean
-    batch (as its first training forward would), batch norm untouched."""
+    batch (as its first training forward would), batch norm untouched.
+
+    The forward is skipped when every quantized layer already has a range for its
+    current input precision (after the first steps, nearly always): it would change
+    nothing. It is kept under a random policy, whose forward hook draws a precision.
+    """
     fresh = [a for a in model.modules() if isinstance(a, ActQuant)]
-    if not fresh:
+    if not fresh or _has_ranges(model):
         return
     with eval_mode(model):
         for a in fresh:
@@ -41,6 +47,13 @@ def ensure_act_ranges(model: nn.Module, x: torch.Tensor) -> None:
         for a, seen, ranges in saved:  # keep ranges that already existed as they were
             known = seen > 0
             a.ranges[known], a.seen[known] = ranges[known], seen[known]
+
+
+def _has_ranges(model: nn.Module) -> bool:
+    """True when a forward would use only existing activation ranges and draw nothing."""
+    return not isinstance(quant.current(model), quant.RandomPrecision) and all(
+        not 1 < layer.a_bits < FP_BITS or layer.act.seen[layer.a_bits - 1] > 0
+        for _, layer in quant.quant_layers(model, include_fp=True))
 
 
 class PGDTraining(Hooks):

@@ -5,10 +5,14 @@ precision policies, post-training quantization and BitOPs (METHODS section 1).
     >>> quant.apply(model, quant.Fixed(4))
     >>> with quant.using(model, quant.RandomPrecision((4, 5, 6, 7, 8), seed=0)):
     ...     logits = model(x)
+    >>> with quant.frozen_weights(model):      # weights fixed here: quantize them once
+    ...     x_adv = attacks.pgd(model, x, y, threat)
 """
 from .bitops import bitops, format_summary, layer_macs, macs, summary
 from .functional import (STE_MODES, WEIGHT_SCHEMES, binarize_activation, binarize_weight, grid_step,
-                         quantize_per_channel, quantize_range, quantize_symmetric, quantize_weight)
-from .layers import ActQuant, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, batch_norm
-from .policy import Fixed, PerLayer, Policy, RandomPrecision, apply, current, parse_policy, quant_layers, using
+                         quantize_per_channel, quantize_range, quantize_symmetric, quantize_weight,
+                         quantize_with_qparams, range_qparams)
+from .layers import ActQuant, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, batch_norm, frozen_weights
+from .policy import (Fixed, PerLayer, Policy, RandomPrecision, apply, current, parse_policy, quant_layers,
+                     switching, using)
 from .ptq import calibrate, convert, ptq, quantizable_names

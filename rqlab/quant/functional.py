@@ -7,7 +7,11 @@ Grid (b >= 2, asymmetric): for a range [lo, hi] widened to contain 0,
     scale = (hi - lo) / (2^b - 1),   zero_point = round(-lo / scale) in [0, 2^b - 1]
     Q(x)  = (clamp(round(x / scale) + zero_point, 0, 2^b - 1) - zero_point) * scale
 so 0 is exactly representable (ReLU zeros and zero padding stay exact). This is the
-affine scheme of torch's native fake-quant ops, which are the fast path used here.
+affine scheme of torch's native fake-quant ops (torch.fake_quantize_per_{tensor,channel}
+_affine), used as they are on GPUs. On the CPU their kernels are scalar loops, about
+twice as slow as the same formula in vectorised tensor ops, so there `_fake_quantize`
+computes that formula instead: the same values, mask and gradient, bit for bit
+(tests/test_fast_paths.py; docs/performance.md).
 
 Symmetric per-tensor (option): scale = max|x| / (2^(b-1) - 1), grid -(2^(b-1)-1)..(2^(b-1)-1).
 
@@ -26,6 +30,8 @@ import torch
 STE_MODES = ("clipped", "plain")
 WEIGHT_SCHEMES = ("per_channel", "per_tensor_symmetric")
 _EPS = 1e-8
+# The vectorised CPU path of `_fake_quantize`; False uses torch's native kernels there too.
+CPU_VECTORISED = True
 
 
 def _affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int):
@@ -43,6 +49,54 @@ def _plain(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
+def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                   axis: int | None = None) -> torch.Tensor:
+    """torch.fake_quantize_per_tensor_affine (axis None; scale, zero_point of shape (1,))
+    or ..._per_channel_affine (one scale and zero point per slice along `axis`): values,
+    and the clipped-STE gradient (0 where the value was clamped). x: float32."""
+    if x.device.type != "cpu" or not CPU_VECTORISED:
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _FakeQuantizeCPU.apply(x, scale, zero_point, qmin, qmax, axis)
+    return _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, axis, with_mask=False)[0]
+
+
+def _fake_quantize_cpu(x, scale, zero_point, qmin: int, qmax: int, axis, with_mask: bool):
+    """The native kernels' formula, step by step (each step one vectorised pass):
+        t = zero_point + nearbyint(x * (1 / scale))       (float; round half to even)
+        mask = qmin <= t <= qmax
+        q = (clamp(t, qmin, qmax) - zero_point) * scale,  NaN -> qmin as fmax/fmin give
+    Every intermediate is a small integer held exactly in float32, so each result is
+    rounded once, where the native kernel rounds it: equal bit for bit for every finite
+    x, and for inf/NaN per tensor. (Per channel, the native kernel casts t to int64
+    first, undefined in C++ for inf; weights are finite inside their own range.)"""
+    shape = (-1,) + (1,) * (x.dim() - axis - 1) if axis is not None else (1,)
+    s = scale.view(shape)
+    z = zero_point.view(shape).to(x.dtype)
+    t = torch.mul(x.detach(), torch.reciprocal(s)).round_().add_(z)
+    mask = t.ge(qmin).logical_and_(t.le(qmax)) if with_mask else None
+    q = t.clamp_(qmin, qmax).nan_to_num_(nan=float(qmin)).sub_(z).mul_(s)
+    return q, mask
+
+
+class _FakeQuantizeCPU(torch.autograd.Function):
+    """Forward `_fake_quantize_cpu`; backward the native ops' own: grad * mask."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis):
+        q, mask = _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, axis, with_mask=True)
+        ctx.save_for_backward(mask)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return torch.ops.aten.fake_quantize_per_tensor_affine_cachemask_backward(grad, mask), \
+            None, None, None, None, None
+
+
 def quantize_per_channel(w: torch.Tensor, bits: int, ste: str = "clipped", axis: int = 0) -> torch.Tensor:
     """Fake-quantize `w` with one min..max range per slice along `axis` (2^b - 1 steps).
 
@@ -52,9 +106,9 @@ def quantize_per_channel(w: torch.Tensor, bits: int, ste: str = "clipped", axis:
     if bits == 1:
         return binarize_weight(w, axis)
     wd = w.detach().float().transpose(0, axis).reshape(w.shape[axis], -1)  # (C, rest)
-    lo, hi = torch.aminmax(wd, dim=1)
+    lo, hi = wd.amin(dim=1), wd.amax(dim=1)  # = torch.aminmax(wd, dim=1), ~20x faster on CPU
     scale, zp = _affine_qparams(lo, hi, bits)
-    q = torch.fake_quantize_per_channel_affine(w.float(), scale, zp, axis, 0, 2 ** bits - 1).to(w.dtype)
+    q = _fake_quantize(w.float(), scale, zp, 0, 2 ** bits - 1, axis).to(w.dtype)
     return _plain(w, q.detach()) if ste == "plain" else q
 
 
@@ -66,7 +120,7 @@ def quantize_symmetric(w: torch.Tensor, bits: int, ste: str = "clipped") -> torc
     qmax = 2 ** (bits - 1) - 1
     scale = torch.clamp(w.detach().abs().max().float() / qmax, min=_EPS).reshape(1)
     zp = torch.zeros(1, dtype=torch.int32, device=w.device)
-    q = torch.fake_quantize_per_tensor_affine(w.float(), scale, zp, -qmax, qmax).to(w.dtype)
+    q = _fake_quantize(w.float(), scale, zp, -qmax, qmax).to(w.dtype)
     return _plain(w, q.detach()) if ste == "plain" else q
 
 
@@ -79,8 +133,22 @@ def quantize_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: in
     """
     if bits == 1:
         return binarize_activation(x)
-    scale, zp = _affine_qparams(lo.reshape(1), hi.reshape(1), bits)
-    q = torch.fake_quantize_per_tensor_affine(x.float(), scale, zp, 0, 2 ** bits - 1).to(x.dtype)
+    return quantize_with_qparams(x, *range_qparams(lo, hi, bits), bits, ste)
+
+
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale (1,) float32, zero point (1,) int32) of the b-bit grid over [lo, hi] (scalars).
+
+    Computed once and reused by `quantize_with_qparams` when the range is frozen (eval):
+    the result is the same as `quantize_range`'s, bit for bit.
+    """
+    return _affine_qparams(lo.reshape(1), hi.reshape(1), bits)
+
+
+def quantize_with_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                          ste: str = "clipped") -> torch.Tensor:
+    """Fake-quantize `x` on the grid (scale, zero_point) of `range_qparams` (b >= 2)."""
+    q = _fake_quantize(x.float(), scale, zero_point, 0, 2 ** bits - 1).to(x.dtype)
     return _plain(x, q.detach()) if ste == "plain" else q
 
 

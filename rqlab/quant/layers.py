@@ -5,15 +5,23 @@ A quantized layer holds its current precision as two plain attributes, `w_bits` 
 `a_bits` (32 = full precision); `rqlab.quant.policy` sets them. `a_bits` quantizes the
 layer's *input* (METHODS section 1). Layers flagged `keep_fp` (by default the first conv
 and the last linear layer) ignore whole-model precision settings.
+
+`frozen_weights(model)` marks a stretch where the weights do not change (an attack, an
+evaluation): quantized weights and frozen activation grids are then computed once per
+precision and reused, with the same values bit for bit.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..validate import ALLOWED_BITS, FP_BITS, RqlabError, check_bits, check_bits_set, check_choice, check_float
-from .functional import STE_MODES, WEIGHT_SCHEMES, quantize_range, quantize_weight
+from .functional import (STE_MODES, WEIGHT_SCHEMES, quantize_range, quantize_weight, quantize_with_qparams,
+                         range_qparams)
 
 # One range slot per bit-width 1..16 (index b - 1); FP needs none.
 _N_SLOTS = 16
@@ -38,6 +46,8 @@ class ActQuant(nn.Module):
         self.register_buffer("seen", torch.zeros(_N_SLOTS, dtype=torch.long))
         self.calibrating = False
         self._calib_sum: dict[int, torch.Tensor] = {}
+        self._frozen = 0  # > 0 inside frozen_weights(): eval grids are cached in _grids
+        self._grids: dict[int, tuple] = {}
 
     def forward(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         if bits >= FP_BITS:
@@ -47,12 +57,30 @@ class ActQuant(nn.Module):
         i = bits - 1
         if self.training or self.calibrating:
             self._observe(x, i)
-        elif self.seen[i] == 0:
+        elif _caching(self):
+            return quantize_with_qparams(x, *self._frozen_grid(bits), bits, self.ste)
+        else:
+            self._check_seen(bits)
+        lo, hi = self.ranges[i, 0], self.ranges[i, 1]
+        return quantize_range(x, lo, hi, bits, self.ste)
+
+    def _check_seen(self, bits: int) -> None:
+        if self.seen[bits - 1] == 0:
             raise RqlabError(
                 f"activation range for {bits} bits was never trained or calibrated: call "
                 f"rqlab.quant.calibrate(model, batches, bits=[{bits}]) before evaluating at {bits} bits")
-        lo, hi = self.ranges[i, 0], self.ranges[i, 1]
-        return quantize_range(x, lo, hi, bits, self.ste)
+
+    def _frozen_grid(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) of the frozen range of `bits`, computed once while the
+        buffers keep their identity and version (no per-forward small ops, no host sync)."""
+        key = (self.ranges, self.ranges._version, self.seen, self.seen._version)
+        hit = self._grids.get(bits)
+        if hit is not None and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key)):
+            return hit[1]
+        self._check_seen(bits)
+        grid = range_qparams(self.ranges[bits - 1, 0], self.ranges[bits - 1, 1], bits)
+        self._grids[bits] = (key, grid)
+        return grid
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, i: int) -> None:
@@ -94,6 +122,8 @@ class _QuantMixin:
         self.w_bits = FP_BITS
         self.a_bits = FP_BITS
         self.act = ActQuant(act_momentum, ste)
+        self._frozen = 0  # > 0 inside frozen_weights(): quantized weights are cached in _weights
+        self._weights: dict[tuple, tuple] = {}
 
     def set_bits(self, w_bits: int, a_bits: int | None = None) -> None:
         """Set weight and input-activation bits (a_bits defaults to w_bits)."""
@@ -101,7 +131,20 @@ class _QuantMixin:
         self.a_bits = check_bits(w_bits if a_bits is None else a_bits, "a_bits")
 
     def quantized_weight(self) -> torch.Tensor:
-        return quantize_weight(self.weight, self.w_bits, self.weight_scheme, self.ste)
+        w = self.weight
+        if self.w_bits >= FP_BITS or not _caching(self) or (w.requires_grad and torch.is_grad_enabled()):
+            return quantize_weight(w, self.w_bits, self.weight_scheme, self.ste)
+        # Frozen weights (an attack, an evaluation): quantize once per precision. The entry
+        # is valid while the weight is the same tensor, at the same version (in-place
+        # updates bump it) and on the same storage (`.data = ...` replaces it; the alias
+        # held in the entry keeps the old storage alive, so its address cannot be reused).
+        key = (self.w_bits, self.weight_scheme, self.ste)
+        hit = self._weights.get(key)
+        if hit is not None and hit[0] is w and hit[1] == w._version and hit[2].data_ptr() == w.data_ptr():
+            return hit[3]
+        q = quantize_weight(w, self.w_bits, self.weight_scheme, self.ste)
+        self._weights[key] = (w, w._version, w.detach(), q)
+        return q
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}" + (
@@ -138,6 +181,40 @@ class QuantLinear(_QuantMixin, nn.Linear):
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
 
+def _caching(module: nn.Module) -> bool:
+    # Never from inside inference_mode: its tensors could not meet autograd later.
+    return getattr(module, "_frozen", 0) > 0 and not torch.is_inference_mode_enabled()
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model's weights and activation ranges are taken as fixed:
+    each quantized layer quantizes its weight once per (bits, scheme, STE) and reuses it,
+    and each activation quantizer in eval mode computes the grid of a frozen range once.
+    Results are the same bit for bit; only repeated work goes. `attacks.base.prepared`,
+    `evaluate`, `train.accuracy` and `analysis.transfer_matrix` enter it.
+
+    Safe when weights do change: a cached weight is used only when the weight needs no
+    gradient (requires_grad False or grad mode off, so training steps never see it), and
+    only while the weight tensor keeps its identity, its version (optimizer steps,
+    load_state_dict and other in-place updates bump it) and its storage. Writes through
+    `.data` escape the version counter: do not make them inside the block.
+    Nestable; the cache is dropped when the outermost block exits. Memory: one quantized
+    copy of the quantized layers' weights per precision used inside the block.
+    """
+    mods = [m for m in model.modules() if isinstance(m, QUANT_LAYERS + (ActQuant,))]
+    for m in mods:
+        m._frozen = getattr(m, "_frozen", 0) + 1
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m._frozen -= 1
+            if m._frozen == 0:
+                getattr(m, "_weights", {}).clear()
+                getattr(m, "_grids", {}).clear()
+
+
 class SwitchableBatchNorm2d(nn.Module):
     """Switchable batch norm (Double-Win Quant): one BatchNorm2d per precision of a set.
 
@@ -172,4 +249,4 @@ def batch_norm(num_features: int, sbn_bits=None) -> nn.Module:
 
 
 __all__ = ["ActQuant", "QuantConv2d", "QuantLinear", "QUANT_LAYERS", "SwitchableBatchNorm2d",
-           "batch_norm", "ALLOWED_BITS"]
+           "batch_norm", "frozen_weights", "ALLOWED_BITS"]

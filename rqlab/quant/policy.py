@@ -8,6 +8,9 @@ Three policies, one way to apply them:
     >>> apply(model, RandomPrecision((4, 5, 6, 7, 8), seed=0))  # a new draw every forward
     >>> with using(model, Fixed(8)):                 # restores the previous state on exit,
     ...     logits = model(x)                        # even when the body raises
+    >>> support = [Fixed(4), Fixed(8)]
+    >>> with switching(model, support) as switch:  # switch many times, cheaply
+    ...     switch(support[0]); logits = model(x)
 
 Layers flagged `keep_fp` (first conv, last linear by default) stay at full precision
 under every policy. Switchable batch norms follow the policy's precision.
@@ -19,7 +22,7 @@ import contextlib
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Union
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import torch.nn as nn
 
@@ -223,6 +226,40 @@ def using(model: nn.Module, policy: Policy) -> Iterator[nn.Module]:
     try:
         apply(model, policy)
         yield model
+    finally:
+        _restore(model, snap)
+
+
+@contextlib.contextmanager
+def switching(model: nn.Module, policies: Sequence[Policy]) -> Iterator[Callable[[Policy], None]]:
+    """Switch `model` between a few non-random policies many times, cheaply (EOT and
+    expectation attacks switch precision for every gradient sample).
+
+    Each policy is applied once on entry and the precision it gives every quantized
+    layer and switchable BN is recorded; `switch(p)`, for p one of the *same objects*,
+    sets them back from the record: the state `apply(model, p)` gives, without walking
+    the module tree (`using` walks it several times: milliseconds per call on a
+    ResNet). Call `switch` before the first forward. Inside the block the model's own
+    random policy (its forward hook) is off; on exit the exact previous state returns.
+    """
+    snap = _snapshot(model)
+    try:
+        records = {}
+        for p in policies:
+            if isinstance(p, RandomPrecision):
+                raise RqlabError(f"switching takes non-random policies, got {p}: use Fixed(b) for each b of it")
+            apply(model, p)
+            records[id(p)] = ([(m, m.w_bits, m.a_bits) for _, m in quant_layers(model)],
+                              [(s, s.bits) for s in _sbns(model)])
+
+        def switch(p: Policy) -> None:
+            layers, sbns = records[id(p)]
+            for m, w, a in layers:
+                m.w_bits, m.a_bits = w, a
+            for s, b in sbns:
+                s.bits = b
+
+        yield switch
     finally:
         _restore(model, snap)
 
