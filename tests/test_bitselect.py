@@ -81,14 +81,16 @@ def brute_force(sens, cost, budget):
 
 
 def hand_quantize(w, bits):
-    """Per-output-channel asymmetric grid, written out (METHODS section 1)."""
+    """Per-output-channel asymmetric grid, written out (METHODS section 1). x / scale is
+    taken as x * (1 / scale), as torch's fake-quant kernels (and rqlab) compute it: the two
+    can round differently for a value on a half step, which then lands one step apart."""
     flat = w.reshape(w.shape[0], -1)
     lo = flat.min(1).values.clamp(max=0)
     hi = flat.max(1).values.clamp(min=0)
     qmax = 2 ** bits - 1
     scale = (hi - lo) / qmax
     zp = torch.round(-lo / scale)
-    q = (torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], 0, qmax) - zp[:, None]) * scale[:, None]
+    q = (torch.clamp(torch.round(flat * (1 / scale)[:, None]) + zp[:, None], 0, qmax) - zp[:, None]) * scale[:, None]
     return q.reshape(w.shape)
 
 

@@ -57,13 +57,18 @@ def _operator(layer: nn.Module, input_shape, w: torch.Tensor):
 
 def spectral_norm(layer: nn.Module, input_shape=None, iters: int = 200, quantized: bool = False,
                   seed: int = 0, tol: float = 1e-10) -> float:
-    """Largest singular value of the layer's linear map (bias excluded), by power iteration.
+    """Largest singular value of the layer's linear map (bias excluded).
 
-    layer: nn.Conv2d (needs input_shape (C, H, W)) or nn.Linear. iters: at most this many
-    iterations (default 200; stops early when the estimate changes by < tol relative).
-    Runs in float64. Converges from below: more iterations never lower the estimate.
+    layer: nn.Conv2d (needs input_shape (C, H, W)), by power iteration; or nn.Linear, whose
+    map is its weight matrix: its 2-norm is computed exactly (SVD), since power iteration
+    stopped by a small change per step can sit well below it when the top two singular
+    values are close. iters: at most this many iterations (default 200; stops early when
+    the estimate changes by < tol relative). Runs in float64. Converges from below: more
+    iterations never lower the estimate.
     """
     check_int(iters, "iters", 1)
+    if isinstance(layer, nn.Linear):
+        return torch.linalg.matrix_norm(_weight(layer, quantized).double(), ord=2).item()
     fwd, adj, shape = _operator(layer, input_shape, _weight(layer, quantized))
     w = layer.weight
     v = torch.randn((1,) + tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
