@@ -75,6 +75,19 @@ def trained_smallcnn(request):
     return model.eval()
 
 
+# ---- browser tests (tests/test_browser.py) --------------------------------------------------
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing browser test gets a screenshot of that moment and the browser console (in
+    test-artifacts/browser/<test>/ and in the report)."""
+    outcome = yield
+    rep = outcome.get_result()
+    tab = getattr(item, "rqlab_tab", None)
+    if tab is not None and rep.failed and rep.when == "call":
+        rep.sections.append(("browser", tab.on_failure()))
+
+
 # ---- notebooks (tests/test_notebooks.py, tests/test_browser.py; helpers in nbsetup.py) ------
 
 @pytest.fixture(scope="session")
