@@ -9,9 +9,9 @@ PIP_INSTALL := $(BIN)/python -m pip install -q
 # The default report (reports/default.yaml, quick profile) into reports/out/index.html.
 REPORT_CMD = $(BIN)/rqlab report --profile quick --out reports/out
 
-.PHONY: setup data test report
+.PHONY: setup chromium data test report
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
 
 # Re-runs only when requirements.txt or pyproject.toml change.
 $(STAMP): requirements.txt pyproject.toml
@@ -19,6 +19,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP_INSTALL) -r requirements.txt
 	$(PIP_INSTALL) --no-deps -e .
 	touch $@
+
+# Debian's chromium for the browser tests (tests/test_browser.py), its own step so that an
+# existing .venv is kept: installed with apt-get when missing and run as root; skipped
+# quietly otherwise (the browser tests then skip, except on CI, where they fail).
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/dev/null \
+	    || echo "warning: apt-get could not install chromium: the browser tests will skip"; \
+	fi
 
 data: setup
 	$(BIN)/rqlab data fetch fashion-mnist
