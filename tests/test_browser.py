@@ -9,6 +9,8 @@
   console error may appear.
 * A smoke report's index.html, opened from a local file: every link leads to a page that
   loads, every image on those pages loads (naturalWidth > 0).
+* The widget packages are installed as requirements.txt pins them, and those pins fit
+  (ipywidgets' jupyterlab_widgets requirement; the JupyterLab widget manager is installed).
 * Nothing goes to the network: every request whose host is not the machine itself is
   aborted and recorded, and the tests assert there were none.
 
@@ -353,6 +355,33 @@ class Slider:
         self.handle.press("ArrowLeft" if now >= top else "ArrowRight")
         sync_api.expect(self.readout).not_to_have_text(before)
         return self.value()
+
+
+# ---- the widget packages -------------------------------------------------------------------------
+
+def pins() -> dict:
+    out = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        name, sep, version = line.partition("#")[0].strip().partition("==")
+        if sep:
+            out[name.lower().replace("-", "_")] = version
+    return out
+
+
+def test_widget_packages_are_installed_as_pinned_and_match():
+    """ipywidgets' frontend for JupyterLab is jupyterlab_widgets: the pins must be the
+    versions installed and fit each other (the browser tests show the widgets render)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    pinned = pins()
+    for name in ("jupyterlab", "ipywidgets", "jupyterlab_widgets", "playwright"):
+        assert metadata.version(name) == pinned[name], f"{name} is not the version requirements.txt pins"
+    needs = {Requirement(r).name.lower().replace("-", "_"): Requirement(r) for r in metadata.requires("ipywidgets")}
+    assert needs["jupyterlab_widgets"].specifier.contains(pinned["jupyterlab_widgets"]), needs["jupyterlab_widgets"]
+    manager = Path(sys.prefix, "share", "jupyter", "labextensions", "@jupyter-widgets", "jupyterlab-manager")
+    assert (manager / "package.json").is_file(), f"JupyterLab would not find the widget manager in {manager}"
 
 
 # ---- the notebooks in JupyterLab -----------------------------------------------------------------
