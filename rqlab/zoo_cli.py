@@ -4,6 +4,7 @@
     rqlab zoo show fmnist-q4-pgd7       # its card and the command that reproduces it
     rqlab zoo build                     # train every CPU recipe not built yet (resumable)
     rqlab zoo build fmnist-q4-pgd7 --force
+    rqlab zoo audit                     # re-run every card's sanity audit (weights untouched)
 """
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def add_cli(subparsers) -> None:
     b.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(run=run_build)
+    a = actions.add_parser("audit", help="re-run the sanity audit of built models into their cards",
+                           description="The sanity checks of METHODS section 6 (Square and transfer from FP "
+                                       "beside PGD-20) on 100 test examples, written into each card.")
+    a.add_argument("names", nargs="*", help="models to audit (default: every built model)")
+    a.add_argument("--device", default="cpu", help="cpu | cuda")
+    a.set_defaults(run=run_audit)
 
 
 def run_list(args) -> int:
@@ -44,4 +51,14 @@ def run_build(args) -> int:
 
     zoo.build_many(args.names, force=args.force, device=args.device, threads=args.threads,
                    progress=not args.no_progress)
+    return 0
+
+
+def run_audit(args) -> int:
+    from . import zoo
+
+    for n in args.names:
+        zoo.recipe(n)  # unknown names fail before any work
+    for n in args.names or zoo.names(trained_only=True):
+        zoo.audit(n, device=args.device)
     return 0

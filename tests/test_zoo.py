@@ -7,6 +7,7 @@ import pytest
 
 from rqlab import checkpoint, data, quant, zoo
 from rqlab.cli import build_parser, main
+from rqlab.sanity import SanityConfig
 from rqlab.validate import RqlabError
 
 TRAINED = zoo.names(trained_only=True)
@@ -77,3 +78,35 @@ def test_build_a_tiny_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     assert isinstance(quant.current(model), quant.Fixed) and quant.current(model).bits == 4
     assert main(["zoo", "build", tiny.name]) == 0 and "already built" in capsys.readouterr().out
     assert main(["zoo", "list"]) == 0 and tiny.name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", TRAINED or [pytest.param("none", marks=pytest.mark.skip("zoo not built"))])
+def test_every_card_carries_its_audit_and_the_list_marks_failures(name):
+    card = zoo.card(name)
+    a = card["audit"]
+    assert a["n"] == zoo.AUDIT_N and a["policy"] == card["eval"][0]["policy"]
+    assert "square" in a["others"] and {c["check"] for c in a["checks"]} >= {"whitebox_vs_blackbox", "zero_gradient"}
+    assert a["strongest_accuracy"] == min([a["pgd20_accuracy"], *a["others"].values()])
+    assert a["failed"] == [c["check"] for c in a["checks"] if not c["passed"]]
+    assert zoo.audit_cell(card).endswith("!") == bool(a["failed"])
+    line = next(l for l in zoo.table().splitlines() if l.startswith(name + " "))
+    assert zoo.audit_cell(card) in line
+
+
+def test_audit_rewrites_only_the_card(tmp_path, monkeypatch, capsys):
+    name = "fmnist-q4-natural"
+    if name not in TRAINED:
+        pytest.skip("zoo model not built")
+    for suffix in (".pt", ".json"):
+        shutil.copy(zoo.STORE / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    monkeypatch.setattr(zoo, "STORE", tmp_path)
+    before = zoo.card(name)
+    blob = (tmp_path / f"{name}.pt").read_bytes()
+    a = zoo.audit(name, cfg=SanityConfig(n=12, square_queries=50), log=lambda *_: None)
+    after = zoo.card(name)
+    assert a["n"] == 12 and after["audit"] == json.loads(json.dumps(a))
+    assert {k: v for k, v in after.items() if k != "audit"} == {k: v for k, v in before.items() if k != "audit"}
+    assert (tmp_path / f"{name}.pt").read_bytes() == blob and zoo.load(name) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.json", f"{name}.pt"]  # no temporary left
+    assert main(["zoo", "audit", "nope"]) == 2
+    assert "zoo model 'nope' is unknown" in capsys.readouterr().err

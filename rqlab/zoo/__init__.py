@@ -12,7 +12,10 @@ trains it (resumable: runs/zoo/NAME/checkpoint.pt), calibrates the activation ra
 (no optimizer state) in rqlab/zoo/store/NAME.pt, measures clean accuracy on the first
 1,000 test examples of the seed-0 subset and PGD-20 accuracy on the first 500 at each
 of the recipe's evaluation precisions, and writes the card NAME.json beside it with
-the checkpoint's SHA-256.
+the checkpoint's SHA-256. It then audits the card's first row (`audit`): the sanity
+checks of METHODS section 6 on the first 100 test examples, with Square (black box) and
+a transfer attack from FP beside PGD-20; the lowest of them is the card's "strongest"
+figure, and `rqlab zoo list` marks with "!" a model whose PGD-20 a check does not trust.
 
 The Fashion-MNIST recipes are sized for 2 CPU cores: the FP natural model sees all
 60,000 training images for 3 epochs, every other recipe a fixed 6,000-example subset for
@@ -36,6 +39,7 @@ RUNS = Path("runs/zoo")
 CLEAN_N, PGD_N = 1000, 500          # test examples of the card's measurements (seed-0 subset)
 CALIBRATE_BITS = tuple(range(2, 9))  # PTQ ranges stored with every model
 CALIBRATE_N = 1024
+AUDIT_N = 100                        # test examples of the card's sanity audit (METHODS section 6)
 
 
 @dataclass(frozen=True)
@@ -240,9 +244,53 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
         "threat": threat.to_dict(), "eval": rows,
         "sha256": checkpoint.sha256(ckpt_out), "size_bytes": ckpt_out.stat().st_size,
     }
+    out["audit"] = audit_row(model, test, threat, checkpoint.policy_from_dict(rows[0]["policy"]), rows[0]["passes"])
     checkpoint.save_json(card_out, out)
     log(f"{name}: stored {ckpt_out} and {card_out}")
     return out
+
+
+def audit_row(model, data, threat, policy, passes: int = 1, cfg=None) -> dict:
+    """The sanity checks of METHODS section 6 for `model` at `policy` under `threat`, on the
+    first cfg.n examples of `data` (cfg: a sanity.SanityConfig, default n = AUDIT_N and
+    Square with 1,000 queries). Returns {"n", "policy", "passes", "pgd20_accuracy",
+    "others" (Square, transfer from FP: accuracy each), "strongest_accuracy" (the lowest of
+    them all), "failed" (names of failed checks), "checks"}, JSON-serialisable."""
+    import warnings
+
+    from ..evaluate import evaluate
+    from ..sanity import SanityConfig, SanityWarning
+
+    cfg = cfg or SanityConfig(n=AUDIT_N)
+    with warnings.catch_warnings():  # the failures go into the card (and `zoo list`), not the console
+        warnings.simplefilter("ignore", SanityWarning)
+        rec = evaluate(model, data, threat, policy=policy, n=cfg.n, passes=passes, sanity=cfg, progress=False)
+    checks = rec["sanity"]
+    others = next(c for c in checks if c["check"] == "whitebox_vs_blackbox")["others"]
+    return {"n": rec["n"], "policy": policy.to_dict(), "passes": passes, "pgd20_accuracy": rec["robust_accuracy"],
+            "others": others, "strongest_accuracy": min([rec["robust_accuracy"], *others.values()]),
+            "failed": [c["check"] for c in checks if not c["passed"]], "checks": checks}
+
+
+def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
+    """(Re)compute the audit of a built zoo model and write it into its card (atomically;
+    the checkpoint and its checksum are untouched). cfg: as `audit_row`. Returns the audit."""
+    from .. import checkpoint, data
+    from ..attacks import ThreatModel
+
+    c = card(name)
+    model = load(name, device=device)
+    row = c["eval"][0]
+    args = c["recipe"]["train_args"]
+    test = data.load(args[args.index("--data") + 1], "test", n=cfg.n if cfg else AUDIT_N, seed=0)
+    threat = ThreatModel("pgd", eps=c["threat"]["eps"], steps=c["threat"]["steps"])  # the card's PGD-20
+    c["audit"] = audit_row(model, test, threat, checkpoint.policy_from_dict(row["policy"]), row["passes"], cfg)
+    checkpoint.save_json(_paths(name)[1], c)
+    a = c["audit"]
+    log(f"{name}: PGD-20 {100 * a['pgd20_accuracy']:.1f}%, "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in a["others"].items())
+        + f" (n = {a['n']}); failed checks: {', '.join(a['failed']) or 'none'}")
+    return a
 
 
 def clean_accuracy(model, data, policy, passes: int = 1) -> float:
@@ -278,21 +326,32 @@ def _is_ptq(p, trained) -> bool:
 
 def table() -> str:
     """The zoo as a text table: one line per recipe with its measured numbers."""
-    lines = [f"{'name':<34}{'precision':>11}{'clean':>8}{'PGD-20':>8}  {'train time':>10}  summary"]
+    lines = [f"{'name':<34}{'precision':>11}{'clean':>8}{'PGD-20':>8}{'audit':>8}  {'train time':>10}  summary"]
     for n, r in RECIPES.items():
         try:
             c = card(n)
         except RqlabError:
-            lines.append(f"{n:<34}{'-':>11}{'-':>8}{'-':>8}  {'-':>10}  {r.summary}"
+            lines.append(f"{n:<34}{'-':>11}{'-':>8}{'-':>8}{'-':>8}  {'-':>10}  {r.summary}"
                          + (" [GPU recipe, not trained here]" if r.gpu else " [not built]"))
             continue
         first = c["eval"][0]
         lines.append(f"{n:<34}{first['precision']:>11}{100 * first['clean_accuracy']:>7.1f}%"
-                     f"{100 * first['pgd20_accuracy']:>7.1f}%  {c['training_time_s'] / 60:>8.1f}m  {r.summary}")
+                     f"{100 * first['pgd20_accuracy']:>7.1f}%{audit_cell(c):>8}  {c['training_time_s'] / 60:>8.1f}m  "
+                     f"{r.summary}")
         for row in c["eval"][1:]:
             lines.append(f"{'':<34}{row['precision']:>11}{100 * row['clean_accuracy']:>7.1f}%"
                          f"{100 * row['pgd20_accuracy']:>7.1f}%" + ("  (PTQ)" if row.get("ptq") else ""))
+    lines.append("audit: the lowest accuracy of PGD-20, Square and transfer from FP on 100 examples, at the first "
+                 "precision; '!' = a sanity check failed (see `rqlab zoo show NAME`)")
     return "\n".join(lines)
+
+
+def audit_cell(c: dict) -> str:
+    """'40.0%!' for a card whose audit found its strongest attack at 40% and a failed check."""
+    a = c.get("audit")
+    if a is None:
+        return "-"
+    return f"{100 * a['strongest_accuracy']:.1f}%" + ("!" if a["failed"] else "")
 
 
 def show(name: str) -> str:
