@@ -1,7 +1,7 @@
 """Measure what docs/findings.md reports, from the zoo models, and print it as Markdown.
 
     .venv/bin/python scripts/findings.py                 # every section (about 30 min on 2 CPU cores)
-    .venv/bin/python scripts/findings.py --section b     # one section: a, b, c or d
+    .venv/bin/python scripts/findings.py --section b     # one section: a, b, c, d or t (transfer, behind b)
     .venv/bin/python scripts/findings.py --n 200         # fewer test examples, faster
 
 Each section writes its numbers to docs/findings/<section>.json (atomically) and prints
@@ -41,11 +41,35 @@ def ci(rec: dict, key: str = "robust") -> str:
     return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+CONTROL = Path("runs/findings/fmnist-fp-natural-6k")
+CONTROL_ARGS = ["train", "--model", "smallcnn", "--data", "fashion-mnist", "--seed", "0", "--n-train", "6000",
+                "--epochs", "4", "--defense", "natural", "--no-progress", "--out", str(CONTROL)]
+
+
+def same_budget_fp_control():
+    """An FP natural SmallCNN trained like the w32a4 zoo models (6,000 images, 4 epochs):
+    the zoo's fmnist-fp-natural saw all 60,000 images, and a smaller training set alone
+    changes PGD robustness. Trained once into runs/findings/ (`rqlab train` with
+    CONTROL_ARGS), calibrated at 2..8 bits as the zoo calibrates."""
+    from rqlab.cli import main as rqlab_main
+
+    ckpt = CONTROL / "checkpoint.pt"
+    if not ckpt.is_file() or len(checkpoint.load(ckpt)["history"]) < 4:
+        print("  training the same-budget FP control: rqlab " + " ".join(CONTROL_ARGS), file=sys.stderr, flush=True)
+        if rqlab_main(CONTROL_ARGS) != 0:
+            raise SystemExit("training the FP control failed")
+    model = checkpoint.load_model(ckpt)
+    calib = data.load("fashion-mnist", "train", n=zoo.CALIBRATE_N, seed=1).x.float() / 255
+    quant.calibrate(model, [calib[i:i + 256] for i in range(0, len(calib), 256)], bits=list(zoo.CALIBRATE_BITS))
+    return model.eval()
+
+
 def section_a(test, n: int) -> dict:
     """FP vs vanilla quantized vs DQ: accuracy against activation bits, error amplification."""
     names = {"FP (natural)": "fmnist-fp-natural", "vanilla w32a4 (natural)": "fmnist-a4-natural",
              "DQ w32a4 (natural, beta 3e-3)": "fmnist-dq-natural"}
     models = {k: zoo.load(v) for k, v in names.items()}
+    models["FP (natural, 6k images like the others)"] = same_budget_fp_control()
     bits = [1, 2, 4, 8, 32]
     table = {k: sweeps.accuracy_vs_bits(m, test, PGD20, bits, act_only=True, n=n) for k, m in models.items()}
     print("\n### (a) Accuracy against activation bits (weights FP), PGD-20 eps 0.1, n =", n)
@@ -145,9 +169,34 @@ def section_d() -> dict:
     return out
 
 
+def section_t(test, n: int) -> dict:
+    """Behind (b): how well PGD-20 transfers between precisions (Double-Win Quant's premise),
+    for the PGD-7 models trained at 4 and 8 bits, attack and inference bits 3..8."""
+    from rqlab.analysis.transfer import transfer_matrix
+
+    x, y = test.x[:n].float() / 255, test.y[:n]
+    bits = [3, 4, 5, 6, 7, 8]
+    out = {}
+    for name in ("fmnist-q4-pgd7", "fmnist-q8-pgd7"):
+        tm = transfer_matrix(zoo.load(name), x, y, bits, bits, PGD20)
+        m = tm["matrix"]
+        diag = [m[i][i] for i in range(len(bits))]
+        off = [m[i][j] for i in range(len(bits)) for j in range(len(bits)) if i != j]
+        print(f"\n### (b) Transfer matrix of {name}, PGD-20 eps 0.1, n = {n}: rows = attack bits, "
+              "columns = inference bits")
+        print("\n| attack \\ inference | " + " | ".join(map(str, bits)) + " |")
+        print("|---|" + "---|" * len(bits))
+        for b, row in zip(bits, m):
+            print(f"| {b} | " + " | ".join(pct(v) for v in row) + " |")
+        print(f"\nmean diagonal {pct(statistics.mean(diag))}, mean off-diagonal {pct(statistics.mean(off))}")
+        out[name] = {**tm, "mean_diagonal": statistics.mean(diag), "mean_off_diagonal": statistics.mean(off)}
+    out["n"] = n
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", default="abcd", help="any of a, b, c, d (default: all)")
+    p.add_argument("--section", default="abcdt", help="any of a, b, c, d, t (default: all)")
     p.add_argument("--n", type=int, default=500, help="test examples (default 500)")
     p.add_argument("--aa-n", type=int, default=100, help="test examples for AutoAttack rand (default 100)")
     p.add_argument("--threads", type=int, default=None)
@@ -158,7 +207,7 @@ def main(argv=None) -> int:
     for s in args.section:
         t0 = time.perf_counter()
         result = {"a": lambda: section_a(test, args.n), "b": lambda: section_b(test, args.n, args.aa_n),
-                  "c": lambda: section_c(test, args.n), "d": section_d}[s]()
+                  "c": lambda: section_c(test, args.n), "d": section_d, "t": lambda: section_t(test, args.n)}[s]()
         result["seconds"] = time.perf_counter() - t0
         result["torch"] = torch.__version__
         checkpoint.save_json(OUT / f"{s}.json", result)
