@@ -237,7 +237,7 @@ EXTRA = {"01_precision_transferability": "eot = 10\npasses = 5\n",
          "02_lipschitz_error_amplification": "beta = 0.001\nbetas = [0.0]\ntrain_n = 1000\nepochs = 2\n",
          "03_bit_selection": "budgets = [3.0]\nrandom_seeds = 3\niters = 300\n",
          "04_odgq_training_curves": "epochs = 10\nlive = False\ntrain_n = 2000\n",
-         "05_double_win_quant": "eot = 10\npasses = 5\naa_n_iter = 100\n"}
+         "05_double_win_quant": "eot = 10\npasses = 5\naa_n_iter = 25\naa_n_examples = 100\n"}
 
 
 def test_default_config_plans_against_the_notebook_contract(tmp_path):

@@ -26,13 +26,18 @@ def test_every_card_reproduces_its_clean_accuracy(name):
     assert card["sha256"] and card["recipe"]["command"].startswith("rqlab train")
 
 
-def test_a_corrupted_checkpoint_is_refused(tmp_path, monkeypatch):
-    name = "fmnist-fp-natural"
+def store_copy(name, tmp_path, monkeypatch):
+    """Point the zoo at a copy of model `name`'s checkpoint and card in tmp_path."""
     if name not in TRAINED:
         pytest.skip("zoo model not built")
     for suffix in (".pt", ".json"):
         shutil.copy(zoo.STORE / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
     monkeypatch.setattr(zoo, "STORE", tmp_path)
+
+
+def test_a_corrupted_checkpoint_is_refused(tmp_path, monkeypatch):
+    name = "fmnist-fp-natural"
+    store_copy(name, tmp_path, monkeypatch)
     blob = bytearray((tmp_path / f"{name}.pt").read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     (tmp_path / f"{name}.pt").write_bytes(bytes(blob))
@@ -95,11 +100,7 @@ def test_every_card_carries_its_audit_and_the_list_marks_failures(name):
 
 def test_audit_rewrites_only_the_card(tmp_path, monkeypatch, capsys):
     name = "fmnist-q4-natural"
-    if name not in TRAINED:
-        pytest.skip("zoo model not built")
-    for suffix in (".pt", ".json"):
-        shutil.copy(zoo.STORE / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
-    monkeypatch.setattr(zoo, "STORE", tmp_path)
+    store_copy(name, tmp_path, monkeypatch)
     before = zoo.card(name)
     blob = (tmp_path / f"{name}.pt").read_bytes()
     a = zoo.audit(name, cfg=SanityConfig(n=12, square_queries=50), log=lambda *_: None)
