@@ -277,12 +277,13 @@ def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
     the checkpoint and its checksum are untouched). cfg: as `audit_row`. Returns the audit."""
     from .. import checkpoint, data
     from ..attacks import ThreatModel
+    from ..cli import build_parser
 
     c = card(name)
     model = load(name, device=device)
     row = c["eval"][0]
-    args = c["recipe"]["train_args"]
-    test = data.load(args[args.index("--data") + 1], "test", n=cfg.n if cfg else AUDIT_N, seed=0)
+    dataset = build_parser().parse_args(["train", *recipe(name).train]).data  # as `build` reads it
+    test = data.load(dataset, "test", n=cfg.n if cfg else AUDIT_N, seed=0)
     threat = ThreatModel("pgd", eps=c["threat"]["eps"], steps=c["threat"]["steps"])  # the card's PGD-20
     c["audit"] = audit_row(model, test, threat, checkpoint.policy_from_dict(row["policy"]), row["passes"], cfg)
     checkpoint.save_json(_paths(name)[1], c)
@@ -341,8 +342,8 @@ def table() -> str:
         for row in c["eval"][1:]:
             lines.append(f"{'':<34}{row['precision']:>11}{100 * row['clean_accuracy']:>7.1f}%"
                          f"{100 * row['pgd20_accuracy']:>7.1f}%" + ("  (PTQ)" if row.get("ptq") else ""))
-    lines.append("audit: the lowest accuracy of PGD-20, Square and transfer from FP on 100 examples, at the first "
-                 "precision; '!' = a sanity check failed (see `rqlab zoo show NAME`)")
+    lines.append(f"audit: the lowest accuracy of PGD-20, Square and transfer from FP on {AUDIT_N} examples, at the "
+                 "first precision; '!' = a sanity check failed (see `rqlab zoo show NAME`)")
     return "\n".join(lines)
 
 
