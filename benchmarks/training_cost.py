@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/training_cost.py
 
 Every defense trains a 4-bit SmallCNN (quant.Fixed(4); RPT: random 4..8 with switchable
-BN) through rqlab.train.fit with rqlab.defenses.build, on the same fixed subset of
+BN) through rqlab.training.fit with rqlab.defenses.build, on the same fixed subset of
 Fashion-MNIST training images (1,024 examples, batch 128, eps 0.1; noise images if the
 data is missing). Each repetition trains every defense, in turn (an order shuffled for
 each repetition), for 2 epochs from the same initial weights; the figure is the second
@@ -22,7 +22,7 @@ import torch
 
 import _common as C
 from rqlab import data, defenses, models, quant
-from rqlab.train import TrainConfig, fit
+from rqlab.training import TrainConfig, fit
 
 DEFENSES = ("natural", "fgsm-rs", "pgd-at", "rpt-pgd-at", "odgq")
 RPT_BITS = (4, 5, 6, 7, 8)

@@ -44,7 +44,7 @@ def robustness_probe(models: dict, x, y, threat, policy: Callable | None = None,
     radius eps, with the defender's precision `policy(name, bits)` (default Fixed(bits);
     return a RandomPrecision to score random inference with `passes` passes)."""
     from . import quant
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     policy = policy or (lambda name, bits: quant.Fixed(bits))
 

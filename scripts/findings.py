@@ -24,7 +24,7 @@ from rqlab.analysis.adaptive import evaluate_protocols
 from rqlab.analysis.curves import epoch_time_ratio, zoo_curves
 from rqlab.attacks import ThreatModel
 from rqlab.defenses import bitselect
-from rqlab.evaluate import evaluate
+from rqlab.evaluation import evaluate
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "findings"
 PGD20 = ThreatModel("pgd", eps=0.1, steps=20)

@@ -6,7 +6,7 @@ The training loop here is a deliberately tiny SGD loop (one epoch over the 60k
 training images). One epoch over only 10k images gives ~85% accuracy too, but a model
 that keeps 10-15% accuracy under PGD-20 at eps 0.1 (smoother, mostly on trousers);
 seeing all 60k images makes it as brittle as a natural model should be (~2%).
-rqlab.train.fit may replace this loop.
+rqlab.training.fit may replace this loop.
 """
 from __future__ import annotations
 

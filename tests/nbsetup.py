@@ -55,7 +55,7 @@ def train_tiny(path: Path, role: str) -> Path:
     import torch
 
     from rqlab import checkpoint, data, defenses, models, quant
-    from rqlab.train import TrainConfig, fit, seed_everything
+    from rqlab.training import TrainConfig, fit, seed_everything
     from rqlab.validate import RqlabError
 
     sbn = (4, 5, 6, 7, 8) if role == "rpt" else None

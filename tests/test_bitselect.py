@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from rqlab import checkpoint, cli, models, quant
 from rqlab.attacks import ThreatModel
 from rqlab.defenses import bitselect as BS
-from rqlab.evaluate import evaluate
+from rqlab.evaluation import evaluate
 from rqlab.validate import RqlabError
 
 from conftest import FMNIST_NORM, load_fmnist

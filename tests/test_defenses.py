@@ -7,7 +7,7 @@ import torch
 from rqlab import defenses, models, quant
 from rqlab.defenses import FGSMRS, PGDTraining, RandomPrecisionTraining
 from rqlab.quant.layers import SwitchableBatchNorm2d
-from rqlab.train import Hooks, TrainConfig, fit
+from rqlab.training import Hooks, TrainConfig, fit
 from rqlab.validate import RqlabError
 
 from test_train import TensorLoader, squares

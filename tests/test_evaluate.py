@@ -8,8 +8,8 @@ import pytest
 
 from rqlab import checkpoint, quant
 from rqlab.attacks import ThreatModel
-from rqlab.eval_cli import add_cli
-from rqlab.evaluate import evaluate, wilson_interval
+from rqlab.cli.eval import add_cli
+from rqlab.evaluation import evaluate, wilson_interval
 from rqlab.validate import RqlabError
 
 FGSM = ThreatModel("fgsm", eps=0.05)

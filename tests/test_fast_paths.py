@@ -14,7 +14,7 @@ from rqlab.analysis.transfer import _accuracy, transfer_matrix
 from rqlab.attacks import ThreatModel
 from rqlab.attacks.base import eval_mode
 from rqlab.quant import layers as qlayers
-from rqlab.train import TrainConfig, fit
+from rqlab.training import TrainConfig, fit
 
 
 def model_at(bits=(2, 4, 8), seed=0, **kw):
@@ -312,7 +312,7 @@ def test_uncalibrated_precision_still_raises_inside_the_block():
 
 
 def test_evaluate_record_is_unchanged_by_the_cache(no_cache):
-    from rqlab.evaluate import evaluate
+    from rqlab.evaluation import evaluate
 
     m = model_at(bits=(2, 4, 8))
     x, y = batch(40)

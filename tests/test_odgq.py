@@ -3,7 +3,7 @@ import torch
 
 from rqlab import models, quant
 from rqlab.defenses.odgq import DOMAINS, ODGQ
-from rqlab.train import TrainConfig, fit
+from rqlab.training import TrainConfig, fit
 
 
 class Batches:

@@ -9,7 +9,7 @@ import pytest
 data = pytest.importorskip("rqlab.data", reason="rqlab/data.py (datasets) is not written yet")
 
 from rqlab import models, quant  # noqa: E402
-from rqlab.train import TrainConfig, accuracy, fit, seed_everything  # noqa: E402
+from rqlab.training import TrainConfig, accuracy, fit, seed_everything  # noqa: E402
 from rqlab.validate import RqlabError  # noqa: E402
 
 

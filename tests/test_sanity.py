@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from rqlab.attacks import ThreatModel
-from rqlab.evaluate import evaluate
+from rqlab.evaluation import evaluate
 from rqlab.sanity import SanityConfig, SanityWarning, random_forward
 
 CFG = SanityConfig(n=40, square_queries=100)  # small budgets: these models are easy to tell apart

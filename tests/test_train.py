@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from rqlab import checkpoint, models, quant
-from rqlab.train import Hooks, TrainConfig, accuracy, add_cli, fit, lr_at, run_cli, seed_everything
+from rqlab.cli.train import add_cli, run_cli
+from rqlab.training import Hooks, TrainConfig, accuracy, fit, lr_at, seed_everything
 from rqlab.validate import RqlabError
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from .. import quant
 from ..attacks import ThreatModel
-from ..evaluate import evaluate
+from ..evaluation import evaluate
 from ..validate import RqlabError, check_choice, check_int
 
 PROTOCOLS = ("paper", "eot_pgd", "expectation", "autoattack")

@@ -87,9 +87,9 @@ def train_curves(methods, bits: int, train_set, test_data, threat, epochs: int =
 
     from .. import data as data_mod
     from .. import defenses, models as models_mod, quant
-    from ..evaluate import as_tensors, evaluate
-    from ..train import TrainConfig, fit, resolve_device, seed_everything
-    from ..train_cli import default_train_step
+    from ..evaluation import as_tensors, evaluate
+    from ..training import TrainConfig, fit, resolve_device, seed_everything
+    from ..cli.train import default_train_step
 
     methods = check_methods(methods)
     bits = check_bits(bits)

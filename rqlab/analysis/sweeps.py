@@ -10,7 +10,7 @@ sections 2 and 3). Accuracy, amplification and Lipschitz results are JSON-serial
     >>> table = lipschitz_table(models, x, adv)
     >>> sweep = beta_sweep([0.0, 1e-3, 1e-2], train_set, (x, y), threat, epochs=1)
 
-Accuracies follow `rqlab.evaluate.evaluate`: robust = x and x_adv both correct, so robust
+Accuracies follow `rqlab.evaluation.evaluate`: robust = x and x_adv both correct, so robust
 <= clean example by example; the attack is white-box at the precision evaluated (the
 threat's own `policy` aside), one attack run per setting.
 """
@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .. import quant
 from ..attacks import ThreatModel
-from ..evaluate import as_tensors, evaluate
+from ..evaluation import as_tensors, evaluate
 from ..validate import FP_BITS, RqlabError, check_bits_set, check_choice, check_float, check_int
 from .amplification import error_amplification
 from .lipschitz import local_lipschitz, network_bound
@@ -183,7 +183,7 @@ def beta_sweep(betas, train_set, test_data, threat: ThreatModel, policy=None, ep
     from .. import data as data_mod
     from .. import models as models_mod
     from ..defenses import DefensiveQuantization, orthogonality_penalty
-    from ..train import TrainConfig, fit, resolve_device, seed_everything
+    from ..training import TrainConfig, fit, resolve_device, seed_everything
 
     if not isinstance(betas, (list, tuple)) or not betas:
         raise RqlabError(f"betas={betas!r} must be a non-empty list of numbers >= 0")

@@ -1,4 +1,4 @@
-"""Defenses: training-time methods of the four papers, as hooks for `rqlab.train.fit`,
+"""Defenses: training-time methods of the four papers, as hooks for `rqlab.training.fit`,
 and configuration-time bit selection.
 
     >>> hooks = defenses.build("rpt-pgd-at", eps=0.1, bits=(4, 5, 6, 7, 8))
@@ -17,7 +17,7 @@ Names (`rqlab train --defense NAME`):
 """
 from __future__ import annotations
 
-from ..train import Hooks
+from ..training import Hooks
 from ..validate import RqlabError, check_choice
 from .adversarial import FGSMRS, PGDTraining, ensure_act_ranges
 from .dq import DefensiveQuantization, orthogonality_penalty

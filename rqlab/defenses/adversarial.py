@@ -1,4 +1,4 @@
-"""Adversarial training: PGD-AT and FGSM-RS, as training hooks for `rqlab.train.fit`.
+"""Adversarial training: PGD-AT and FGSM-RS, as training hooks for `rqlab.training.fit`.
 
 Papers: Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant
 to Adversarial Attacks", ICLR 2018 (PGD-AT); Wong, Rice, Kolter, "Fast is better than
@@ -22,7 +22,7 @@ from .. import quant
 from ..attacks import ThreatModel, pgd
 from ..attacks.base import ascend, ce_loss, eval_mode, input_grad, prepared, project
 from ..quant.layers import ActQuant
-from ..train import Hooks
+from ..training import Hooks
 from ..validate import FP_BITS, check_float, check_int
 
 

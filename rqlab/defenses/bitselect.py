@@ -365,14 +365,14 @@ def compare_allocations(model: nn.Module, data, threat, budgets, bits_options=DE
     data: test Dataset or (x, y); the first `n` examples are used. threat: a ThreatModel
     (e.g. PGD-20). batches: calibration images for the options the model lacks ranges for
     (else a missing range raises). random_seeds: allocations drawn for "random" (seeds
-    0..k-1). Each allocation is evaluated with `rqlab.evaluate.evaluate` at
+    0..k-1). Each allocation is evaluated with `rqlab.evaluation.evaluate` at
     quant.PerLayer(bits) (keep_fp layers at FP); identical allocations are evaluated once.
 
     Row: budget, kind, method, seed (random only, else None), solver, bits, cost (actual,
     may be below budget: uniform), avg_bits, objective, bitops (whole model, FP layers at
     32), clean_accuracy, robust_accuracy and their 95% intervals, n, threat. JSON-ready.
     """
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
 
     options = check_bits_options(bits_options)
     check_choice(kind, "kind", KINDS)

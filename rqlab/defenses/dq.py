@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..train import Hooks
+from ..training import Hooks
 from ..validate import check_float
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..train import Hooks
+from ..training import Hooks
 from ..validate import check_float, check_int
 
 DOMAINS = ("clean", "free", "fgsm_rs", "noise")

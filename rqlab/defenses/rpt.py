@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 
 from .. import quant
-from ..train import Hooks
+from ..training import Hooks
 from ..validate import check_bits_set, check_int
 
 

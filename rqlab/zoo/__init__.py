@@ -179,9 +179,9 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
     from .. import checkpoint, data, quant
     from ..attacks import ThreatModel
     from ..cli import build_parser
-    from ..evaluate import evaluate
-    from ..train import resolve_device
-    from ..train_cli import default_eps
+    from ..evaluation import evaluate
+    from ..training import resolve_device
+    from ..cli.train import default_eps
 
     r = recipe(name)
     ckpt_out, card_out = _paths(name)
@@ -258,7 +258,7 @@ def audit_row(model, data, threat, policy, passes: int = 1, cfg=None) -> dict:
     them all), "failed" (names of failed checks), "checks"}, JSON-serialisable."""
     import warnings
 
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
     from ..sanity import SanityConfig, SanityWarning
 
     cfg = cfg or SanityConfig(n=AUDIT_N)
@@ -300,7 +300,7 @@ def clean_accuracy(model, data, policy, passes: int = 1) -> float:
 
     from .. import quant
     from ..attacks.base import eval_mode
-    from ..evaluate import _fresh, as_tensors, correct_passes
+    from ..evaluation import _fresh, as_tensors, correct_passes
 
     x, y = as_tensors(data)
     device = next(model.parameters()).device

@@ -12,7 +12,7 @@ layer (usable as quant.PerLayer), their BitOPs, the budget, method and sensitivi
 """
 from __future__ import annotations
 
-from .validate import RqlabError
+from ..validate import RqlabError
 
 
 def add_cli(subparsers) -> None:
@@ -57,8 +57,8 @@ def parse_bits(text) -> tuple:
 
 def parse_budget(text, model, kind) -> float:
     """A number, or uniform:B (the cost of every quantizable layer at B bits)."""
-    from .defenses import bitselect
-    from .validate import check_bits, check_float
+    from ..defenses import bitselect
+    from ..validate import check_bits, check_float
 
     s = str(text).strip().lower()
     if s.startswith("uniform:"):
@@ -77,11 +77,11 @@ def parse_budget(text, model, kind) -> float:
 
 def run_cli(args) -> int:
     """`rqlab bitselect`: load, calibrate, select, print, write JSON. Returns 0."""
-    from . import checkpoint, data, quant
-    from .attacks import ThreatModel
-    from .defenses import bitselect
-    from .train import resolve_device
-    from .validate import check_choice, check_int
+    from .. import checkpoint, data, quant
+    from ..attacks import ThreatModel
+    from ..defenses import bitselect
+    from ..training import resolve_device
+    from ..validate import check_choice, check_int
 
     # fail on bad options before loading anything
     kind = check_choice(args.kind, "kind", bitselect.KINDS)

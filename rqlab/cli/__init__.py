@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rqlab import __version__, bitselect_cli, eval_cli, report_cli, train_cli, zoo_cli
+from rqlab import __version__
+from rqlab.cli import bitselect as bitselect_cmd, eval as eval_cmd, report as report_cmd, train as train_cmd, zoo as zoo_cmd
 from rqlab.validate import RqlabError
 
 
@@ -56,7 +57,8 @@ def add_data_parser(subparsers) -> None:
 
 
 # One function per subcommand: it adds the subcommand's parser and sets `run`.
-SUBCOMMANDS = [add_data_parser, train_cli.add_cli, eval_cli.add_cli, bitselect_cli.add_cli, report_cli.add_cli, zoo_cli.add_cli]
+SUBCOMMANDS = [add_data_parser, train_cmd.add_cli, eval_cmd.add_cli, bitselect_cmd.add_cli, report_cmd.add_cli,
+               zoo_cmd.add_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

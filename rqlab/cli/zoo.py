@@ -33,21 +33,21 @@ def add_cli(subparsers) -> None:
 
 
 def run_list(args) -> int:
-    from . import zoo
+    from .. import zoo
 
     print(zoo.table())
     return 0
 
 
 def run_show(args) -> int:
-    from . import zoo
+    from .. import zoo
 
     print(zoo.show(args.name) if args.name in zoo.RECIPES else zoo.recipe(args.name))
     return 0
 
 
 def run_build(args) -> int:
-    from . import zoo
+    from .. import zoo
 
     zoo.build_many(args.names, force=args.force, device=args.device, threads=args.threads,
                    progress=not args.no_progress)
@@ -55,7 +55,7 @@ def run_build(args) -> int:
 
 
 def run_audit(args) -> int:
-    from . import zoo
+    from .. import zoo
 
     for n in args.names:
         zoo.recipe(n)  # unknown names fail before any work

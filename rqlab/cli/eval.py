@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .validate import RqlabError
+from ..validate import RqlabError
 
 
 def add_cli(subparsers) -> None:
@@ -50,8 +50,8 @@ def add_cli(subparsers) -> None:
 
 
 def threat_from_args(args):
-    from . import quant
-    from .attacks import ThreatModel
+    from .. import quant
+    from ..attacks import ThreatModel
 
     options = {}
     if args.version is not None:
@@ -63,9 +63,9 @@ def threat_from_args(args):
 
 def run_cli(args) -> int:
     """`rqlab eval`: load, evaluate, print the table, write the JSON record. Returns 0."""
-    from . import checkpoint, data, quant
-    from .evaluate import evaluate, format_record
-    from .train import resolve_device
+    from .. import checkpoint, data, quant
+    from ..evaluation import evaluate, format_record
+    from ..training import resolve_device
 
     if args.bits and args.random_bits:
         raise RqlabError("give --bits or --random-bits, not both")
@@ -99,7 +99,7 @@ def run_cli(args) -> int:
 
 def write_record(path, record: dict) -> None:
     """Write a record as JSON atomically (temp file + os.replace)."""
-    from .checkpoint import save_json
+    from ..checkpoint import save_json
 
     json.dumps(record)  # fail before touching the file if it is not serialisable
     save_json(path, record)

@@ -12,7 +12,7 @@ torch and papermill are imported inside run_cli, so registering the parser costs
 """
 from __future__ import annotations
 
-from .report import DEFAULT_CONFIG, DEFAULT_OUT
+from ..report import DEFAULT_CONFIG, DEFAULT_OUT
 
 
 def add_cli(subparsers) -> None:
@@ -38,7 +38,7 @@ def run_cli(args) -> int:
     """Run the batch; print where the index is. Returns 1 if a notebook failed, else 0."""
     from pathlib import Path
 
-    from . import report
+    from .. import report
 
     summary = report.run_report(args.config, profile=args.profile, only=args.only, jobs=args.jobs,
                                 out=args.out, show_input=args.show_input, cell_progress=args.cell_progress)

@@ -73,7 +73,7 @@ def run_cli(args) -> int:
 
     Raises RqlabError for bad settings (the CLI prints it without a traceback).
     """
-    from . import defenses, models
+    from .. import defenses, models
 
     if args.threads is not None:
         import torch
@@ -82,8 +82,8 @@ def run_cli(args) -> int:
     model_name = models.canonical_name(args.model)  # fail before loading any data
     defense = defenses.canonical(args.defense)
 
-    from . import data, quant
-    from .train import TrainConfig, fit, resolve_device, seed_everything
+    from .. import data, quant
+    from ..training import TrainConfig, fit, resolve_device, seed_everything
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
@@ -137,8 +137,8 @@ def default_train_step(eps: float) -> float | None:
 
 def make_hooks(args, defense: str, policy):
     """The training hooks for `--defense` and its settings (eps, steps, beta, lam, bits)."""
-    from . import defenses, quant
-    from .validate import RqlabError
+    from .. import defenses, quant
+    from ..validate import RqlabError
 
     eps = args.eps if args.eps is not None else default_eps(args.data)
     step = args.attack_step_size if args.attack_step_size is not None else default_train_step(eps)
@@ -154,8 +154,8 @@ def make_hooks(args, defense: str, policy):
 
 def pgd20_metric(test_set, n: int, eps: float, device):
     """fn(model) -> PGD-20 robust accuracy (linf eps, METHODS step) on the first n test examples."""
-    from .attacks import ThreatModel
-    from .evaluate import evaluate
+    from ..attacks import ThreatModel
+    from ..evaluation import evaluate
 
     threat = ThreatModel("pgd", eps=eps, steps=20)
     n = min(n, len(test_set))

@@ -401,9 +401,5 @@ def _resume(path: Path, model, optimizer, cfg, hooks, policy, steps) -> tuple[in
     return done, list(ckpt["history"])
 
 
-# ---- command line ----------------------------------------------------------------------
-# `rqlab train` lives in train_cli.py, which imports no torch, so `rqlab --help` stays fast.
-from .train_cli import add_cli, run_cli  # noqa: E402
-
 __all__ = ["TrainConfig", "Hooks", "fit", "accuracy", "lr_at", "resolve_device", "seed_everything",
-           "add_cli", "run_cli", "SCHEDULES", "RESUME_FREE_FIELDS"]
+           "SCHEDULES", "RESUME_FREE_FIELDS"]
