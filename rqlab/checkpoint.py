@@ -7,7 +7,6 @@ reads it without running pickled code), tagged with `format` and `version`:
      "model": ModelConfig.to_dict(), "state_dict": {...}, "policy": Policy.to_dict(), ...}
 
     >>> save("runs/x/checkpoint.pt", {"model": model.config.to_dict(), "state_dict": model.state_dict()})
-    >>> model = load_model("runs/x/checkpoint.pt")       # rebuilt, weights and precision restored
     >>> sha256("runs/x/checkpoint.pt")                    # for result records
 """
 from __future__ import annotations
@@ -154,32 +153,6 @@ def policy_from_dict(d: dict | None):
 def policy_state(policy):
     """The policy's own RNG state (RandomPrecision), else None. Checkpoint-safe (tuples of ints)."""
     return policy.get_state() if hasattr(policy, "get_state") else None
-
-
-def load_model(path, device="cpu", eval: bool = True):
-    """Rebuild the model stored in a checkpoint: config, weights (strict) and precision policy.
-
-    The model is returned on `device`, in eval mode unless `eval=False`. A random
-    precision policy is restored with its generator state as saved.
-    """
-    from . import models, quant
-
-    ckpt = load(path)
-    for key in ("model", "state_dict"):
-        if ckpt.get(key) is None:
-            raise RqlabError(f"checkpoint {path} has no {key!r} entry: it holds no model to rebuild")
-    model = models.from_config(ckpt["model"])
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise RqlabError(f"checkpoint {path}: weights do not fit the stored model config: "
-                         f"{_first_line(e)}") from e
-    policy = policy_from_dict(ckpt.get("policy"))
-    if ckpt.get("policy_state") is not None and hasattr(policy, "set_state"):
-        policy.set_state(ckpt["policy_state"])
-    quant.apply(model, policy)
-    model.to(device)
-    return model.train(not eval)
 
 
 def sha256(path, chunk: int = 1 << 20) -> str:

@@ -112,6 +112,12 @@ def dataset_info(name: str) -> DatasetInfo:
     return INFO[check_choice(name, "dataset", NAMES)]
 
 
+def default_eps(name: str) -> float:
+    """The default linf radius of dataset `name` (METHODS section 0): 0.1 on MNIST and
+    Fashion-MNIST, 8/255 on CIFAR-10/100 and SVHN."""
+    return 0.1 if "mnist" in dataset_info(name).name else 8 / 255
+
+
 def data_root(root: str | os.PathLike | None = None) -> Path:
     """The data root: `root`, else $RQLAB_DATA, else ~/.cache/rqlab/data."""
     return Path(root or os.environ.get("RQLAB_DATA") or DEFAULT_ROOT).expanduser().absolute()

@@ -2,7 +2,7 @@
 zoo name or a checkpoint path, precision lists the model can run at, test subsets.
 
     >>> spec = check_model_spec("fmnist-q4-pgd7")        # cheap: reads no weights
-    >>> model = load_model(spec, device="cpu")             # or "runs/x/checkpoint.pt"
+    >>> model = rqlab.load(spec, device="cpu")             # or "runs/x/checkpoint.pt"
     >>> check_bits_supported(model, [2, 4, 8, 32], label=spec)
     >>> x, y = load_test_subset("fashion-mnist", 500, seed=0)   # float (N, C, H, W) in [0, 1], (N,)
 
@@ -16,17 +16,11 @@ batch norm (RPT) runs only at the precisions of its branches.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .validate import ALLOWED_BITS, FP_BITS, RqlabError, check_bits_set, check_float, check_int
 
-_CHECKPOINT_SUFFIXES = (".pt", ".pth")
-
-
-def is_checkpoint_path(spec: str) -> bool:
-    """True when `spec` reads as a file path (a folder separator or a .pt suffix), not a zoo name."""
-    return os.sep in spec or "/" in spec or spec.endswith(_CHECKPOINT_SUFFIXES)
+from .zoo import is_checkpoint_path
 
 
 def check_model_spec(spec, field: str = "model") -> str:
@@ -79,17 +73,6 @@ def check_model_specs(specs, field: str = "model") -> dict[str, str]:
             raise RqlabError(f"{field} names {label!r} twice: give each model once")
         out[label] = s
     return out
-
-
-def load_model(spec: str, device="cpu"):
-    """The model named by `spec` (zoo name: checksum verified; or checkpoint path), in eval
-    mode at its stored precision."""
-    from . import checkpoint, zoo
-
-    spec = check_model_spec(spec)
-    if is_checkpoint_path(spec):
-        return checkpoint.load_model(Path(spec).expanduser(), device=device)
-    return zoo.load(spec, device=device)
 
 
 def training_policy(spec: str):
@@ -203,6 +186,6 @@ def load_test_subset(dataset: str, n: int, seed: int = 0, device="cpu"):
     return ds.x.float().div(255).to(device), ds.y.to(device)
 
 
-__all__ = ["is_checkpoint_path", "check_model_spec", "check_model_specs", "model_label", "load_model",
+__all__ = ["is_checkpoint_path", "check_model_spec", "check_model_specs", "model_label",
            "training_policy", "supported_bits", "check_bits_supported", "check_bits_list", "check_floats",
            "check_choices", "check_dataset", "check_n_examples", "check_model_fits", "load_test_subset"]

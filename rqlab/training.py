@@ -210,7 +210,8 @@ def accuracy(model: nn.Module, loader, policy=None, n: int | None = None) -> flo
 
 def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = None, out=None,
         test_loader=None, resume: bool = True, progress: bool = True,
-        log: Callable[[str], None] | None = print, epoch_metrics: dict | None = None) -> list[dict]:
+        log: Callable[[str], None] | None = print, epoch_metrics: dict | None = None,
+        meta: dict | None = None) -> list[dict]:
     """Train `model` in place; return the history (one metrics dict per epoch).
 
     train_loader: yields (x (B, C, H, W) float in [0, 1], y (B,) int64); `set_epoch(e)`
@@ -221,7 +222,11 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
         that of the new total). resume=False starts over and overwrites it.
     log: where epoch summaries go (None: silent); progress: a tqdm bar per epoch.
     epoch_metrics: {key: fn(model) -> float}, called after each epoch (not timed) under
-        the evaluation policy, e.g. {"pgd20_acc": ...}; each value goes into the history row.
+        the evaluation policy, e.g. {"robust_accuracy": ...}; each value goes into the history row.
+    meta: JSON-like values stored with every checkpoint (e.g. {"spec": RunSpec.to_dict()}).
+
+    History rows: epoch, train_loss, train_acc, clean_accuracy (on test_loader, or None),
+    lr, epoch_time_s, cumulative_time_s, and the epoch_metrics' keys.
     """
     from tqdm.auto import tqdm
 
@@ -296,7 +301,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
             "epoch": epoch + 1,
             "train_loss": loss_sum.item() / seen,
             "train_acc": correct.item() / seen,
-            "test_acc": _evaluate(model, test_loader, policy, cfg) if test_loader is not None else None,
+            "clean_accuracy": _evaluate(model, test_loader, policy, cfg) if test_loader is not None else None,
             "lr": lr,
             "epoch_time_s": epoch_time,
             "cumulative_time_s": (history[-1]["cumulative_time_s"] if history else 0.0) + epoch_time,
@@ -308,8 +313,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
         hooks.epoch_end(model, epoch, row)
         history.append(row)
         if ckpt_path is not None:
-            _save(ckpt_path, model, optimizer, cfg, hooks, policy, history, steps)
-        test = f"  test_acc {row['test_acc']:.4f}" if row["test_acc"] is not None else ""
+            _save(ckpt_path, model, optimizer, cfg, hooks, policy, history, steps, meta)
+        test = f"  clean_accuracy {row['clean_accuracy']:.4f}" if row["clean_accuracy"] is not None else ""
         test += "".join(f"  {k} {row[k]:.4f}" for k in (epoch_metrics or {}))
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.4f}"
             f"{test}  lr {lr:.4g}  {epoch_time:.1f}s")
@@ -348,7 +353,7 @@ def _model_config(model: nn.Module) -> dict | None:
     return config.to_dict() if config is not None else None
 
 
-def _save(path: Path, model, optimizer, cfg, hooks, policy, history, steps) -> None:
+def _save(path: Path, model, optimizer, cfg, hooks, policy, history, steps, meta=None) -> None:
     epoch = history[-1]["epoch"]
     checkpoint.save(path, {
         "model": _model_config(model),
@@ -363,6 +368,7 @@ def _save(path: Path, model, optimizer, cfg, hooks, policy, history, steps) -> N
         "history": history,
         "policy": policy.to_dict(),
         "policy_state": checkpoint.policy_state(policy),
+        **({"meta": meta} if meta else {}),
     })
     checkpoint.save_json(path.parent / "history.json", history)
 

@@ -163,8 +163,8 @@ def section_d() -> dict:
         t = statistics.mean(h["epoch_time_s"] for h in hist)
         ratio = ratios.get(m, t / statistics.mean(h["epoch_time_s"] for h in cards["natural"]["history"]))
         ev = c["eval"][0]
-        print(f"| {m} | {t:.1f} | {ratio:.2f} | {pct(ev['clean_accuracy'])} | {pct(ev['pgd20_accuracy'])} | "
-              + ", ".join(pct(h["pgd20_acc"]) for h in hist) + " |")
+        print(f"| {m} | {t:.1f} | {ratio:.2f} | {pct(ev['clean_accuracy'])} | {pct(ev['robust_accuracy'])} | "
+              + ", ".join(pct(h["robust_accuracy"]) for h in hist) + " |")
         out[m] = {"epoch_time_s": t, "ratio_to_natural": ratio, "eval": ev, "history": hist}
     return out
 

@@ -291,7 +291,7 @@ def ckpt(brief_cnn, tmp_path_factory):
 
 def test_cli_writes_bits_that_meet_the_budget(ckpt, brief_cnn, tmp_path, capsys):
     out = tmp_path / "bits.json"
-    rc = cli.main(["bitselect", "--checkpoint", str(ckpt), "--budget", "3.5", "--calibrate", "128",
+    rc = cli.main(["bitselect", "--model", str(ckpt), "--budget", "3.5", "--calibrate", "128",
                    "--device", "cpu", "--iters", "20", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -309,7 +309,7 @@ def test_cli_writes_bits_that_meet_the_budget(ckpt, brief_cnn, tmp_path, capsys)
 
 def test_cli_bitops_budget_and_evaluate(ckpt, brief_cnn, tmp_path, capsys):
     out = tmp_path / "bits.json"
-    rc = cli.main(["bitselect", "--checkpoint", str(ckpt), "--budget", "uniform:4", "--kind", "bitops",
+    rc = cli.main(["bitselect", "--model", str(ckpt), "--budget", "uniform:4", "--kind", "bitops",
                    "--bits", "2,4,8", "--calibrate", "128", "--device", "cpu", "--iters", "20", "--evaluate",
                    "--n", "16", "--steps", "2", "--random-seeds", "1", "--no-progress", "--json", str(out)])
     assert rc == 0
@@ -329,6 +329,6 @@ def test_cli_bitops_budget_and_evaluate(ckpt, brief_cnn, tmp_path, capsys):
     (["--budget", "4", "--kind", "flops"], "kind='flops'"),
 ])
 def test_cli_bad_input_names_the_field(ckpt, capsys, args, field):
-    assert cli.main(["bitselect", "--checkpoint", str(ckpt), "--calibrate", "0", *args]) == 2
+    assert cli.main(["bitselect", "--model", str(ckpt), "--calibrate", "0", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rqlab: error:") and field in err

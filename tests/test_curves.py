@@ -13,11 +13,11 @@ from rqlab.validate import RqlabError
 from conftest import load_fmnist
 
 
-def history(times, robust_key="pgd20_acc"):
+def history(times, robust_key="robust_accuracy"):
     rows, total = [], 0.0
     for i, t in enumerate(times):
         total += t
-        rows.append({"epoch": i + 1, "test_acc": 0.5 + 0.1 * i, robust_key: 0.1 * i, "epoch_time_s": t,
+        rows.append({"epoch": i + 1, "clean_accuracy": 0.5 + 0.1 * i, robust_key: 0.1 * i, "epoch_time_s": t,
                      "cumulative_time_s": total})
     return rows
 
@@ -47,7 +47,7 @@ def test_zoo_curves_exist_at_4_bits_only():
     curves = C.zoo_curves(4)
     for m, name in C.ZOO_CURVES[4].items():
         hist = zoo.card(name)["history"]
-        assert curves[m]["robust_acc"] == [r["pgd20_acc"] for r in hist]
+        assert curves[m]["robust_acc"] == [r["robust_accuracy"] for r in hist]
         assert curves[m]["cumulative_time_s"] == [r["cumulative_time_s"] for r in hist]
 
 

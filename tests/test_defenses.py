@@ -46,15 +46,17 @@ def test_each_defense_lowers_its_own_loss(name, sbn, bits):
     x, y = squares(384)
     policy = quant.parse_policy(bits)
     m = quant.apply(model4(sbn_bits=sbn), policy)
-    hooks = defenses.build(name, eps=0.1, steps=3, step_size=0.04, beta=1e-3,
-                           bits=policy.support() if sbn else None)
+    # each defense takes the settings it has (an unknown one is an error)
+    settings = {k: v for k, v in dict(eps=0.1, steps=3, step_size=0.04, beta=1e-3).items()
+                if k in defenses.get(name).params}
+    hooks = defenses.build(name, bits=policy.support() if sbn else None, **settings)
     xf, yf = x[:128], y[:128]
-    before = own_loss(defenses.build(name, eps=0.1, steps=3, step_size=0.04, bits=sbn), m, xf, yf)
+    before = own_loss(defenses.build(name, bits=sbn, **settings), m, xf, yf)
     quant.apply(m, policy)
     cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, device="cpu", schedule="constant")
     fit(m, TensorLoader(x, y, 64, shuffle=True), cfg, hooks=hooks, progress=False, log=None)
     quant.apply(m, policy)
-    after = own_loss(defenses.build(name, eps=0.1, steps=3, step_size=0.04, bits=sbn), m, xf, yf)
+    after = own_loss(defenses.build(name, bits=sbn, **settings), m, xf, yf)
     assert after < 0.8 * before, (name, before, after)
 
 
@@ -141,8 +143,9 @@ def test_every_defense_is_one_train_flag(tmp_path, capsys):
 
     for name, bits in (("fgsm-rs", "fp"), ("rpt-pgd-at", "4,8"), ("dq", "w32a4"), ("odgq", "1")):
         out = tmp_path / name
+        steps = ["--attack-steps", "2"] if "steps" in defenses.get(name).params else []
         code = main(["train", "--defense", name, "--bits", bits, "--epochs", "1", "--n-train", "128",
-                     "--eval-n", "64", "--attack-steps", "2", "--out", str(out), "--no-progress", "--device", "cpu"])
+                     "--eval-n", "64", *steps, "--out", str(out), "--no-progress", "--device", "cpu"])
         assert code == 0 and (out / "checkpoint.pt").is_file()
         from rqlab import checkpoint
 
@@ -150,3 +153,7 @@ def test_every_defense_is_one_train_flag(tmp_path, capsys):
         assert ckpt["hooks"]["name"] == defenses.build(name, bits=(4, 8)).name
     assert main(["train", "--defense", "rpt-pgd-at", "--bits", "4", "--epochs", "1", "--out", str(tmp_path / "x")]) == 2
     assert "precision set" in capsys.readouterr().err
+    # a setting the defense does not have is refused before any work, naming what it has
+    assert main(["train", "--defense", "pgd-at", "--beta", "1e-3", "--out", str(tmp_path / "y")]) == 2
+    assert "no setting beta: its settings are eps, steps, step_size" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -91,23 +91,23 @@ def test_cli_writes_the_record(trained_smallcnn, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers())
     out = tmp_path / "out" / "rec.json"
-    args = parser.parse_args(["eval", "--checkpoint", str(ckpt), "--attack", "fgsm", "--eps", "0.05", "--n", "30",
+    args = parser.parse_args(["eval", "--model", str(ckpt), "--attack", "fgsm", "--eps", "0.05", "--n", "30",
                               "--json", str(out), "--no-progress", "--device", "cpu"])
     assert args.run(args) == 0
     rec = json.loads(out.read_text())
     assert rec["n"] == 30 and rec["threat"]["attack"] == "fgsm" and len(rec["checkpoint_sha256"]) == 64
     assert "robust" in capsys.readouterr().out
-    args = parser.parse_args(["eval", "--checkpoint", str(ckpt), "--attack", "eot-pgd", "--steps", "2", "--eot", "2",
+    args = parser.parse_args(["eval", "--model", str(ckpt), "--attack", "eot-pgd", "--steps", "2", "--eot", "2",
                               "--random-bits", "4,8", "--calibrate", "64", "--passes", "2", "--n", "20",
                               "--json", str(out), "--no-progress", "--device", "cpu"])
     assert args.run(args) == 0
     rec = json.loads(out.read_text())
     assert rec["policy"]["kind"] == "random" and rec["calibration"]["bits"] == [4, 8] and rec["passes"] == 2
     assert rec["threat"]["attack"] == "eot_pgd" and rec["threat"]["eot"] == 2
-    bad = parser.parse_args(["eval", "--checkpoint", str(ckpt), "--bits", "4", "--random-bits", "4-8"])
+    bad = parser.parse_args(["eval", "--model", str(ckpt), "--bits", "4", "--random-bits", "4-8"])
     with pytest.raises(RqlabError, match="not both"):
         bad.run(bad)
-    bad = parser.parse_args(["eval", "--checkpoint", str(ckpt), "--attack", "deepfool"])
+    bad = parser.parse_args(["eval", "--model", str(ckpt), "--attack", "deepfool"])
     with pytest.raises(RqlabError, match="attack='deepfool' is unknown"):
         bad.run(bad)
 
@@ -115,7 +115,7 @@ def test_cli_writes_the_record(trained_smallcnn, tmp_path, capsys):
 def test_rqlab_eval_is_registered_and_errors_are_clear(tmp_path, capsys):
     from rqlab.cli import main
 
-    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--n", "10"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--attack", "l3-magic"]) == 2
+    assert main(["eval", "--model", str(tmp_path / "missing.pt"), "--n", "10"]) == 2
+    assert "not an existing checkpoint file" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "missing.pt"), "--attack", "l3-magic"]) == 2
     assert "attack='l3-magic' is unknown" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Notebook and script parameters (rqlab.params): zoo names and checkpoint paths, the
 precisions a model supports, and the messages of bad values."""
 import pytest
+import rqlab
 import torch
 
 from rqlab import checkpoint, models, params, quant, zoo
@@ -42,7 +43,7 @@ def test_load_model_and_training_policy_from_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     m = models.create("smallcnn", **FMNIST_NORM)
     path = save(m, tmp_path / "m.pt", quant.Fixed(32, act_bits=4))
-    loaded = params.load_model(path)
+    loaded = rqlab.load(path)
     assert not loaded.training and quant.current(loaded) == quant.Fixed(32, act_bits=4)
     assert torch.equal(loaded.conv2.weight, m.conv2.weight)
     assert params.training_policy(path) == quant.Fixed(32, act_bits=4)
@@ -53,7 +54,7 @@ def test_zoo_models_load_at_their_precision():
     if not built:
         pytest.skip("no zoo model built yet (rqlab zoo build)")
     name = built[0]
-    model = params.load_model(name)
+    model = rqlab.load(name)
     policy = params.training_policy(name)
     assert str(quant.current(model)) == str(policy)
     assert set(range(2, 9)) <= set(params.supported_bits(model)) or model.config.sbn_bits

@@ -10,6 +10,7 @@ import os
 import random
 
 import pytest
+import rqlab
 import torch
 
 from rqlab import checkpoint, models, quant
@@ -144,7 +145,7 @@ def ckpt(tmp_path):
 
 def test_load_model_rebuilds_weights_and_policy(ckpt):
     path, model = ckpt
-    loaded = checkpoint.load_model(path)
+    loaded = rqlab.load(path)
     assert_same_state(model, loaded)
     assert quant.current(loaded) == quant.Fixed(4) and not loaded.training
     x, _ = squares(8)
@@ -171,8 +172,8 @@ def test_not_a_checkpoint_and_missing_file_raise(tmp_path):
     text.write_text("not a torch file")
     with pytest.raises(RqlabError, match="notes.pt"):
         checkpoint.load(text)
-    with pytest.raises(RqlabError, match="nothere.pt does not exist"):
-        checkpoint.load_model(tmp_path / "nothere.pt")
+    with pytest.raises(RqlabError, match="nothere.pt.* is not an existing checkpoint file"):
+        rqlab.load(tmp_path / "nothere.pt")
     old = tmp_path / "old.pt"
     torch.save({"format": "rqlab-checkpoint", "version": 0}, old)
     with pytest.raises(RqlabError, match="old.pt has version 0"):
@@ -235,9 +236,9 @@ def test_training_lowers_the_loss_and_learns():
     h = fit(model, train, TrainConfig(**{**CFG, "schedule": "constant"}), test_loader=test,
             progress=False, log=None)
     assert h[-1]["train_loss"] < 0.5 * h[0]["train_loss"]
-    assert h[-1]["test_acc"] > 0.9 > before + 0.3
+    assert h[-1]["clean_accuracy"] > 0.9 > before + 0.3
     assert h[-1]["lr"] == 0.05 and h[-1]["cumulative_time_s"] >= h[-1]["epoch_time_s"] > 0
-    assert set(h[0]) == {"epoch", "train_loss", "train_acc", "test_acc", "lr", "epoch_time_s", "cumulative_time_s"}
+    assert set(h[0]) == {"epoch", "train_loss", "train_acc", "clean_accuracy", "lr", "epoch_time_s", "cumulative_time_s"}
 
 
 def test_accuracy_restores_mode_and_policy_and_counts_n():
@@ -278,8 +279,8 @@ def test_cli_trains_and_writes_checkpoint_and_history(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parameters" in out and "clean test accuracy" in out and "checkpoint.pt" in out
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert len(history) == 1 and 0 <= history[0]["test_acc"] <= 1
-    model = checkpoint.load_model(tmp_path / "run" / "checkpoint.pt")
+    assert len(history) == 1 and 0 <= history[0]["clean_accuracy"] <= 1
+    model = rqlab.load(tmp_path / "run" / "checkpoint.pt")
     assert model.config.name == "smallcnn"
 
 

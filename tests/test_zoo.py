@@ -1,12 +1,16 @@
 """The model zoo: cards reproduce, checksums are enforced, recipes are valid commands,
 and building a (tiny) recipe end to end writes a loadable model and a complete card."""
 import json
+import shlex
 import shutil
 
 import pytest
 
 from rqlab import checkpoint, data, quant, zoo
 from rqlab.cli import build_parser, main
+from rqlab.cli.train import spec_from_args
+from rqlab.defenses import pgd_train_step
+from rqlab.experiment import RunSpec, TrainConfig, build_hooks
 from rqlab.sanity import SanityConfig
 from rqlab.validate import RqlabError
 
@@ -22,7 +26,7 @@ def test_every_card_reproduces_its_clean_accuracy(name):
         policy = checkpoint.policy_from_dict(row["policy"])
         acc = zoo.clean_accuracy(model, test, policy, row["passes"])
         assert abs(acc - row["clean_accuracy"]) <= 0.02, (name, row["precision"], acc, row["clean_accuracy"])
-        assert 0.0 <= row["pgd20_accuracy"] <= 1.0
+        assert 0.0 <= row["robust_accuracy"] <= 1.0
     assert card["sha256"] and card["recipe"]["command"].startswith("rqlab train")
 
 
@@ -56,12 +60,25 @@ def test_unknown_and_unbuilt_names_are_clear(monkeypatch, tmp_path):
         zoo.load("cifar10-wrn34-10-pgd7")
 
 
-def test_every_recipe_is_a_valid_train_command():
+def test_every_recipe_command_reads_back_to_its_spec():
+    """A recipe holds a RunSpec; its command line is derived from it, and `rqlab train`
+    reads that command back to the same spec (so the displayed command is the recipe)."""
     parser = build_parser()
     for r in zoo.RECIPES.values():
-        args = parser.parse_args(["train", *r.train])
-        quant.parse_policy(args.bits)
-        assert r.command.startswith("rqlab train") and r.eval_bits
+        argv = shlex.split(r.command)
+        assert argv[:2] == ["rqlab", "train"] and r.eval_bits
+        args = parser.parse_args(argv[1:])
+        assert spec_from_args(args) == r.spec, r.name
+        assert args.out == str(zoo.RUNS / r.name)
+
+
+def test_recipes_train_pgd_at_with_the_one_step_rule():
+    """PGD-7 recipes take eps / 4 (0.025 at 0.1, 2/255 at 8/255), as the CLI and the library do."""
+    for name in ("fmnist-q4-pgd7", "cifar10-preactresnet18-pgd7"):
+        hooks = build_hooks(zoo.recipe(name).spec)
+        eps = zoo.recipe(name).spec.eps
+        assert hooks.config()["step_size"] == pgd_train_step(eps) == eps / 4
+    assert build_hooks(zoo.recipe("cifar10-preactresnet18-pgd7").spec).config()["step_size"] == 2 / 255
 
 
 def test_build_a_tiny_recipe_end_to_end(tmp_path, monkeypatch, capsys):
@@ -70,15 +87,14 @@ def test_build_a_tiny_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(zoo, "CLEAN_N", 100)
     monkeypatch.setattr(zoo, "PGD_N", 20)
     monkeypatch.setattr(zoo, "CALIBRATE_N", 64)
-    tiny = zoo.Recipe("tiny-q4-fgsm-rs", "test recipe",
-                      ("--model", "smallcnn", "--n-train", "256", "--epochs", "1", "--bits", "4",
-                       "--defense", "fgsm-rs", "--eval-pgd", "16", "--eval-n", "100"), ("4", "8"))
+    spec = RunSpec(policy="4", defense="fgsm-rs", train=TrainConfig(epochs=1, n_train=256, eval_n=100), eval_pgd=16)
+    tiny = zoo.Recipe("tiny-q4-fgsm-rs", "test recipe", spec, ("4", "8"))
     monkeypatch.setitem(zoo.RECIPES, tiny.name, tiny)
     assert main(["zoo", "build", tiny.name, "--device", "cpu", "--no-progress"]) == 0
     card = json.loads((tmp_path / "store" / f"{tiny.name}.json").read_text())
     assert [r["precision"] for r in card["eval"]] == ["4", "8"] and card["eval"][1]["ptq"]
     assert card["calibrated_bits"] == [2, 3, 5, 6, 7, 8] and card["epochs"] == 1
-    assert "pgd20_acc" in card["history"][0] and card["recipe"]["defense"] == "fgsm-rs"
+    assert "robust_accuracy" in card["history"][0] and card["recipe"]["defense"] == "fgsm-rs"
     model = zoo.load(tiny.name)
     assert isinstance(quant.current(model), quant.Fixed) and quant.current(model).bits == 4
     assert main(["zoo", "build", tiny.name]) == 0 and "already built" in capsys.readouterr().out
@@ -91,7 +107,7 @@ def test_every_card_carries_its_audit_and_the_list_marks_failures(name):
     a = card["audit"]
     assert a["n"] == zoo.AUDIT_N and a["policy"] == card["eval"][0]["policy"]
     assert "square" in a["others"] and {c["check"] for c in a["checks"]} >= {"whitebox_vs_blackbox", "zero_gradient"}
-    assert a["strongest_accuracy"] == min([a["pgd20_accuracy"], *a["others"].values()])
+    assert a["strongest_accuracy"] == min([a["robust_accuracy"], *a["others"].values()])
     assert a["failed"] == [c["check"] for c in a["checks"] if not c["passed"]]
     assert zoo.audit_cell(card).endswith("!") == bool(a["failed"])
     line = next(l for l in zoo.table().splitlines() if l.startswith(name + " "))

@@ -30,7 +30,7 @@ def check_methods(methods, field: str = "methods") -> list[str]:
     return check_choices(methods, field, METHODS)
 
 
-def curve_from_history(history: list[dict], robust_key: str = "pgd20_acc", clean_key: str = "test_acc",
+def curve_from_history(history: list[dict], robust_key: str = "robust_accuracy", clean_key: str = "clean_accuracy",
                        source: str = "", attack: str = "PGD-20") -> dict:
     """A curve from `train.fit` history rows (the zoo's cards hold them)."""
     if not isinstance(history, list) or not history:
@@ -77,8 +77,8 @@ def train_curves(methods, bits: int, train_set, test_data, threat, epochs: int =
     weights and data order) and record its curve: clean accuracy and robust accuracy
     under `threat` on `test_data` (the same examples, so robust <= clean) after every epoch.
 
-    methods: out of METHODS (defenses "natural", "fgsm-rs", "pgd-at" (PGD-7, step 2.5 eps
-    / 7, or 0.025 at eps 0.1), "odgq"), with the threat's eps. calibrate_bits: precisions
+    methods: out of METHODS (defenses "natural", "fgsm-rs", "pgd-at" (PGD-7, step eps / 4,
+    `defenses.pgd_train_step`), "odgq"), with the threat's eps. calibrate_bits: precisions
     whose activation ranges are set after training (post-training quantization, for
     evaluating the models elsewhere), besides the trained one.
     Returns (curves {method: curve}, models {method: model in eval mode at Fixed(bits)}).
@@ -89,7 +89,6 @@ def train_curves(methods, bits: int, train_set, test_data, threat, epochs: int =
     from .. import defenses, models as models_mod, quant
     from ..evaluation import as_tensors, evaluate
     from ..training import TrainConfig, fit, resolve_device, seed_everything
-    from ..cli.train import default_train_step
 
     methods = check_methods(methods)
     bits = check_bits(bits)
@@ -114,7 +113,7 @@ def train_curves(methods, bits: int, train_set, test_data, threat, epochs: int =
     curves, trained = {}, {}
     for method in methods:
         model = fresh()
-        hooks = defenses.build(method, eps=threat.eps, steps=7, step_size=default_train_step(threat.eps), seed=seed)
+        hooks = defenses.build(method, seed=seed, **({"eps": threat.eps} if "eps" in defenses.get(method).params else {}))
         loader = data_mod.Loader(train_set, batch_size, shuffle=True, seed=seed, device=dev)
         history = fit(model, loader, cfg, hooks=hooks, test_loader=test_loader, progress=progress,
                       log=log, epoch_metrics=metric)

@@ -1,8 +1,8 @@
 """`rqlab bitselect`: Lipschitz-guided bits per layer under a budget (METHODS section 4).
 
-    rqlab bitselect --checkpoint runs/x/checkpoint.pt --budget 4.0 --json bits.json
-    rqlab bitselect --checkpoint ... --kind bitops --budget uniform:4 --method lipschitz
-    rqlab bitselect --checkpoint ... --budget 3.5 --evaluate --n 1000      # + PGD-20 comparison
+    rqlab bitselect --model runs/x/checkpoint.pt --budget 4.0 --json bits.json
+    rqlab bitselect --model fmnist-q4-pgd7 --kind bitops --budget uniform:4 --method lipschitz
+    rqlab bitselect --model fmnist-q4-pgd7 --budget 3.5 --evaluate --n 1000      # + PGD-20 comparison
 
 Loads the checkpoint, calibrates the activation ranges of every bit option on N training
 images (--calibrate, default 512; 0 uses the ranges stored in the checkpoint and fails
@@ -21,7 +21,8 @@ def add_cli(subparsers) -> None:
         "bitselect", help="Lipschitz-guided bits per layer under a budget",
         description="Choose a bit-width per quantizable layer that minimises the summed Lipschitz sensitivity "
                     "(rqlab's construction, METHODS section 4) under a budget in average weight bits or BitOPs.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by rqlab train")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, metavar="MODEL",
+                   help="a zoo model name (rqlab zoo list) or a checkpoint path / run directory (rqlab train --out)")
     p.add_argument("--budget", required=True,
                    help="average weight bits (e.g. 4.0) for --kind avg_bits, BitOPs of the quantizable layers "
                         "(e.g. 2.5e7) for --kind bitops, or uniform:B for the cost of every layer at B bits")
@@ -78,6 +79,7 @@ def parse_budget(text, model, kind) -> float:
 def run_cli(args) -> int:
     """`rqlab bitselect`: load, calibrate, select, print, write JSON. Returns 0."""
     from .. import checkpoint, data, quant
+    from ..zoo import load, weights_file
     from ..attacks import ThreatModel
     from ..defenses import bitselect
     from ..training import resolve_device
@@ -101,7 +103,7 @@ def run_cli(args) -> int:
         check_int(args.random_seeds, "random_seeds", 1)
 
     device = resolve_device(args.device)
-    model = checkpoint.load_model(args.checkpoint, device=device)
+    model = load(args.model, device=device)
     budget = parse_budget(args.budget, model, kind)
     calibration = None
     batches = None
@@ -127,7 +129,7 @@ def run_cli(args) -> int:
     total_bitops = float(sum(r["bitops"] for r in rows.values()))
     avg = bitselect.average_bits(model, alloc.bits)
     result = {
-        "checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint.sha256(args.checkpoint),
+        "model": str(args.model), "checkpoint_sha256": checkpoint.sha256(weights_file(args.model)),
         "budget": budget, "budget_text": str(args.budget), "kind": kind, "method": method, "solver": alloc.method,
         "seed": args.seed, "bits_options": list(options), "bits": dict(alloc.bits), "policy": policy.to_dict(),
         "cost": alloc.cost, "avg_bits": avg, "objective": alloc.objective,

@@ -17,7 +17,8 @@ def add_cli(subparsers) -> None:
         "eval", help="clean and robust accuracy of a checkpoint under an attack",
         description="Evaluate a checkpoint at a precision policy under a threat model; prints a short table "
                     "and writes the full record (per-example outcomes included) with --json.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by rqlab train")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, metavar="MODEL",
+                   help="a zoo model name (rqlab zoo list) or a checkpoint path / run directory (rqlab train --out)")
     p.add_argument("--data", default="fashion-mnist", help="dataset name (default fashion-mnist)")
     p.add_argument("--data-root", default=None, help="dataset directory (default: rqlab's data root)")
     p.add_argument("--attack", default="pgd",
@@ -65,6 +66,7 @@ def run_cli(args) -> int:
     """`rqlab eval`: load, evaluate, print the table, write the JSON record. Returns 0."""
     from .. import checkpoint, data, quant
     from ..evaluation import evaluate, format_record
+    from ..zoo import load, weights_file
     from ..training import resolve_device
 
     if args.bits and args.random_bits:
@@ -75,7 +77,7 @@ def run_cli(args) -> int:
     if args.random_bits and not isinstance(policy, quant.RandomPrecision):
         raise RqlabError(f"--random-bits={args.random_bits!r} is a single precision: use a set such as 4-8 or 4,6,8")
     device = resolve_device(args.device)
-    model = checkpoint.load_model(args.checkpoint, device=device)
+    model = load(args.model, device=device)
     calibration = None
     if args.calibrate:
         bits = set((policy or quant.current(model)).support()) | set(threat.policy.support() if threat.policy else ())
@@ -85,9 +87,9 @@ def run_cli(args) -> int:
         calibration = {"n": args.calibrate, "bits": sorted(bits), "split": "train", "seed": args.seed}
     test_set = data.load(args.data, split="test", n=args.n, seed=args.seed, root=args.data_root)
     record = evaluate(model, test_set, threat, policy=policy, batch_size=args.batch_size, seed=args.seed,
-                      passes=args.passes, sanity=args.sanity, model_id=str(args.checkpoint),
+                      passes=args.passes, sanity=args.sanity, model_id=str(args.model),
                       progress=not args.no_progress)
-    record["checkpoint_sha256"] = checkpoint.sha256(args.checkpoint)
+    record["checkpoint_sha256"] = checkpoint.sha256(weights_file(args.model))
     record["data"] = args.data
     record["calibration"] = calibration
     print(format_record(record))

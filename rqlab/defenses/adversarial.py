@@ -24,6 +24,18 @@ from ..attacks.base import ascend, ce_loss, eval_mode, input_grad, prepared, pro
 from ..quant.layers import ActQuant
 from ..training import Hooks
 from ..validate import FP_BITS, check_float, check_int
+from .registry import register
+
+
+def pgd_train_step(eps: float) -> float:
+    """The PGD-AT step size when none is given: eps / 4, whatever the number of steps.
+
+    METHODS section 0 fixes 0.025 at eps 0.1 (Fashion-MNIST) and 2/255 at eps 8/255
+    (CIFAR, Double-Win Quant): both are eps / 4, so PGD-7 can travel 1.75 eps and reach
+    the boundary of the ball from any random start. The library, `rqlab train`, the
+    zoo's recipes and RunSpec all take the step from here.
+    """
+    return check_float(eps, "eps", 0.0, 1.0) / 4
 
 
 @torch.no_grad()
@@ -60,15 +72,16 @@ class PGDTraining(Hooks):
     """Madry PGD-AT: train on PGD-`steps` examples (linf ball, random start).
 
     eps: radius in [0, 1] pixels; steps: PGD steps (7 in Double-Win Quant); step_size:
-    default 2.5 eps / steps (METHODS: 0.025 for Fashion-MNIST eps 0.1, 2/255 for
-    CIFAR eps 8/255: pass them explicitly); seed: random starts.
+    None takes `pgd_train_step(eps)` = eps / 4 (METHODS: 0.025 at eps 0.1, 2/255 at
+    8/255); seed: random starts.
     """
 
     name = "pgd-at"
 
     def __init__(self, eps: float = 0.1, steps: int = 7, step_size: float | None = None, seed: int = 0):
         self.threat = ThreatModel("pgd", norm="linf", eps=eps, steps=check_int(steps, "steps", 1),
-                                  step_size=step_size, seed=check_int(seed, "seed", 0))
+                                  step_size=pgd_train_step(eps) if step_size is None else step_size,
+                                  seed=check_int(seed, "seed", 0))
         self._step = 0
 
     def config(self) -> dict:
@@ -112,3 +125,15 @@ class FGSMRS(Hooks):
         with prepared(model):
             grad = input_grad(model, x0, y, ce_loss)
         return project(ascend(x0, grad, "linf", self.alpha), x, "linf", self.eps).detach(), y
+
+
+@register("pgd-at", params={"eps": 0.1, "steps": 7, "step_size": None}, aliases=("pgd", "pgd7", "madry"),
+          summary="PGD-AT (Madry et al. 2018): PGD-`steps` examples, step eps / 4 unless given")
+def build_pgd_at(eps, steps, step_size, seed, bits=None) -> PGDTraining:
+    return PGDTraining(eps, steps, step_size, seed)
+
+
+@register("fgsm-rs", params={"eps": 0.1, "alpha": None}, aliases=("fgsm_rs", "fast"),
+          summary="FGSM with random start (Wong et al. 2020), alpha 1.25 eps unless given")
+def build_fgsm_rs(eps, alpha, seed, bits=None) -> FGSMRS:
+    return FGSMRS(eps, alpha, seed)

@@ -18,6 +18,8 @@ import torch.nn as nn
 
 from ..training import Hooks
 from ..validate import check_float
+from .adversarial import build_pgd_at
+from .registry import get, register
 
 
 def gram_residual(w: torch.Tensor) -> torch.Tensor:
@@ -66,3 +68,13 @@ class DefensiveQuantization(Hooks):
     def epoch_end(self, model, epoch, metrics):
         self.inner.epoch_end(model, epoch, metrics)
         metrics["orthogonality"] = float(orthogonality_penalty(model).detach())
+
+
+@register("dq", params={"beta": 1e-3}, summary="Defensive Quantization's orthogonality regulariser (Lin et al. 2019)")
+def build_dq(beta, seed, bits=None) -> DefensiveQuantization:
+    return DefensiveQuantization(beta)
+
+
+@register("dq-pgd-at", params={"beta": 1e-3, **get("pgd-at").params}, summary="DQ on top of PGD-AT")
+def build_dq_pgd_at(beta, seed, bits=None, **pgd) -> DefensiveQuantization:
+    return DefensiveQuantization(beta, inner=build_pgd_at(seed=seed, **pgd))

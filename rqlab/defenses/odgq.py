@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..training import Hooks
 from ..validate import check_float, check_int
+from .registry import register
 
 DOMAINS = ("clean", "free", "fgsm_rs", "noise")
 
@@ -109,3 +110,9 @@ class ODGQ(Hooks):
 
     def epoch_end(self, model, epoch, metrics):
         metrics.update({f"risk_{k}": v for k, v in self.last_risks.items()})
+
+
+@register("odgq", params={"eps": 0.1, "alpha": None, "lam": 1.0}, aliases=("odg-q",),
+          summary="ODG-Q, online domain generalization (Tao & Wong 2022; rqlab's construction)")
+def build_odgq(eps, alpha, lam, seed, bits=None) -> ODGQ:
+    return ODGQ(eps, alpha=alpha, lam=lam, seed=seed)

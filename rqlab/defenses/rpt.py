@@ -19,6 +19,8 @@ import random
 from .. import quant
 from ..training import Hooks
 from ..validate import check_bits_set, check_int
+from .adversarial import build_fgsm_rs, build_pgd_at
+from .registry import get, register
 
 
 class RandomPrecisionTraining(Hooks):
@@ -64,3 +66,19 @@ class RandomPrecisionTraining(Hooks):
         self.drawn = []
         if self._policy is not None:
             quant.apply(model, self._policy)
+
+
+@register("rpt", trains_over_set=True, summary="random precision training over `bits` (Fu et al. 2021), natural")
+def build_rpt(seed, bits) -> RandomPrecisionTraining:
+    return RandomPrecisionTraining(bits, seed=seed)
+
+
+@register("rpt-pgd-at", params=get("pgd-at").params, trains_over_set=True, aliases=("rpt-pgd7", "rpt-pgd"),
+          summary="RPT with PGD-AT at the drawn precision (Double-Win Quant's main recipe)")
+def build_rpt_pgd_at(seed, bits, **pgd) -> RandomPrecisionTraining:
+    return RandomPrecisionTraining(bits, inner=build_pgd_at(seed=seed, **pgd), seed=seed)
+
+
+@register("rpt-fgsm-rs", params=get("fgsm-rs").params, trains_over_set=True, summary="RPT with FGSM-RS")
+def build_rpt_fgsm_rs(seed, bits, **fgsm) -> RandomPrecisionTraining:
+    return RandomPrecisionTraining(bits, inner=build_fgsm_rs(seed=seed, **fgsm), seed=seed)

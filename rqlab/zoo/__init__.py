@@ -5,8 +5,8 @@
     >>> model = zoo.load("fmnist-q4-pgd7")        # checksum verified, eval mode, its own precision
     >>> zoo.card("fmnist-q4-pgd7")["eval"]        # measured clean and PGD-20 accuracy
 
-A recipe is the argument list of one `rqlab train` run, so every zoo model is reproduced
-by a command a user can read (`rqlab zoo show NAME` prints it). `rqlab zoo build NAME`
+A recipe holds the RunSpec of one training run (`rqlab.train(spec)`); the `rqlab train`
+command that reproduces it is derived from the spec (`rqlab zoo show NAME` prints it). `rqlab zoo build NAME`
 trains it (resumable: runs/zoo/NAME/checkpoint.pt), calibrates the activation ranges of
 2..8 bits that training did not set (post-training quantization), stores the weights
 (no optimizer state) in rqlab/zoo/store/NAME.pt, measures clean accuracy on the first
@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import shlex
+import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..experiment import RunSpec, TrainConfig
 from ..validate import RqlabError
 
 STORE = Path(__file__).parent / "store"
@@ -44,67 +45,70 @@ AUDIT_N = 100                        # test examples of the card's sanity audit 
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named zoo model: the RunSpec that trains it and the precisions its card measures."""
+
     name: str
     summary: str
-    train: tuple[str, ...]             # arguments of `rqlab train`
+    spec: RunSpec
     eval_bits: tuple[str, ...]         # precisions measured on the card (policy spellings)
     paper: str = ""
     gpu: bool = False                  # a GPU recipe: listed, not trained here
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def command(self) -> str:
-        return "rqlab train " + " ".join(shlex.quote(a) for a in self.train) + f" --out {RUNS / self.name}"
+        """The `rqlab train` command that trains this recipe (derived from the spec)."""
+        return self.spec.command(RUNS / self.name)
 
 
-_FM = ("--model", "smallcnn", "--data", "fashion-mnist", "--seed", "0")
-_AT = ("--n-train", "6000", "--epochs", "4", "--eval-pgd", "200")   # adversarial recipes, CPU-sized
-_NAT = ("--epochs", "3", "--eval-pgd", "200")
-_CIFAR = ("--data", "cifar10", "--epochs", "160", "--lr", "0.1", "--schedule", "step", "--augment",
-          "--batch-size", "128", "--seed", "0", "--eval-pgd", "1000")
+def _fmnist(policy: str, defense: str, adversarial: bool = True, **defense_config) -> RunSpec:
+    # Fashion-MNIST, sized for 2 CPU cores: adversarial (and QAT) recipes see a fixed
+    # 6,000-example subset for 4 epochs; the FP natural model all 60,000 for 3 epochs.
+    train = TrainConfig(epochs=4, n_train=6000) if adversarial else TrainConfig(epochs=3)
+    return RunSpec(model="smallcnn", data="fashion-mnist", policy=policy, defense=defense,
+                   defense_config=defense_config, train=train, eval_pgd=200)
+
+
+def _cifar(model: str, policy: str, defense: str) -> RunSpec:
+    # the papers' schedule (Double-Win Quant: SGD 0.1, step decay, 160 epochs, augmentation)
+    return RunSpec(model=model, data="cifar10", policy=policy, defense=defense, eval_pgd=1000,
+                   train=TrainConfig(epochs=160, lr=0.1, schedule="step", augment=True, batch_size=128))
+
 
 RECIPES = {r.name: r for r in (
-    Recipe("fmnist-fp-natural", "FP SmallCNN, natural training", _FM + _NAT + ("--defense", "natural"),
+    Recipe("fmnist-fp-natural", "FP SmallCNN, natural training", _fmnist("fp", "natural", adversarial=False),
            ("fp", "8", "4")),
-    Recipe("fmnist-fp-pgd7", "FP SmallCNN, PGD-7 adversarial training",
-           _FM + _AT + ("--defense", "pgd-at"), ("fp", "8", "6", "4"), "Madry et al. 2018"),
-    Recipe("fmnist-fp-fgsm-rs", "FP SmallCNN, FGSM-RS fast adversarial training",
-           _FM + _AT + ("--defense", "fgsm-rs"), ("fp",), "Wong et al. 2020"),
-    Recipe("fmnist-q4-natural", "4-bit SmallCNN, natural quantization-aware training",
-           _FM + _AT + ("--bits", "4", "--defense", "natural"), ("4",)),
-    Recipe("fmnist-q4-fgsm-rs", "4-bit SmallCNN, FGSM-RS", _FM + _AT + ("--bits", "4", "--defense", "fgsm-rs"),
-           ("4",), "Wong et al. 2020"),
-    Recipe("fmnist-q4-pgd7", "4-bit SmallCNN, PGD-7 adversarial training",
-           _FM + _AT + ("--bits", "4", "--defense", "pgd-at"), ("4", "3", "5", "6", "8"), "Double-Win Quant"),
-    Recipe("fmnist-q8-pgd7", "8-bit SmallCNN, PGD-7 adversarial training",
-           _FM + _AT + ("--bits", "8", "--defense", "pgd-at"), ("8", "4", "6")),
+    Recipe("fmnist-fp-pgd7", "FP SmallCNN, PGD-7 adversarial training", _fmnist("fp", "pgd-at"),
+           ("fp", "8", "6", "4"), "Madry et al. 2018"),
+    Recipe("fmnist-fp-fgsm-rs", "FP SmallCNN, FGSM-RS fast adversarial training", _fmnist("fp", "fgsm-rs"),
+           ("fp",), "Wong et al. 2020"),
+    Recipe("fmnist-q4-natural", "4-bit SmallCNN, natural quantization-aware training", _fmnist("4", "natural"),
+           ("4",)),
+    Recipe("fmnist-q4-fgsm-rs", "4-bit SmallCNN, FGSM-RS", _fmnist("4", "fgsm-rs"), ("4",), "Wong et al. 2020"),
+    Recipe("fmnist-q4-pgd7", "4-bit SmallCNN, PGD-7 adversarial training", _fmnist("4", "pgd-at"),
+           ("4", "3", "5", "6", "8"), "Double-Win Quant"),
+    Recipe("fmnist-q8-pgd7", "8-bit SmallCNN, PGD-7 adversarial training", _fmnist("8", "pgd-at"), ("8", "4", "6")),
     Recipe("fmnist-a4-natural", "FP weights, 4-bit activations, natural training (vanilla quantization)",
-           _FM + _AT + ("--bits", "w32a4", "--defense", "natural"), ("w32a4",), "Defensive Quantization"),
+           _fmnist("w32a4", "natural"), ("w32a4",), "Defensive Quantization"),
     Recipe("fmnist-dq-natural", "FP weights, 4-bit activations, DQ regulariser (beta 3e-3)",
-           _FM + _AT + ("--bits", "w32a4", "--defense", "dq", "--beta", "3e-3"), ("w32a4",),
-           "Defensive Quantization"),
+           _fmnist("w32a4", "dq", beta=3e-3), ("w32a4",), "Defensive Quantization"),
     Recipe("fmnist-dq-pgd7", "FP weights, 4-bit activations, DQ (beta 3e-3) + PGD-7",
-           _FM + _AT + ("--bits", "w32a4", "--defense", "dq-pgd-at", "--beta", "3e-3"), ("w32a4",),
-           "Defensive Quantization"),
+           _fmnist("w32a4", "dq-pgd-at", beta=3e-3), ("w32a4",), "Defensive Quantization"),
     Recipe("fmnist-rpt-pgd7", "RPT over 4..8 bits with PGD-7 and switchable BN; RPI at inference",
-           _FM + _AT + ("--bits", "4-8", "--defense", "rpt-pgd-at"), ("4-8", "4", "6", "8"), "Double-Win Quant",
+           _fmnist("4-8", "rpt-pgd-at"), ("4-8", "4", "6", "8"), "Double-Win Quant",
            notes="PGD-20 at 4-8 here is the paper's non-adaptive protocol (one random precision per "
                  "batch); EOT and expectation attacks are in docs/findings.md and notebook 05"),
-    Recipe("fmnist-odgq-q4", "4-bit SmallCNN, ODG-Q (rqlab's construction)",
-           _FM + _AT + ("--bits", "4", "--defense", "odgq"), ("4",), "ODG-Q"),
-    Recipe("fmnist-odgq-bin", "binary SmallCNN (b = 1), ODG-Q (rqlab's construction)",
-           _FM + _AT + ("--bits", "1", "--defense", "odgq"), ("1",), "ODG-Q"),
+    Recipe("fmnist-odgq-q4", "4-bit SmallCNN, ODG-Q (rqlab's construction)", _fmnist("4", "odgq"), ("4",), "ODG-Q"),
+    Recipe("fmnist-odgq-bin", "binary SmallCNN (b = 1), ODG-Q (rqlab's construction)", _fmnist("1", "odgq"),
+           ("1",), "ODG-Q"),
     Recipe("cifar10-preactresnet18-pgd7", "PreActResNet-18, FP, PGD-7 (eps 8/255, step 2/255)",
-           ("--model", "preactresnet18", "--defense", "pgd-at") + _CIFAR, ("fp",), "Double-Win Quant", gpu=True),
-    Recipe("cifar10-preactresnet18-q4-pgd7", "PreActResNet-18, 4 bits, PGD-7",
-           ("--model", "preactresnet18", "--bits", "4", "--defense", "pgd-at") + _CIFAR,
+           _cifar("preactresnet18", "fp", "pgd-at"), ("fp",), "Double-Win Quant", gpu=True),
+    Recipe("cifar10-preactresnet18-q4-pgd7", "PreActResNet-18, 4 bits, PGD-7", _cifar("preactresnet18", "4", "pgd-at"),
            ("4", "3", "5", "6", "7", "8"), "Double-Win Quant", gpu=True),
     Recipe("cifar10-preactresnet18-rpt-pgd7", "PreActResNet-18, RPT over 4..16 bits with PGD-7, RPI",
-           ("--model", "preactresnet18", "--bits", "4-16", "--defense", "rpt-pgd-at") + _CIFAR,
-           ("4-16",), "Double-Win Quant", gpu=True),
-    Recipe("cifar10-wrn34-10-pgd7", "WideResNet-34-10, FP, PGD-7",
-           ("--model", "wrn34-10", "--defense", "pgd-at") + _CIFAR, ("fp",), "Madry et al. 2018", gpu=True),
+           _cifar("preactresnet18", "4-16", "rpt-pgd-at"), ("4-16",), "Double-Win Quant", gpu=True),
+    Recipe("cifar10-wrn34-10-pgd7", "WideResNet-34-10, FP, PGD-7", _cifar("wrn34-10", "fp", "pgd-at"), ("fp",),
+           "Madry et al. 2018", gpu=True),
 )}
 
 
@@ -149,15 +153,54 @@ def path(name: str) -> Path:
     return ckpt
 
 
-def load(name: str, device="cpu", policy=None):
-    """Zoo model `name`, checksum verified, in eval mode at its stored precision
-    (or at `policy`, a Policy or a spelling such as "4" or "4-8")."""
+def is_checkpoint_path(spec) -> bool:
+    """True when `spec` reads as a file path (a Path, a folder separator, a .pt/.pth
+    suffix, or an existing file or run directory), not a zoo name."""
+    if isinstance(spec, os.PathLike):
+        return True
+    spec = str(spec)
+    return "/" in spec or os.sep in spec or spec.endswith((".pt", ".pth")) or Path(spec).expanduser().exists()
+
+
+def weights_file(spec) -> Path:
+    """The checkpoint file `spec` names: a zoo model's (checksum verified), a checkpoint
+    file, or DIR/checkpoint.pt of a run directory. RqlabError when there is none."""
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise RqlabError(f"model={spec!r} must be a zoo model name (e.g. fmnist-q4-pgd7; see `rqlab zoo list`) "
+                         "or the path of a checkpoint file or run directory")
+    if not is_checkpoint_path(spec):
+        return path(str(spec).strip())
+    file = Path(spec).expanduser()
+    file = file / "checkpoint.pt" if file.is_dir() else file
+    if not file.is_file():
+        raise RqlabError(f"model={str(spec)!r} is not an existing checkpoint file (paths are read relative to "
+                         f"{Path.cwd()}); give a zoo model name such as fmnist-q4-pgd7 or a file written by "
+                         "`rqlab train --out DIR` (DIR/checkpoint.pt)")
+    return file
+
+
+def load(spec, policy=None, device="cpu"):
+    """The model `spec` names, in eval mode: `rqlab.load`, the one loader.
+
+    spec: a zoo model name (checksum verified against its card; `rqlab zoo list`), a
+        checkpoint file, or a run directory holding checkpoint.pt (`rqlab train --out`).
+    policy: None keeps the stored precision; else a Policy, its dict or a spelling
+        ("fp", "4", "w32a4", "4-8").
+    """
+    from .. import experiment, quant
+
+    model = experiment.restore(weights_file(spec), device=device)
+    if policy is not None:
+        quant.apply(model, _policy(policy))
+    return model
+
+
+def _policy(policy):
     from .. import checkpoint, quant
 
-    model = checkpoint.load_model(path(name), device=device)
-    if policy is not None:
-        quant.apply(model, quant.parse_policy(policy) if isinstance(policy, str) else policy)
-    return model
+    if isinstance(policy, dict):
+        return checkpoint.policy_from_dict(policy)
+    return quant.parse_policy(policy) if isinstance(policy, (str, int)) else policy
 
 
 # ---- building ---------------------------------------------------------------------------
@@ -176,32 +219,27 @@ def _commit() -> str:
 def build(name: str, force: bool = False, device: str = "auto", threads: int | None = None,
           progress: bool = True, log=print) -> dict:
     """Train (or resume) recipe `name`, store its weights, measure it, write its card."""
-    from .. import checkpoint, data, quant
+    from .. import checkpoint, data, experiment, quant
     from ..attacks import ThreatModel
-    from ..cli import build_parser
     from ..evaluation import evaluate
     from ..training import resolve_device
-    from ..cli.train import default_eps
 
     r = recipe(name)
     ckpt_out, card_out = _paths(name)
     if card_out.is_file() and ckpt_out.is_file() and not force:
         log(f"{name}: already built ({card_out}); --force rebuilds it")
         return card(name)
-    run_dir = RUNS / name
-    argv = ["train", *r.train, "--out", str(run_dir), "--device", device]
-    argv += [] if progress else ["--no-progress"]
-    argv += ["--threads", str(threads)] if threads else []
-    if force:
-        argv.append("--no-resume")
-    args = build_parser().parse_args(argv)
-    log(f"{name}: {r.command}")
-    args.run(args)
+    if threads:
+        import torch
 
+        torch.set_num_threads(threads)
+    run_dir = RUNS / name
+    spec = r.spec.replace(train={"device": device})
+    log(f"{name}: {r.command}")
+    model, _ = experiment.train(spec, run_dir, resume=not force, progress=progress, log=log)
     run = checkpoint.load(run_dir / "checkpoint.pt")
     dev = resolve_device(device)
-    model = checkpoint.load_model(run_dir / "checkpoint.pt", device=dev)
-    data_name = args.data
+    data_name = spec.data
     calib = data.load(data_name, "train", n=CALIBRATE_N, seed=1)
     missing = sorted(set(CALIBRATE_BITS) - set(_trained_bits(model)))
     if missing and model.config.sbn_bits is None:
@@ -216,8 +254,7 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
     checkpoint.save(ckpt_out, payload)
 
     test = data.load(data_name, "test", n=CLEAN_N, seed=0)
-    eps = args.eps if args.eps is not None else default_eps(data_name)
-    threat = ThreatModel("pgd", eps=eps, steps=20)
+    threat = ThreatModel("pgd", eps=spec.eps, steps=experiment.PGD_EVAL_STEPS)
     rows = []
     for spelling in r.eval_bits:
         p = quant.parse_policy(spelling)
@@ -226,14 +263,14 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
         robust = evaluate(model, test, threat, policy=p, n=PGD_N, passes=passes, progress=progress)
         rows.append({"precision": str(p), "policy": p.to_dict(), "passes": passes,
                      "clean_accuracy": clean, "clean_n": len(test),
-                     "pgd20_accuracy": robust["robust_accuracy"], "pgd20_ci95": robust["robust_ci95"],
-                     "pgd20_n": robust["n"], "ptq": _is_ptq(p, policy)})
+                     "robust_accuracy": robust["robust_accuracy"], "robust_ci95": robust["robust_ci95"],
+                     "robust_n": robust["n"], "ptq": _is_ptq(p, policy)})
         log(f"  {str(p):>10}: clean {100 * rows[-1]['clean_accuracy']:.1f}%  "
-            f"PGD-20 {100 * rows[-1]['pgd20_accuracy']:.1f}%")
+            f"PGD-20 {100 * rows[-1]['robust_accuracy']:.1f}%")
     hist = run["history"]
     out = {
         "name": name, "summary": r.summary, "paper": r.paper, "notes": r.notes,
-        "recipe": {"train_args": list(r.train), "command": r.command,
+        "recipe": {"spec": spec.to_dict(), "command": r.command,
                    "train_config": run["train_config"], "defense": run["hooks"]["name"],
                    "defense_config": run["hooks"]["config"], "policy": run["policy"]},
         "seed": run["train_config"]["seed"], "commit": _commit(),
@@ -253,7 +290,7 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
 def audit_row(model, data, threat, policy, passes: int = 1, cfg=None) -> dict:
     """The sanity checks of METHODS section 6 for `model` at `policy` under `threat`, on the
     first cfg.n examples of `data` (cfg: a sanity.SanityConfig, default n = AUDIT_N and
-    Square with 1,000 queries). Returns {"n", "policy", "passes", "pgd20_accuracy",
+    Square with 1,000 queries). Returns {"n", "policy", "passes", "robust_accuracy",
     "others" (Square, transfer from FP: accuracy each), "strongest_accuracy" (the lowest of
     them all), "failed" (names of failed checks), "checks"}, JSON-serialisable."""
     import warnings
@@ -267,7 +304,7 @@ def audit_row(model, data, threat, policy, passes: int = 1, cfg=None) -> dict:
         rec = evaluate(model, data, threat, policy=policy, n=cfg.n, passes=passes, sanity=cfg, progress=False)
     checks = rec["sanity"]
     others = next(c for c in checks if c["check"] == "whitebox_vs_blackbox")["others"]
-    return {"n": rec["n"], "policy": policy.to_dict(), "passes": passes, "pgd20_accuracy": rec["robust_accuracy"],
+    return {"n": rec["n"], "policy": policy.to_dict(), "passes": passes, "robust_accuracy": rec["robust_accuracy"],
             "others": others, "strongest_accuracy": min([rec["robust_accuracy"], *others.values()]),
             "failed": [c["check"] for c in checks if not c["passed"]], "checks": checks}
 
@@ -277,18 +314,17 @@ def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
     the checkpoint and its checksum are untouched). cfg: as `audit_row`. Returns the audit."""
     from .. import checkpoint, data
     from ..attacks import ThreatModel
-    from ..cli import build_parser
 
     c = card(name)
     model = load(name, device=device)
     row = c["eval"][0]
-    dataset = build_parser().parse_args(["train", *recipe(name).train]).data  # as `build` reads it
+    dataset = recipe(name).spec.data
     test = data.load(dataset, "test", n=cfg.n if cfg else AUDIT_N, seed=0)
     threat = ThreatModel("pgd", eps=c["threat"]["eps"], steps=c["threat"]["steps"])  # the card's PGD-20
     c["audit"] = audit_row(model, test, threat, checkpoint.policy_from_dict(row["policy"]), row["passes"], cfg)
     checkpoint.save_json(_paths(name)[1], c)
     a = c["audit"]
-    log(f"{name}: PGD-20 {100 * a['pgd20_accuracy']:.1f}%, "
+    log(f"{name}: PGD-20 {100 * a['robust_accuracy']:.1f}%, "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in a["others"].items())
         + f" (n = {a['n']}); failed checks: {', '.join(a['failed']) or 'none'}")
     return a
@@ -337,11 +373,11 @@ def table() -> str:
             continue
         first = c["eval"][0]
         lines.append(f"{n:<34}{first['precision']:>11}{100 * first['clean_accuracy']:>7.1f}%"
-                     f"{100 * first['pgd20_accuracy']:>7.1f}%{audit_cell(c):>8}  {c['training_time_s'] / 60:>8.1f}m  "
+                     f"{100 * first['robust_accuracy']:>7.1f}%{audit_cell(c):>8}  {c['training_time_s'] / 60:>8.1f}m  "
                      f"{r.summary}")
         for row in c["eval"][1:]:
             lines.append(f"{'':<34}{row['precision']:>11}{100 * row['clean_accuracy']:>7.1f}%"
-                         f"{100 * row['pgd20_accuracy']:>7.1f}%" + ("  (PTQ)" if row.get("ptq") else ""))
+                         f"{100 * row['robust_accuracy']:>7.1f}%" + ("  (PTQ)" if row.get("ptq") else ""))
     lines.append(f"audit: the lowest accuracy of PGD-20, Square and transfer from FP on {AUDIT_N} examples, at the "
                  "first precision; '!' = a sanity check failed (see `rqlab zoo show NAME`)")
     return "\n".join(lines)
