@@ -95,6 +95,11 @@ def save_json(path, obj) -> Path:
     return _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (e.g. a report's HTML page or PNG figure)."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
 def load(path, map_location="cpu") -> dict:
     """Read a checkpoint written by `save` (weights_only: no code runs on load).
 

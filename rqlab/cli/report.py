@@ -6,7 +6,7 @@ HTML report (one self-contained page per run, plus an index).
     rqlab report --only 02_lipschitz_error_amplification --show-input
 
 The config's schema, the notebooks' contract and the output layout are described in
-rqlab/report.py. Exit code 0 when every notebook ran, 1 when one failed (the index and
+rqlab/report/. Exit code 0 when every notebook ran, 1 when one failed (the index and
 summary.json are written anyway), 2 for a bad config or option (nothing has run).
 torch and papermill are imported inside run_cli, so registering the parser costs nothing.
 """

@@ -1,0 +1,26 @@
+"""Batch reports: run the notebooks over parameter grids with papermill, export each run
+to self-contained HTML and write an index page (`rqlab report`).
+
+    >>> summary = run_report("reports/default.yaml", profile="smoke", out="reports/out")
+    >>> summary["n_failed"], summary["runs"][0]["results"]        # also in OUT/summary.json
+
+    config.py    the YAML config (schema, parameter precedence, run-ids): load_config, plan
+    execute.py   one notebook (the notebook contract): execute_notebook, export_html, ...
+    batch.py     the batch and its output folder (layout, reruns): run_report, environment
+    html.py      the index page: index_html
+
+papermill, nbconvert and jupyter_client are imported inside the functions that use them:
+worker processes (--jobs N) start quickly.
+"""
+from .batch import DEFAULT_OUT, MARKER, SUMMARY_FORMAT, environment, run_report
+from .config import (DEFAULT_CONFIG, RESERVED, ReportConfig, Run, RunEntry, load_config, notebook_parameters,
+                     plan, run_id)
+from .execute import KERNEL, check_kernel, execute_notebook, export_html, main_figure, read_results
+from .html import index_html
+
+__all__ = [
+    "DEFAULT_CONFIG", "DEFAULT_OUT", "KERNEL", "MARKER", "RESERVED", "SUMMARY_FORMAT",
+    "RunEntry", "ReportConfig", "Run", "load_config", "plan", "notebook_parameters", "run_id",
+    "check_kernel", "execute_notebook", "export_html", "main_figure", "read_results",
+    "run_report", "environment", "index_html",
+]

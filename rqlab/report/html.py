@@ -1,0 +1,102 @@
+"""The report's index page (OUT/index.html): one row per run, environment at the top."""
+from __future__ import annotations
+
+import html
+from urllib.parse import quote
+
+_INDEX_NUMBERS = 12     # key numbers shown per row of index.html (summary.json has all)
+
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.5em; margin: 0 0 .4em; }
+table { border-collapse: collapse; width: 100%; }
+th, td { border-bottom: 1px solid #ddd; padding: .5em .6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+table.env { width: auto; margin-bottom: 1.5em; }
+table.env th, table.env td { border: none; padding: .1em .8em .1em 0; background: none; }
+.ok { color: #176f2c; font-weight: 600; }
+.failed { color: #b00020; font-weight: 600; }
+.small { font-size: .9em; color: #444; }
+.kv { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .85em; white-space: nowrap; }
+.grid { font-weight: 600; }
+img.thumb { max-width: 260px; max-height: 180px; border: 1px solid #ddd; }
+pre.error { color: #b00020; white-space: pre-wrap; margin: .3em 0; font-size: .85em; }
+details pre { font-size: .8em; white-space: pre-wrap; max-width: 70em; }
+"""
+
+
+def index_html(summary: dict) -> str:
+    """The report's index page: plain HTML, inline CSS, relative links only."""
+    e = html.escape
+    env = summary["environment"]
+    n, failed = summary["n_runs"], summary["n_failed"]
+    head = [("rqlab", env["rqlab"]), ("git commit", env["git_commit"] or "unknown"), ("device", env["device"]),
+            ("torch", env["torch"]), ("python", env["python"]), ("profile", summary["profile"]),
+            ("config", summary["config"]), ("runs", f"{n} ({failed} failed)" if failed else f"{n}, all ok"),
+            ("wall time", f"{summary['wall_time_s']:.0f} s"), ("date", summary["started"])]
+    rows = "\n".join(_index_row(r) for r in summary["runs"])
+    env_rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in head)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>rqlab report ({e(summary['profile'])})</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>rqlab report</h1>
+<table class="env">
+{env_rows}
+</table>
+<table>
+<thead><tr><th>run</th><th>figure</th><th>parameters</th><th>key numbers</th><th>files</th></tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+<p class="small">Machine-readable: <a href="summary.json">summary.json</a>.</p>
+</body>
+</html>
+"""
+
+
+def _index_row(r: dict) -> str:
+    e = html.escape
+    files = r["files"]
+    href = {k: quote(v, safe="/=+") for k, v in files.items() if v}
+    status = f'<span class="{"ok" if r["status"] == "ok" else "failed"}">{e(r["status"])}</span>'
+    run = f'{status}<br><span class="kv">{e(r["run_id"])}</span>'
+    if r["seconds"] is not None:
+        run += f'<br><span class="small">{r["seconds"]:.1f} s</span>'
+    if r["error"]:
+        run += f'<pre class="error">{e(r["error"])}</pre>'
+        if r["traceback"]:
+            run += f"<details><summary>traceback</summary><pre>{e(r['traceback'])}</pre></details>"
+    figure = ""
+    if "figure" in href:
+        img = f'<img class="thumb" src="{href["figure"]}" alt="main figure of {e(r["run_id"])}">'
+        figure = f'<a href="{href["html"]}">{img}</a>' if "html" in href else img
+    params = "<br>".join(
+        f'<span class="kv{" grid" if k in r["grid"] else ""}">{e(k)} = {e(_fmt(v))}</span>'
+        for k, v in r["params"].items())
+    items = list(r["results"].items())
+    numbers = "<br>".join(f'<span class="kv">{e(k)} = {e(_fmt(v))}</span>' for k, v in items[:_INDEX_NUMBERS])
+    if len(items) > _INDEX_NUMBERS:
+        numbers += f'<br><span class="small">and {len(items) - _INDEX_NUMBERS} more in summary.json</span>'
+    if not items:
+        numbers = '<span class="small">no JSON written</span>'
+    for w in r["warnings"]:
+        numbers += f'<br><span class="small">{e(w)}</span>'
+    links = [f'<a href="{href[k]}">{label}</a>' for k, label in (("html", "HTML"), ("notebook", "notebook"))
+             if k in href]
+    return (f"<tr><td>{run}</td><td>{figure}</td><td>{params}</td><td>{numbers}</td>"
+            f"<td>{'<br>'.join(links)}</td></tr>")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return format(value, ".4g")
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
