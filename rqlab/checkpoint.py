@@ -89,9 +89,17 @@ def save(path, payload: dict) -> Path:
     return _atomic_write(path, lambda f: torch.save(payload, f))
 
 
+def _to_dict(obj):
+    """JSON for rqlab's own value types (records, specs, policies): their to_dict()."""
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
 def save_json(path, obj) -> Path:
-    """Write `obj` as indented JSON, atomically (e.g. a run's history.json)."""
-    text = json.dumps(obj, indent=2) + "\n"
+    """Write `obj` as indented JSON, atomically (e.g. a run's history.json); records,
+    specs and policies inside it are written as their to_dict()."""
+    text = json.dumps(obj, indent=2, default=_to_dict) + "\n"
     return _atomic_write(path, lambda f: f.write(text.encode()))
 
 

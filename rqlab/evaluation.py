@@ -18,7 +18,6 @@ Definitions
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -27,24 +26,9 @@ import torch.nn as nn
 from . import attacks, quant
 from .attacks import ThreatModel
 from .attacks.base import eval_mode
+from .record import Record
+from .stats import wilson_interval
 from .validate import RqlabError, check_images, check_int
-
-
-def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (95% for z = 1.96).
-
-    Better than the normal approximation near 0 and 1: wilson_interval(0, 100) is
-    (0.0, 0.037), not (0, 0). n = 0 gives (0.0, 1.0): nothing is known.
-    """
-    n = check_int(n, "n", 0)
-    if not isinstance(k, (int, float)) or not 0 <= k <= n:
-        raise RqlabError(f"k={k!r} must be a number of successes in [0, n={n}]")
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def as_tensors(data, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +75,9 @@ def evaluate(model: nn.Module, data, threat: ThreatModel, policy=None, n: int | 
     seed: seeds torch's RNG for the run (attack seeds come from the threat: batch i uses
         threat.seed + i). sanity: True or a `sanity.SanityConfig` runs the checks of
         METHODS section 6 on a subset and adds them to the record (with warnings).
-    Returns the record (see module docstring): model, policy, threat, n, passes, seed,
-    clean/robust accuracy, worst-case accuracy and their 95% intervals, per-example
-    outcomes, versions, device and wall time.
+    Returns a `rqlab.record.Record`: model, policy, threat, n, passes, seed, clean/robust
+    accuracy, worst-case accuracy and their 95% intervals, per-example outcomes, the
+    sanity checks, and in `extra` the versions, device and wall time.
     """
     from . import __version__, sanity as sanity_mod
 
@@ -103,7 +87,7 @@ def evaluate(model: nn.Module, data, threat: ThreatModel, policy=None, n: int | 
     batch_size, seed, passes = (check_int(batch_size, "batch_size", 1), check_int(seed, "seed", 0),
                                 check_int(passes, "passes", 1))
     x, y = as_tensors(data, n)
-    policy = _fresh(policy if policy is not None else quant.current(model))
+    policy = fresh_policy(policy if policy is not None else quant.current(model))
     device = next(model.parameters()).device
     attack = attacks.get(threat.attack)
     clean_hits = torch.zeros(len(x), dtype=torch.long)
@@ -133,35 +117,42 @@ def evaluate(model: nn.Module, data, threat: ThreatModel, policy=None, n: int | 
         finally:
             bar.close()
 
-    record = {
-        "model": model_id or _model_name(model),
-        "model_config": model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None,
-        "policy": policy.to_dict(),
-        "threat": threat.to_dict(),
-        "n": len(x), "passes": passes, "seed": seed, "batch_size": batch_size,
-        **_accuracies("clean", clean_hits, passes),
-        **_accuracies("robust", robust_hits, passes),
-        "per_example": {"clean": (clean_hits == passes).int().tolist(),
-                        "robust": (robust_hits == passes).int().tolist()},
-    }
+    per_example = {"clean": (clean_hits == passes).int().tolist(), "robust": (robust_hits == passes).int().tolist()}
     if passes > 1:
-        record["per_example"].update(clean_hits=clean_hits.tolist(), robust_hits=robust_hits.tolist())
-    if checks is not None:
-        record["sanity"] = checks
-    record.update(rqlab_version=__version__, torch_version=torch.__version__, device=str(device),
-                  wall_time_s=round(time.perf_counter() - t0, 3))
-    return record
+        per_example.update(clean_hits=clean_hits.tolist(), robust_hits=robust_hits.tolist())
+    return Record(
+        model=model_id or _model_name(model), policy=policy.to_dict(), threat=threat.to_dict(), n=len(x),
+        passes=passes, seed=seed, **_accuracies("clean", clean_hits, passes),
+        **_accuracies("robust", robust_hits, passes), per_example=per_example, sanity=checks,
+        extra={"model_config": model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None,
+               "batch_size": batch_size, "rqlab_version": __version__, "torch_version": torch.__version__,
+               "device": str(device), "wall_time_s": round(time.perf_counter() - t0, 3)})
+
+
+def clean_accuracy(model: nn.Module, data, policy=None, passes: int = 1, batch_size: int = 500) -> float:
+    """Clean accuracy of `model` at `policy` (default: its current one) on a Dataset or
+    (x, y): the mean over `passes` forward passes (a random policy restarted from its seed)."""
+    x, y = as_tensors(data)
+    passes = check_int(passes, "passes", 1)
+    device = next(model.parameters()).device
+    hits = 0
+    with quant.using(model, fresh_policy(policy if policy is not None else quant.current(model))), \
+            eval_mode(model), torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            hits += correct_passes(model, x[i:i + batch_size].to(device), y[i:i + batch_size].to(device),
+                                   passes).sum().item()
+    return hits / (passes * len(x))
 
 
 def _accuracies(kind: str, hits: torch.Tensor, passes: int) -> dict:
     n = len(hits)
     mean_k = hits.sum().item() / passes
     worst_k = int((hits == passes).sum())
-    return {f"{kind}_accuracy": mean_k / max(n, 1), f"{kind}_ci95": list(wilson_interval(mean_k, n)),
-            f"{kind}_worst_accuracy": worst_k / max(n, 1), f"{kind}_worst_ci95": list(wilson_interval(worst_k, n))}
+    return {f"{kind}_accuracy": mean_k / max(n, 1), f"{kind}_ci95": wilson_interval(mean_k, n),
+            f"{kind}_worst_accuracy": worst_k / max(n, 1), f"{kind}_worst_ci95": wilson_interval(worst_k, n)}
 
 
-def _fresh(policy):
+def fresh_policy(policy):
     """A RandomPrecision restarted from its seed (reproducible records); others as they are."""
     if isinstance(policy, str):
         policy = quant.parse_policy(policy)
@@ -207,7 +198,7 @@ def format_record(rec: dict) -> str:
     for kind in ("clean", "robust"):
         lines.append(f"{kind:<10}{pct(rec[kind + '_accuracy']):>10}{ci(rec[kind + '_ci95']):>16}"
                      f"{pct(rec[kind + '_worst_accuracy']):>12}")
-    for c in rec.get("sanity", []):
+    for c in rec.sanity or ():
         lines.append(f"sanity {c['check']:<22} {'ok' if c['passed'] else 'FAILED'}: {c['detail']}")
     lines.append(f"{rec['wall_time_s']:.1f}s on {rec['device']}")
     return "\n".join(lines)

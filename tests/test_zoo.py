@@ -10,6 +10,7 @@ from rqlab import checkpoint, data, quant, zoo
 from rqlab.cli import build_parser, main
 from rqlab.cli.train import spec_from_args
 from rqlab.defenses import pgd_train_step
+from rqlab.evaluation import clean_accuracy
 from rqlab.experiment import RunSpec, TrainConfig, build_hooks
 from rqlab.sanity import SanityConfig
 from rqlab.validate import RqlabError
@@ -24,7 +25,7 @@ def test_every_card_reproduces_its_clean_accuracy(name):
     test = data.load("fashion-mnist", "test", n=zoo.CLEAN_N, seed=0)
     for row in card["eval"]:
         policy = checkpoint.policy_from_dict(row["policy"])
-        acc = zoo.clean_accuracy(model, test, policy, row["passes"])
+        acc = clean_accuracy(model, test, policy, row["passes"])
         assert abs(acc - row["clean_accuracy"]) <= 0.02, (name, row["precision"], acc, row["clean_accuracy"])
         assert 0.0 <= row["robust_accuracy"] <= 1.0
     assert card["sha256"] and card["recipe"]["command"].startswith("rqlab train")

@@ -12,24 +12,14 @@ independent samples (conservative for positively correlated outcomes).
 """
 from __future__ import annotations
 
-import math
 
+from ..stats import diff_half_width, half_width
 from ..validate import RqlabError, check_int
 
 
 def pct(v: float) -> str:
     """0.631 -> '63.1%'."""
     return f"{100 * v:.1f}%"
-
-
-def half_width(p: float, n: int) -> float:
-    """95% half-width of an accuracy p measured on n examples (normal approximation)."""
-    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else 1.0
-
-
-def diff_half_width(p: float, q: float, n: int) -> float:
-    """95% half-width of p - q, both measured on n examples."""
-    return math.hypot(half_width(p, n), half_width(q, n))
 
 
 def _mean(values) -> float:

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 
 from ..validate import RqlabError
 
@@ -89,9 +88,8 @@ def run_cli(args) -> int:
     record = evaluate(model, test_set, threat, policy=policy, batch_size=args.batch_size, seed=args.seed,
                       passes=args.passes, sanity=args.sanity, model_id=str(args.model),
                       progress=not args.no_progress)
-    record["checkpoint_sha256"] = checkpoint.sha256(weights_file(args.model))
-    record["data"] = args.data
-    record["calibration"] = calibration
+    record = record.with_extra(checkpoint_sha256=checkpoint.sha256(weights_file(args.model)), data=args.data,
+                               calibration=calibration)
     print(format_record(record))
     if args.json:
         write_record(args.json, record)
@@ -99,9 +97,8 @@ def run_cli(args) -> int:
     return 0
 
 
-def write_record(path, record: dict) -> None:
-    """Write a record as JSON atomically (temp file + os.replace)."""
+def write_record(path, record) -> None:
+    """Write a Record as JSON atomically (temp file + os.replace)."""
     from ..checkpoint import save_json
 
-    json.dumps(record)  # fail before touching the file if it is not serialisable
-    save_json(path, record)
+    save_json(path, record.to_dict())

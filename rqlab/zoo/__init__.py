@@ -221,7 +221,7 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
     """Train (or resume) recipe `name`, store its weights, measure it, write its card."""
     from .. import checkpoint, data, experiment, quant
     from ..attacks import ThreatModel
-    from ..evaluation import evaluate
+    from ..evaluation import clean_accuracy, evaluate
     from ..training import resolve_device
 
     r = recipe(name)
@@ -328,23 +328,6 @@ def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in a["others"].items())
         + f" (n = {a['n']}); failed checks: {', '.join(a['failed']) or 'none'}")
     return a
-
-
-def clean_accuracy(model, data, policy, passes: int = 1) -> float:
-    """Mean over `passes` of the clean accuracy of `model` at `policy` on a Dataset."""
-    import torch
-
-    from .. import quant
-    from ..attacks.base import eval_mode
-    from ..evaluation import _fresh, as_tensors, correct_passes
-
-    x, y = as_tensors(data)
-    device = next(model.parameters()).device
-    hits = 0
-    with quant.using(model, _fresh(policy)), eval_mode(model), torch.no_grad():
-        for i in range(0, len(x), 500):
-            hits += correct_passes(model, x[i:i + 500].to(device), y[i:i + 500].to(device), passes).sum().item()
-    return hits / (passes * len(x))
 
 
 def _trained_bits(model) -> list[int]:
