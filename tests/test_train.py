@@ -308,7 +308,6 @@ def test_cli_unknown_model_is_a_clear_error(tmp_path):
 
 
 def test_cli_trains_and_writes_checkpoint_and_history(tmp_path, capsys):
-    pytest.importorskip("rqlab.data", reason="rqlab/data.py (datasets) is not written yet")
     args = parse(["--data", "fashion-mnist", "--n-train", "256", "--eval-n", "256", "--epochs", "1",
                   "--batch-size", "64", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert args.run(args) == 0
