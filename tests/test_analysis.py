@@ -112,7 +112,6 @@ def test_transfer_matrix_crafts_once_per_attack_precision(calibrated_cnn, monkey
     assert [str(p) for _, p in calls] == ["2", "4", "fp"]
     assert tm["row_labels"] == ["2", "4", "fp"] and tm["col_labels"] == ["2", "4", "8", "fp"]
     assert len(tm["matrix"]) == 3 and all(len(r) == 4 for r in tm["matrix"])
-    assert all(0 <= v <= c for row in tm["matrix"] for v, c in zip(row, tm["clean"]))
     json.dumps(tm)
 
     calls.clear()
