@@ -32,7 +32,7 @@ def test_evaluate_protocols_scores_and_reuse():
                                adaptive=["eot_pgd", "expectation"])
     assert list(out) == ["paper", "eot_pgd", "expectation"]
     for s in out.values():
-        assert s["worst"] <= s["mean"] <= s["clean"] and s["passes"] == 3 and s["n"] == 6 and s["same_as"] is None
+        assert s["passes"] == 3 and s["n"] == 6 and s["same_as"] is None
     assert out["eot_pgd"]["threat"]["eot"] == 2
     fixed = A.evaluate_protocols(m, quant.Fixed(8), (x, y), eps=0.1, steps=1, passes=3, adaptive=["expectation"])
     assert fixed["expectation"]["same_as"] == "paper" and fixed["paper"]["passes"] == 1

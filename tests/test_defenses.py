@@ -1,6 +1,8 @@
 """Defenses as training hooks: each lowers its own loss on a small task, RPT draws every
-precision and trains only the matching BN branch, PGD-AT/FGSM-RS craft inside the ball,
-and every defense is one `rqlab train --defense` flag."""
+precision, crafts at it and trains only the matching BN branch, PGD-AT/FGSM-RS (alone, under
+DQ or RPT) craft on the edge of their own eps-ball, ODG-Q's domains use eps, DQ's loss adds
+beta / 2 times a hand-computed orthogonality penalty, and every defense is one
+`rqlab train --defense` flag."""
 import pytest
 import torch
 
@@ -157,3 +159,124 @@ def test_every_defense_is_one_train_flag(tmp_path, capsys):
     assert main(["train", "--defense", "pgd-at", "--beta", "1e-3", "--out", str(tmp_path / "y")]) == 2
     assert "no setting beta: its settings are eps, steps, step_size" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+# ---- each defense uses its strength: the training batch and the loss ----------------------
+
+def linf(xa, x):
+    """Per-example linf distance (B,)."""
+    return (xa - x).flatten(1).abs().amax(dim=1)
+
+
+N = 16  # examples per crafted batch (4 per ODG-Q domain)
+
+
+def crafted(name, eps, step=0):
+    """The training batch of defense `name` at radius eps for N squares on a 4-bit model
+    (RPT: the {4, 8} set, switchable BN), called as `fit` calls it in step `step`.
+    PGD: 5 steps of eps / 2 (2.5 eps / steps, passed explicitly)."""
+    x, y = squares(N)
+    rpt = name.startswith("rpt")
+    m = quant.apply(model4(sbn_bits=(4, 8) if rpt else None), quant.Fixed(4))
+    m.train()
+    settings = {k: v for k, v in dict(eps=eps, steps=5, step_size=eps / 2).items() if k in defenses.get(name).params}
+    hooks = defenses.build(name, bits=(4, 8) if rpt else None, **settings)
+    hooks.precision(m, step)
+    xa, ya = hooks.batch(m, x, y)
+    assert torch.equal(ya, y) and xa.min() >= 0 and xa.max() <= 1
+    return x, xa, m
+
+
+@pytest.mark.parametrize("name", ["pgd-at", "fgsm-rs", "dq-pgd-at", "rpt-pgd-at"])
+def test_adversarial_batch_reaches_the_edge_of_its_own_eps_ball(name):
+    """PGD (random start, 5 steps of eps / 2) and FGSM-RS (alpha 1.25 eps past a uniform
+    start) both push many pixels of every example onto the ball's edge: each example's
+    linf distance to x is eps itself, for eps 0.05 and 0.1, so a defense that trains on
+    clean inputs (0) or on a fixed radius (0.1 at eps 0.05) fails. The mean pixel distance
+    is a large share of eps (above 0.5 eps; a uniform start alone gives 0.5 eps) and
+    doubles with eps."""
+    mean = {}
+    for eps in (0.05, 0.1):
+        x, xa, _ = crafted(name, eps)
+        d = linf(xa, x)
+        assert torch.allclose(d, torch.full_like(d, eps), atol=1e-6), (name, eps, d.min().item(), d.max().item())
+        mean[eps] = (xa - x).abs().mean().item()
+        assert 0.5 * eps < mean[eps] <= eps, (name, eps, mean[eps])
+    assert mean[0.1] / mean[0.05] == pytest.approx(2, rel=0.15), mean
+
+
+def test_rpt_crafts_at_the_precision_it_draws_and_the_draws_change():
+    """RPT's batch at a step that draws 4 bits is PGD-AT's batch on the same model at
+    Fixed(4) (same seed and step), and not its batch at Fixed(8): the attack runs at the
+    drawn precision. Over 20 steps the draws cover {4, 8} and change from step to step
+    (not one precision for the whole run); the model follows every draw."""
+    hooks = defenses.build("rpt-pgd-at", eps=0.1, steps=5, step_size=0.05, bits=(4, 8))
+    draws = [hooks.draw(s) for s in range(20)]
+    assert set(draws) == {4, 8} and sum(a != b for a, b in zip(draws, draws[1:])) >= 3, draws
+    m = quant.apply(model4(sbn_bits=(4, 8)), quant.Fixed(4))
+    for step, b in enumerate(draws):
+        hooks.precision(m, step)
+        assert quant.current(m) == quant.Fixed(b) and m.conv2.w_bits == b
+    step = draws.index(4)
+    x, xa, _ = crafted("rpt-pgd-at", 0.1, step)
+    y = squares(N)[1]
+    for b in (4, 8):
+        ref = quant.apply(model4(sbn_bits=(4, 8)), quant.Fixed(b))
+        ref.train()
+        pgd_at = defenses.build("pgd-at", eps=0.1, steps=5, step_size=0.05)
+        pgd_at.precision(ref, step)
+        assert torch.equal(xa, pgd_at.batch(ref, x, y)[0]) == (b == 4), b
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_odgq_domains_use_eps(eps):
+    """ODG-Q's batch of 16: the clean quarter is x itself, the other three lie in the
+    eps-ball and are not x; the sign-noise quarter sits at distance eps in every pixel
+    (away from the [0, 1] clamp), the initial free delta is U(-eps, eps) per pixel, so
+    its per-example linf distance is near eps."""
+    x, xa, _ = crafted("odgq", eps)
+    q = [slice(k * N // 4, (k + 1) * N // 4) for k in range(4)]
+    assert torch.equal(xa[q[0]], x[q[0]])
+    for k in (1, 2, 3):
+        d = linf(xa[q[k]], x[q[k]])
+        assert (d > 0).all() and (d <= eps + 1e-6).all(), (k, d)
+    assert (linf(xa[q[1]], x[q[1]]) > 0.9 * eps).all()
+    inside = (x[q[3]] >= eps) & (x[q[3]] <= 1 - eps)
+    assert torch.allclose((xa[q[3]] - x[q[3]]).abs()[inside], torch.tensor(eps), atol=1e-6)
+
+
+def hand_orthogonality(model) -> float:
+    """sum over the conv and linear weights (every parameter of dimension 2 or 4) of
+    ||W W^T - I||_F^2 on the smaller side, W the weight reshaped to (c_out, -1): the Gram
+    matrix on the smaller side has the squared singular values of W as eigenvalues, so the
+    term is sum_i (s_i^2 - 1)^2 over the min(c_out, fan_in) singular values."""
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and p.dim() in (2, 4):
+            s = torch.linalg.svdvals(p.detach().double().reshape(p.shape[0], -1))
+            total += ((s ** 2 - 1) ** 2).sum().item()
+    return total
+
+
+@pytest.mark.parametrize("name", ["dq", "dq-pgd-at"])
+def test_dq_loss_is_cross_entropy_plus_half_beta_times_the_orthogonality(name):
+    """The DQ loss minus the cross-entropy of its own logits is beta / 2 times the hand
+    penalty, for beta 1e-3 and 1e-2 (so it changes with beta, by 4.5e-3 times it)."""
+    x, y = squares(16)
+    m = model4()
+    penalty = hand_orthogonality(m)
+    n_layers = sum(1 for n, p in m.named_parameters() if n.endswith("weight") and p.dim() in (2, 4))
+    assert n_layers == 5 and penalty > 1.0  # conv1-3, fc1, fc2; far from orthogonal at init
+    losses = {}
+    for beta in (1e-3, 1e-2):
+        settings = dict(eps=0.1, steps=2, step_size=0.05, beta=beta)
+        hooks = defenses.build(name, **{k: v for k, v in settings.items() if k in defenses.get(name).params})
+        m.train()
+        hooks.precision(m, 0)
+        xb, yb = hooks.batch(m, x, y)
+        loss, logits = hooks.loss(m, xb, yb)
+        ce = torch.nn.functional.cross_entropy(logits, yb).item()
+        assert loss.item() - ce == pytest.approx(beta / 2 * penalty, rel=1e-4)
+        losses[beta] = (loss.item(), ce)
+    (l1, ce1), (l2, ce2) = losses[1e-3], losses[1e-2]
+    assert (l2 - ce2) - (l1 - ce1) == pytest.approx(4.5e-3 * penalty, rel=1e-4)

@@ -383,7 +383,8 @@ def test_adversarial_training_is_unchanged_by_skipping_the_range_forward(name, p
             p = quant.RandomPrecision(p.choices, p.seed)  # a fresh generator for each run
         quant.apply(m, p)
         loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-        hooks = defenses.build(name, eps=0.1, steps=2, bits=(4, 8) if sbn else None)
+        settings = {k: v for k, v in dict(eps=0.1, steps=2).items() if k in defenses.get(name).params}
+        hooks = defenses.build(name, bits=(4, 8) if sbn else None, **settings)
         fit(m, loader, TrainConfig(epochs=1, batch_size=16, lr=0.05, device="cpu"), hooks=hooks,
             progress=False, log=None)
         monkeypatch.undo()

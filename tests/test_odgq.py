@@ -1,4 +1,7 @@
-"""ODG-Q: four domains, one backward pass per step, loss goes down, resumable state."""
+"""ODG-Q: four domains, one backward pass per step, loss goes down, resumable state; the
+objective (mean + lam * variance of the domain risks) and the free / FGSM-RS updates from the
+previous backward, against a hand computation."""
+import pytest
 import torch
 
 from rqlab import models, quant
@@ -78,3 +81,81 @@ def test_state_round_trip():
     b = ODGQ(eps=0.1, seed=99)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.batch(None, x, y)[0], b.batch(None, x, y)[0])
+
+
+# ---- the objective and the free / FGSM updates against a hand computation ------------------
+
+def hand_objective(w, b, x, y, lam, p):
+    """Risk extrapolation by hand: the mean of the four domain risks (mean cross-entropy of
+    each quarter of the batch: clean, free, fgsm_rs, noise) + lam * their variance (the
+    population variance, 1/4 sum (r_k - mean)^2). Plain torch ops on a linear model."""
+    logits = x @ w.T + b                                                      # (4P, 3)
+    ce = -logits.log_softmax(dim=1)[torch.arange(len(y)), y]                 # (4P,)
+    risks = torch.stack([ce[k * p:(k + 1) * p].mean() for k in range(4)])  # (4,)
+    mean = risks.sum() / 4
+    return mean + lam * ((risks - mean) ** 2).sum() / 4, risks
+
+
+def test_objective_and_input_gradient_updates_match_a_hand_computation():
+    """Two steps of ODG-Q on a linear model (4 inputs, 3 classes), batch 8 (P = 2 per domain),
+    driven as `fit` drives it: batch() -> loss() -> backward().
+
+    Step 1: the training batch is the four domains built from the hook's generator
+    (draw order: initial free delta, FGSM-RS radius, its uniform noise, the sign noise;
+    the first FGSM-RS has no previous gradient), and the loss equals the hand objective.
+    Step 2: the free slot's delta moved by eps * sign of the input gradient of the free
+    quarter in step 1's backward (clipped to the eps-ball), and the FGSM-RS quarter is
+    x + clip(eta + alpha * sign(g)), g the step-1 input gradient of the FGSM-RS quarter.
+    Slots, not examples, carry the perturbation (free adversarial training): step 2's
+    examples in a slot get what step 1's examples in that slot left."""
+    eps, lam, alpha, seed, p = 0.1, 2.0, 0.2, 7, 2
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    w, b = model.weight.detach().clone(), model.bias.detach().clone()
+    g0 = torch.Generator().manual_seed(1)
+    x1 = torch.rand(8, 4, generator=g0)
+    x1[0, 0], x1[3, 1], x1[5, 2] = 0.0, 1.0, 0.98  # near the edges: clamping to [0, 1] matters
+    x2 = torch.rand(8, 4, generator=g0)
+    y1, y2 = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([2, 2, 1, 0, 0, 1, 1, 2])
+    h = ODGQ(eps=eps, alpha=alpha, lam=lam, seed=seed)
+
+    # step 1: the domains, by hand with a generator of the same seed
+    gen = torch.Generator().manual_seed(seed)
+    delta0 = (torch.rand(p, 4, generator=gen) * 2 - 1) * eps
+    r = torch.rand(p, 1, generator=gen) * eps
+    eta = (torch.rand(p, 4, generator=gen) * 2 - 1) * r
+    noise = torch.where(torch.rand(p, 4, generator=gen) < 0.5, -eps, eps)
+    q = lambda k: slice(k * p, (k + 1) * p)  # noqa: E731  (quarter k of the batch)
+    expected1 = torch.cat([x1[q(0)], x1[q(1)] + delta0, x1[q(2)] + eta.clamp(-eps, eps),
+                           x1[q(3)] + noise]).clamp(0, 1)
+    xt1, yt1 = h.batch(model, x1, y1)
+    assert torch.allclose(xt1, expected1, atol=1e-7) and torch.equal(yt1, y1)
+    assert (xt1 - x1).abs().max() <= eps + 1e-7
+
+    loss, logits = h.loss(model, xt1, yt1)
+    xh = xt1.clone().requires_grad_(True)
+    hand, risks = hand_objective(w, b, xh, y1, lam, p)
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-6)
+    assert [h.last_risks[d] for d in DOMAINS] == pytest.approx(risks.tolist(), rel=1e-6)
+    variance = ((risks - risks.mean()) ** 2).mean().item()
+    assert lam * variance > 0.01  # the variance term is a visible part of the loss checked above
+    assert torch.equal(logits, model(xt1))
+
+    loss.backward()
+    (grad,) = torch.autograd.grad(hand, xh)  # the input gradient of the same objective, by hand
+    assert (grad[q(1)] != 0).all() and (grad[q(2)] != 0).all()
+
+    # step 2: the free delta and the FGSM-RS sign come from step 1's backward
+    delta1 = (delta0 + eps * grad[q(1)].sign()).clamp(-eps, eps)
+    r = torch.rand(p, 1, generator=gen) * eps
+    eta = (torch.rand(p, 4, generator=gen) * 2 - 1) * r
+    noise = torch.where(torch.rand(p, 4, generator=gen) < 0.5, -eps, eps)
+    rs = (eta + alpha * grad[q(2)].sign()).clamp(-eps, eps)
+    expected2 = torch.cat([x2[q(0)], x2[q(1)] + delta1, x2[q(2)] + rs, x2[q(3)] + noise]).clamp(0, 1)
+    xt2, _ = h.batch(model, x2, y2)
+    assert torch.allclose(xt2, expected2, atol=1e-7)
+    # alpha = 2 eps > eps + |eta|: the FGSM-RS quarter is exactly FGSM at eps, x + eps sign(g)
+    assert torch.allclose(xt2[q(2)], (x2[q(2)] + eps * grad[q(2)].sign()).clamp(0, 1), atol=1e-7)
+    # and the free delta moved towards sign(g): up to eps where g > 0, down to -eps where g < 0
+    assert torch.allclose(delta1, torch.where(grad[q(1)] > 0, (delta0 + eps).clamp(max=eps),
+                                              (delta0 - eps).clamp(min=-eps)))

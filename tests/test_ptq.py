@@ -6,11 +6,9 @@ Measured (10k training examples, 2 epochs, seeds 0-2, 2000 test examples): FP 84
 """
 import pytest
 
-data = pytest.importorskip("rqlab.data", reason="rqlab/data.py (datasets) is not written yet")
-
-from rqlab import models, quant  # noqa: E402
-from rqlab.training import TrainConfig, accuracy, fit, seed_everything  # noqa: E402
-from rqlab.validate import RqlabError  # noqa: E402
+from rqlab import data, models, quant
+from rqlab.training import TrainConfig, accuracy, fit, seed_everything
+from rqlab.validate import RqlabError
 
 
 @pytest.fixture(scope="module")

@@ -241,12 +241,49 @@ def test_training_lowers_the_loss_and_learns():
     assert set(h[0]) == {"epoch", "train_loss", "train_acc", "clean_accuracy", "lr", "epoch_time_s", "cumulative_time_s"}
 
 
-def test_accuracy_restores_mode_and_policy_and_counts_n():
+class Oracle(torch.nn.Module):
+    """A stand-in classifier whose prediction is written in its input: x (B, 1) holds the
+    class it predicts (one-hot logits over 4 classes). One dummy parameter, so that
+    `accuracy` finds a device."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):  # (B, 1) -> (B, 4)
+        return torch.nn.functional.one_hot(x[:, 0].long(), 4).float() + 0 * self.dummy
+
+
+# predictions 0..3 repeated, labels chosen so that exactly examples 0, 5 and 6 are right
+ORACLE_PRED = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]).float().unsqueeze(1)  # (8, 1)
+ORACLE_Y = torch.tensor([0, 2, 3, 0, 1, 1, 2, 2])
+ORACLE_LOADER = [(ORACLE_PRED[i:i + 3], ORACLE_Y[i:i + 3]) for i in range(0, 8, 3)]  # batches 3, 3, 2
+
+
+@pytest.mark.parametrize("n, expected", [(None, 3 / 8), (1, 1.0), (2, 1 / 2), (4, 1 / 4), (5, 1 / 5),
+                                         (6, 2 / 6), (7, 3 / 7), (8, 3 / 8), (100, 3 / 8)])
+def test_accuracy_is_the_share_correct_among_the_first_n(n, expected):
+    """Hand count: 3 of the 8 are right (examples 0, 5, 6); `n` keeps the first n examples,
+    cutting inside a batch (n=4, 5, 7) or not (n=6); n beyond the data counts all 8."""
+    assert accuracy(Oracle(), ORACLE_LOADER, n=n) == expected
+
+
+def test_accuracy_of_an_empty_loader_is_an_error():
+    with pytest.raises(RqlabError, match="no examples"):
+        accuracy(Oracle(), [])
+
+
+def test_accuracy_restores_mode_and_policy():
     _, test = loaders()
     model = quant.apply(make_model(), quant.Fixed(32))
     model.train()
-    acc = accuracy(model, test, n=100)
-    assert 0 <= acc <= 1 and model.training and quant.current(model) == quant.Fixed(32)
+    x, y = test.x[:100], test.y[:100]
+    model.eval()
+    with torch.no_grad():
+        expected = (model(x).argmax(1) == y).float().mean().item()  # a direct forward pass
+    model.train()
+    assert accuracy(model, test, n=100) == pytest.approx(expected)
+    assert model.training and quant.current(model) == quant.Fixed(32)
     with pytest.raises(RqlabError, match="never trained or calibrated"):
         accuracy(model, test, policy=quant.Fixed(4))
     assert quant.current(model) == quant.Fixed(32)
@@ -272,7 +309,6 @@ def test_cli_unknown_model_is_a_clear_error(tmp_path):
 
 
 def test_cli_trains_and_writes_checkpoint_and_history(tmp_path, capsys):
-    pytest.importorskip("rqlab.data", reason="rqlab/data.py (datasets) is not written yet")
     args = parse(["--data", "fashion-mnist", "--n-train", "256", "--eval-n", "256", "--epochs", "1",
                   "--batch-size", "64", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert args.run(args) == 0
