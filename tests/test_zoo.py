@@ -144,16 +144,16 @@ def card_setup(name, n):
     t = card["threat"]
     threat = ThreatModel(t["attack"], norm=t["norm"], eps=t["eps"], steps=t["steps"], step_size=t["step_size"],
                          restarts=t["restarts"], seed=t["seed"])
-    dataset = build_parser().parse_args(["train", *zoo.recipe(name).train]).data  # as `build` reads it
+    dataset = zoo.recipe(name).spec.data
     test = data.load(dataset, "test", n=zoo.CLEAN_N, seed=0)
-    return zoo.load(name), row, threat, test, min(n, row["pgd20_n"])
+    return zoo.load(name), row, threat, test, min(n, row["robust_n"])
 
 
 def measured_pgd20(name, n):
     from rqlab.evaluation import evaluate
 
     model, row, threat, test, n = card_setup(name, n)
-    assert threat.steps == 20 and row["pgd20_n"] == zoo.PGD_N
+    assert threat.steps == 20 and row["robust_n"] == zoo.PGD_N
     rec = evaluate(model, test, threat, policy=checkpoint.policy_from_dict(row["policy"]), n=n,
                    passes=row["passes"], progress=False)
     assert rec["n"] == n
@@ -169,8 +169,8 @@ def test_every_card_reproduces_its_pgd20_within_its_interval(name):
     CPU), far over 90 s even idle, hence slow (`-m slow`); the fast check below covers
     three of them on 100 examples (27 s for the three under the same load)."""
     acc, row = measured_pgd20(name, zoo.PGD_N)
-    lo, hi = row["pgd20_ci95"]
-    assert lo <= acc <= hi, (name, acc, row["pgd20_accuracy"], (lo, hi))
+    lo, hi = row["robust_ci95"]
+    assert lo <= acc <= hi, (name, acc, row["robust_accuracy"], (lo, hi))
 
 
 def wilson(p, n, z=1.96):
@@ -192,5 +192,5 @@ def test_pgd20_on_the_first_100_examples_agrees_with_the_card(name):
     if name not in TRAINED:
         pytest.skip("zoo model not built")
     acc, row = measured_pgd20(name, 100)
-    lo, hi = wilson(row["pgd20_accuracy"], 100)
-    assert 0.08 < hi - lo < 0.2 and lo <= acc <= hi, (name, acc, row["pgd20_accuracy"], (lo, hi))
+    lo, hi = wilson(row["robust_accuracy"], 100)
+    assert 0.08 < hi - lo < 0.2 and lo <= acc <= hi, (name, acc, row["robust_accuracy"], (lo, hi))
