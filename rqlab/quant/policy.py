@@ -44,6 +44,8 @@ class Fixed:
         check_bits(self.bits, "bits")
         if self.act_bits is not None:
             check_bits(self.act_bits, "act_bits")
+            if self.act_bits == self.bits:  # one spelling per policy: Fixed(4, 4) is Fixed(4)
+                object.__setattr__(self, "act_bits", None)
 
     @property
     def a_bits(self) -> int:
