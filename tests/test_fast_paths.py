@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from rqlab import attacks, defenses, models, quant
 from rqlab.analysis.transfer import _accuracy, transfer_matrix
 from rqlab.attacks import ThreatModel
-from rqlab.attacks.base import eval_mode
+from rqlab.models.state import eval_mode
 from rqlab.quant import layers as qlayers
 from rqlab.training import TrainConfig, fit
 
@@ -165,7 +165,8 @@ def eot_pgd_with_using(model, x, y, threat):
     """eot_pgd as it was before quant.switching: quant.using around every sample."""
     import random
 
-    from rqlab.attacks.base import ce_loss, input_grad, iterate, precision_support, prepared, score
+    from rqlab.attacks.base import ce_loss, input_grad, iterate, precision_support, score
+    from rqlab.models.state import prepared
 
     support = precision_support(model, threat.policy)
     rng = random.Random(threat.seed)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attacks.base import eval_mode
+from ..models.state import eval_mode
 from ..models.base import Normalize
 from ..validate import RqlabError, check_int
 

@@ -73,7 +73,7 @@ import torch.nn as nn
 
 from .. import quant
 from ..analysis.lipschitz import network_bound, spectral_norm
-from ..attacks.base import eval_mode
+from ..models.state import eval_mode
 from ..quant.functional import grid_step, quantize_weight
 from ..quant.layers import SwitchableBatchNorm2d
 from ..validate import FP_BITS, RqlabError, check_bits_set, check_choice, check_float, check_int

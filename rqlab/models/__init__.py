@@ -7,3 +7,4 @@ from .base import ModelConfig, Normalize, RqlabModel
 from .registry import canonical_name, create, from_config, names
 from .resnets import PreActResNet18, WideResNet34_10
 from .smallcnn import SmallCNN
+from .state import eval_mode, prepared

@@ -191,7 +191,7 @@ def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model's weights and activation ranges are taken as fixed:
     each quantized layer quantizes its weight once per (bits, scheme, STE) and reuses it,
     and each activation quantizer in eval mode computes the grid of a frozen range once.
-    Results are the same bit for bit; only repeated work goes. `attacks.base.prepared`,
+    Results are the same bit for bit; only repeated work goes. `models.state.prepared`,
     `evaluate`, `train.accuracy` and `analysis.transfer_matrix` enter it.
 
     Safe when weights do change: a cached weight is used only when the weight needs no

@@ -299,7 +299,7 @@ def clean_accuracy(model, data, policy, passes: int = 1) -> float:
     import torch
 
     from .. import quant
-    from ..attacks.base import eval_mode
+    from ..models.state import eval_mode
     from ..evaluation import _fresh, as_tensors, correct_passes
 
     x, y = as_tensors(data)
