@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-from rqlab import checkpoint, data, quant, zoo
+from rqlab import bitselect, checkpoint, data, quant, zoo
 from rqlab.analysis import sweeps
 from rqlab.analysis.adaptive import evaluate_protocols
 from rqlab.analysis.curves import epoch_time_ratio, zoo_curves
 from rqlab.attacks import ThreatModel
-from rqlab.defenses import bitselect
 from rqlab.evaluation import evaluate
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "findings"

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rqlab import bitselect as BS
 from rqlab import checkpoint, cli, models, quant
 from rqlab.attacks import ThreatModel
-from rqlab.defenses import bitselect as BS
 from rqlab.evaluation import evaluate
 from rqlab.validate import RqlabError
 
