@@ -128,29 +128,6 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
 
 
-def policy_from_dict(d: dict | None):
-    """Inverse of `Policy.to_dict()` (None -> full precision).
-
-    (A natural home for this is rqlab.quant.policy; it lives here until it moves.)
-    """
-    from . import quant
-
-    if d is None:
-        return quant.Fixed(32)
-    kind = d.get("kind")
-    if kind == "fixed":
-        act = d.get("act_bits")
-        return quant.Fixed(d["bits"], None if act in (None, d["bits"]) else act)
-    if kind == "per_layer":
-        # to_dict writes every entry as a (w, a) pair; an equal pair was a plain int
-        bits = {k: (v if not isinstance(v, (list, tuple)) else int(v[0]) if v[0] == v[1] else tuple(v))
-                for k, v in d["bits"].items()}
-        return quant.PerLayer(bits, default=d.get("default", 32))
-    if kind == "random":
-        return quant.RandomPrecision(tuple(d["choices"]), seed=d.get("seed", 0))
-    raise RqlabError(f"policy kind={kind!r} is unknown: expected fixed, per_layer or random")
-
-
 def policy_state(policy):
     """The policy's own RNG state (RandomPrecision), else None. Checkpoint-safe (tuples of ints)."""
     return policy.get_state() if hasattr(policy, "get_state") else None
@@ -174,7 +151,7 @@ def load_model(path, device="cpu", eval: bool = True):
     except RuntimeError as e:
         raise RqlabError(f"checkpoint {path}: weights do not fit the stored model config: "
                          f"{_first_line(e)}") from e
-    policy = policy_from_dict(ckpt.get("policy"))
+    policy = quant.policy_from_dict(ckpt.get("policy"))
     if ckpt.get("policy_state") is not None and hasattr(policy, "set_state"):
         policy.set_state(ckpt["policy_state"])
     quant.apply(model, policy)

@@ -200,7 +200,7 @@ def format_record(rec: dict) -> str:
     pct = lambda v: f"{100 * v:6.2f}%"  # noqa: E731
     ci = lambda c: f"[{100 * c[0]:.1f}, {100 * c[1]:.1f}]"  # noqa: E731
     t = rec["threat"]
-    lines = [f"model {rec['model']}  precision {_policy_text(rec['policy'])}  n={rec['n']}  passes={rec['passes']}",
+    lines = [f"model {rec['model']}  precision {quant.policy_from_dict(rec['policy'])}  n={rec['n']}  passes={rec['passes']}",
              f"threat {t['attack']} {t['norm']} eps={t['eps']:.4g} steps={t['steps']} step={t['step_size']:.4g} "
              f"restarts={t['restarts']} eot={t['eot']}",
              f"{'':10}{'accuracy':>10}{'95% CI':>16}{'worst-case':>12}"]
@@ -211,11 +211,3 @@ def format_record(rec: dict) -> str:
         lines.append(f"sanity {c['check']:<22} {'ok' if c['passed'] else 'FAILED'}: {c['detail']}")
     lines.append(f"{rec['wall_time_s']:.1f}s on {rec['device']}")
     return "\n".join(lines)
-
-
-def _policy_text(d: dict) -> str:
-    if d.get("kind") == "fixed":
-        return str(quant.Fixed(d["bits"], None if d["act_bits"] == d["bits"] else d["act_bits"]))
-    if d.get("kind") == "random":
-        return str(quant.RandomPrecision(tuple(d["choices"]), d["seed"]))
-    return "per-layer(" + ", ".join(f"{k}={v}" for k, v in d.get("bits", {}).items()) + ")"

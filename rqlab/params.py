@@ -94,12 +94,12 @@ def load_model(spec: str, device="cpu"):
 
 def training_policy(spec: str):
     """The precision policy `spec` was trained at (zoo card or checkpoint), as a Policy."""
-    from . import checkpoint, zoo
+    from . import checkpoint, quant, zoo
 
     spec = check_model_spec(spec)
     if is_checkpoint_path(spec):
-        return checkpoint.policy_from_dict(checkpoint.load(Path(spec).expanduser()).get("policy"))
-    return checkpoint.policy_from_dict(zoo.card(spec)["recipe"]["policy"])
+        return quant.policy_from_dict(checkpoint.load(Path(spec).expanduser()).get("policy"))
+    return quant.policy_from_dict(zoo.card(spec)["recipe"]["policy"])
 
 
 def supported_bits(model) -> tuple[int, ...]:

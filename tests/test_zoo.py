@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from rqlab import checkpoint, data, quant, zoo
+from rqlab import data, quant, zoo
 from rqlab.cli import build_parser, main
 from rqlab.sanity import SanityConfig
 from rqlab.validate import RqlabError
@@ -19,7 +19,7 @@ def test_every_card_reproduces_its_clean_accuracy(name):
     model = zoo.load(name)
     test = data.load("fashion-mnist", "test", n=zoo.CLEAN_N, seed=0)
     for row in card["eval"]:
-        policy = checkpoint.policy_from_dict(row["policy"])
+        policy = quant.policy_from_dict(row["policy"])
         acc = zoo.clean_accuracy(model, test, policy, row["passes"])
         assert abs(acc - row["clean_accuracy"]) <= 0.02, (name, row["precision"], acc, row["clean_accuracy"])
         assert 0.0 <= row["pgd20_accuracy"] <= 1.0

@@ -13,6 +13,6 @@ from .functional import (STE_MODES, WEIGHT_SCHEMES, binarize_activation, binariz
                          quantize_per_channel, quantize_range, quantize_symmetric, quantize_weight,
                          quantize_with_qparams, range_qparams)
 from .layers import ActQuant, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, batch_norm, frozen_weights
-from .policy import (Fixed, PerLayer, Policy, RandomPrecision, apply, current, parse_policy, quant_layers,
-                     switching, using)
+from .policy import (POLICY_KINDS, Fixed, PerLayer, Policy, RandomPrecision, apply, current, parse_policy,
+                     policy_from_dict, quant_layers, switching, using)
 from .ptq import calibrate, convert, ptq, quantizable_names
