@@ -42,7 +42,7 @@ def rqlab_version() -> str:
         return "unknown"
 
 
-def _atomic_write(path, write) -> Path:
+def atomic_write(path, write) -> Path:
     """Call `write(file_object)` on a temp file next to `path`, fsync, then os.replace.
 
     Readers see the old file or the complete new one, never a partial one; on any error
@@ -87,13 +87,13 @@ def save(path, payload: dict) -> Path:
     if not isinstance(payload, dict):
         raise RqlabError(f"checkpoint payload must be a dict, got {type(payload).__name__}")
     payload = {"format": FORMAT, "version": VERSION, "rqlab_version": rqlab_version(), **payload}
-    return _atomic_write(path, lambda f: torch.save(payload, f))
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def save_json(path, obj) -> Path:
     """Write `obj` as indented JSON, atomically (e.g. a run's history.json)."""
     text = json.dumps(obj, indent=2) + "\n"
-    return _atomic_write(path, lambda f: f.write(text.encode()))
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load(path, map_location="cpu") -> dict:

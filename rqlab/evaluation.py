@@ -103,7 +103,7 @@ def evaluate(model: nn.Module, data, threat: ThreatModel, policy=None, n: int | 
     batch_size, seed, passes = (check_int(batch_size, "batch_size", 1), check_int(seed, "seed", 0),
                                 check_int(passes, "passes", 1))
     x, y = as_tensors(data, n)
-    policy = _fresh(policy if policy is not None else quant.current(model))
+    policy = fresh_policy(policy if policy is not None else quant.current(model))
     device = next(model.parameters()).device
     attack = attacks.get(threat.attack)
     clean_hits = torch.zeros(len(x), dtype=torch.long)
@@ -161,8 +161,10 @@ def _accuracies(kind: str, hits: torch.Tensor, passes: int) -> dict:
             f"{kind}_worst_accuracy": worst_k / max(n, 1), f"{kind}_worst_ci95": list(wilson_interval(worst_k, n))}
 
 
-def _fresh(policy):
-    """A RandomPrecision restarted from its seed (reproducible records); others as they are."""
+def fresh_policy(policy):
+    """The policy to evaluate at, restarted: a RandomPrecision becomes a new one at its seed
+    (so a record's random draws do not depend on earlier use of the policy); Fixed and
+    PerLayer come back as they are; a string is read by `quant.parse_policy`."""
     if isinstance(policy, str):
         policy = quant.parse_policy(policy)
     if isinstance(policy, quant.RandomPrecision):

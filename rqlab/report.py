@@ -561,9 +561,9 @@ def _flatten(obj, prefix: str, out: dict, max_list: int = 8) -> None:
 
 
 def _write(path, data: bytes) -> Path:
-    from .checkpoint import _atomic_write
+    from .checkpoint import atomic_write
 
-    return _atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _write_json(path, obj) -> Path:

@@ -181,9 +181,14 @@ class QuantLinear(_QuantMixin, nn.Linear):
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
 
+# The frozen-weights cache; False makes `frozen_weights` cache nothing (the slow path, for
+# benchmarks and tests that compare the two).
+WEIGHT_CACHE = True
+
+
 def _caching(module: nn.Module) -> bool:
     # Never from inside inference_mode: its tensors could not meet autograd later.
-    return getattr(module, "_frozen", 0) > 0 and not torch.is_inference_mode_enabled()
+    return WEIGHT_CACHE and getattr(module, "_frozen", 0) > 0 and not torch.is_inference_mode_enabled()
 
 
 @contextlib.contextmanager
@@ -249,4 +254,4 @@ def batch_norm(num_features: int, sbn_bits=None) -> nn.Module:
 
 
 __all__ = ["ActQuant", "QuantConv2d", "QuantLinear", "QUANT_LAYERS", "SwitchableBatchNorm2d",
-           "batch_norm", "frozen_weights", "ALLOWED_BITS"]
+           "batch_norm", "frozen_weights", "ALLOWED_BITS", "WEIGHT_CACHE"]

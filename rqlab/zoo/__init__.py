@@ -300,12 +300,12 @@ def clean_accuracy(model, data, policy, passes: int = 1) -> float:
 
     from .. import quant
     from ..models.state import eval_mode
-    from ..evaluation import _fresh, as_tensors, correct_passes
+    from ..evaluation import as_tensors, correct_passes, fresh_policy
 
     x, y = as_tensors(data)
     device = next(model.parameters()).device
     hits = 0
-    with quant.using(model, _fresh(policy)), eval_mode(model), torch.no_grad():
+    with quant.using(model, fresh_policy(policy)), eval_mode(model), torch.no_grad():
         for i in range(0, len(x), 500):
             hits += correct_passes(model, x[i:i + 500].to(device), y[i:i + 500].to(device), passes).sum().item()
     return hits / (passes * len(x))
