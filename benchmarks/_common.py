@@ -114,12 +114,12 @@ def caches_off():
     """rqlab without the frozen-weights cache (the path before issue 8), for comparison."""
     from rqlab.quant import layers
 
-    real = layers._caching
-    layers._caching = lambda module: False
+    real = layers.WEIGHT_CACHE
+    layers.WEIGHT_CACHE = False
     try:
         yield
     finally:
-        layers._caching = real
+        layers.WEIGHT_CACHE = real
 
 
 # ---- models and batches -------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch
 import _common as C
 from rqlab import quant
 from rqlab.attacks import ThreatModel, pgd
-from rqlab.attacks.base import input_grad, prepared
+from rqlab.attacks.base import input_grad
+from rqlab.models.state import prepared
 
 SETTINGS = {  # name: (eps, alpha, cpu batch, gpu batch)
     "smallcnn": (0.1, 0.01, 256, 256),

@@ -22,7 +22,8 @@ import _common as C
 from rqlab import quant
 from rqlab.analysis.transfer import _accuracy, transfer_matrix
 from rqlab.attacks import ThreatModel, eot_pgd, pgd
-from rqlab.attacks.base import eval_mode, input_grad, prepared
+from rqlab.attacks.base import input_grad
+from rqlab.models.state import eval_mode, prepared
 
 BITS = [3, 4, 5, 6, 7, 8]
 

@@ -41,7 +41,7 @@ def rqlab_version() -> str:
         return "unknown"
 
 
-def _atomic_write(path, write) -> Path:
+def atomic_write(path, write) -> Path:
     """Call `write(file_object)` on a temp file next to `path`, fsync, then os.replace.
 
     Readers see the old file or the complete new one, never a partial one; on any error
@@ -86,7 +86,7 @@ def save(path, payload: dict) -> Path:
     if not isinstance(payload, dict):
         raise RqlabError(f"checkpoint payload must be a dict, got {type(payload).__name__}")
     payload = {"format": FORMAT, "version": VERSION, "rqlab_version": rqlab_version(), **payload}
-    return _atomic_write(path, lambda f: torch.save(payload, f))
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def _to_dict(obj):
@@ -100,12 +100,12 @@ def save_json(path, obj) -> Path:
     """Write `obj` as indented JSON, atomically (e.g. a run's history.json); records,
     specs and policies inside it are written as their to_dict()."""
     text = json.dumps(obj, indent=2, default=_to_dict) + "\n"
-    return _atomic_write(path, lambda f: f.write(text.encode()))
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write `data` to `path` atomically (e.g. a report's HTML page or PNG figure)."""
-    return _atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def load(path, map_location="cpu") -> dict:
@@ -138,29 +138,6 @@ def load(path, map_location="cpu") -> dict:
 def _first_line(e: BaseException, limit: int = 300) -> str:
     lines = str(e).splitlines()
     return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
-
-
-def policy_from_dict(d: dict | None):
-    """Inverse of `Policy.to_dict()` (None -> full precision).
-
-    (A natural home for this is rqlab.quant.policy; it lives here until it moves.)
-    """
-    from . import quant
-
-    if d is None:
-        return quant.Fixed(32)
-    kind = d.get("kind")
-    if kind == "fixed":
-        act = d.get("act_bits")
-        return quant.Fixed(d["bits"], None if act in (None, d["bits"]) else act)
-    if kind == "per_layer":
-        # to_dict writes every entry as a (w, a) pair; an equal pair was a plain int
-        bits = {k: (v if not isinstance(v, (list, tuple)) else int(v[0]) if v[0] == v[1] else tuple(v))
-                for k, v in d["bits"].items()}
-        return quant.PerLayer(bits, default=d.get("default", 32))
-    if kind == "random":
-        return quant.RandomPrecision(tuple(d["choices"]), seed=d.get("seed", 0))
-    raise RqlabError(f"policy kind={kind!r} is unknown: expected fixed, per_layer or random")
 
 
 def policy_state(policy):

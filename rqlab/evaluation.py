@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import attacks, quant
 from .attacks import ThreatModel
-from .attacks.base import eval_mode
+from .models.state import eval_mode
 from .record import Record
 from .stats import wilson_interval
 from .validate import RqlabError, check_images, check_int
@@ -153,7 +153,9 @@ def _accuracies(kind: str, hits: torch.Tensor, passes: int) -> dict:
 
 
 def fresh_policy(policy):
-    """A RandomPrecision restarted from its seed (reproducible records); others as they are."""
+    """The policy to evaluate at, restarted: a RandomPrecision becomes a new one at its seed
+    (so a record's random draws do not depend on earlier use of the policy); Fixed and
+    PerLayer come back as they are; a string is read by `quant.parse_policy`."""
     if isinstance(policy, str):
         policy = quant.parse_policy(policy)
     if isinstance(policy, quant.RandomPrecision):
@@ -191,7 +193,7 @@ def format_record(rec: dict) -> str:
     pct = lambda v: f"{100 * v:6.2f}%"  # noqa: E731
     ci = lambda c: f"[{100 * c[0]:.1f}, {100 * c[1]:.1f}]"  # noqa: E731
     t = rec["threat"]
-    lines = [f"model {rec['model']}  precision {_policy_text(rec['policy'])}  n={rec['n']}  passes={rec['passes']}",
+    lines = [f"model {rec['model']}  precision {quant.policy_from_dict(rec['policy'])}  n={rec['n']}  passes={rec['passes']}",
              f"threat {t['attack']} {t['norm']} eps={t['eps']:.4g} steps={t['steps']} step={t['step_size']:.4g} "
              f"restarts={t['restarts']} eot={t['eot']}",
              f"{'':10}{'accuracy':>10}{'95% CI':>16}{'worst-case':>12}"]
@@ -202,11 +204,3 @@ def format_record(rec: dict) -> str:
         lines.append(f"sanity {c['check']:<22} {'ok' if c['passed'] else 'FAILED'}: {c['detail']}")
     lines.append(f"{rec['wall_time_s']:.1f}s on {rec['device']}")
     return "\n".join(lines)
-
-
-def _policy_text(d: dict) -> str:
-    if d.get("kind") == "fixed":
-        return str(quant.Fixed(d["bits"], None if d["act_bits"] == d["bits"] else d["act_bits"]))
-    if d.get("kind") == "random":
-        return str(quant.RandomPrecision(tuple(d["choices"]), d["seed"]))
-    return "per-layer(" + ", ".join(f"{k}={v}" for k, v in d.get("bits", {}).items()) + ")"

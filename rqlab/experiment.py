@@ -78,7 +78,7 @@ class RunSpec:
         if not isinstance(train, TrainConfig):
             raise RqlabError(f"train={train!r} must be a TrainConfig or its dict")
         set_("train", train)
-        set_("policy", _as_policy(self.policy, train.seed))
+        set_("policy", as_policy(self.policy, train.seed))
         defense = defenses.canonical(self.defense)
         set_("defense", defense)
         if not isinstance(self.defense_config, dict):
@@ -108,7 +108,7 @@ class RunSpec:
 
     def fresh_policy(self):
         """A new copy of the policy (a random one with its generator at the start)."""
-        return checkpoint.policy_from_dict(self.policy.to_dict())
+        return quant.policy_from_dict(self.policy.to_dict())
 
     def replace(self, **changes) -> "RunSpec":
         """A copy with `changes`; train may be given as {field: value} changes to the TrainConfig."""
@@ -185,11 +185,12 @@ class RunSpec:
         return " ".join(shlex.quote(a) for a in argv)
 
 
-def _as_policy(policy, seed: int):
+def as_policy(policy, seed: int = 0):
+    """A Policy from a Policy, its dict, or a spelling (a random set seeded with `seed`)."""
     if isinstance(policy, (quant.Fixed, quant.PerLayer, quant.RandomPrecision)):
         return policy
     if isinstance(policy, dict):
-        return checkpoint.policy_from_dict(policy)
+        return quant.policy_from_dict(policy)
     if isinstance(policy, (str, int)) and not isinstance(policy, bool):
         return quant.parse_policy(str(policy), seed=seed)
     raise RqlabError(f"policy={policy!r} must be a precision policy, its dict, or a spelling such as fp, 4, "
@@ -306,7 +307,7 @@ def restore(path, device="cpu", eval: bool = True):
     except RuntimeError as e:
         raise RqlabError(f"checkpoint {path}: weights do not fit the stored model config: "
                          f"{str(e).splitlines()[0][:300]}") from e
-    policy = checkpoint.policy_from_dict(ckpt.get("policy"))
+    policy = quant.policy_from_dict(ckpt.get("policy"))
     if ckpt.get("policy_state") is not None and hasattr(policy, "set_state"):
         policy.set_state(ckpt["policy_state"])
     quant.apply(model, policy)
@@ -315,4 +316,4 @@ def restore(path, device="cpu", eval: bool = True):
 
 
 __all__ = ["RunSpec", "TrainConfig", "DEFAULT_TRAIN", "train", "build_model", "build_hooks", "robust_metric",
-           "policy_spelling", "restore"]
+           "policy_spelling", "as_policy", "restore"]

@@ -77,12 +77,12 @@ def check_model_specs(specs, field: str = "model") -> dict[str, str]:
 
 def training_policy(spec: str):
     """The precision policy `spec` was trained at (zoo card or checkpoint), as a Policy."""
-    from . import checkpoint, zoo
+    from . import checkpoint, quant, zoo
 
     spec = check_model_spec(spec)
     if is_checkpoint_path(spec):
-        return checkpoint.policy_from_dict(checkpoint.load(Path(spec).expanduser()).get("policy"))
-    return checkpoint.policy_from_dict(zoo.card(spec)["recipe"]["policy"])
+        return quant.policy_from_dict(checkpoint.load(Path(spec).expanduser()).get("policy"))
+    return quant.policy_from_dict(zoo.card(spec)["recipe"]["policy"])
 
 
 def supported_bits(model) -> tuple[int, ...]:

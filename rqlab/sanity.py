@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 
 from . import attacks, quant
-from .attacks.base import ce_loss, prepared
+from .attacks.base import ce_loss
 from .attacks.threat import L2_EPS_MAX, ThreatModel
+from .models.state import prepared
 from .validate import RqlabError, check_float, check_int
 
 ADAPTIVE = ("eot_pgd", "expectation")

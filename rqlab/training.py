@@ -307,7 +307,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
             "cumulative_time_s": (history[-1]["cumulative_time_s"] if history else 0.0) + epoch_time,
         }
         for key, metric in (epoch_metrics or {}).items():
-            with quant.using(model, checkpoint.policy_from_dict(policy.to_dict())):
+            with quant.using(model, quant.policy_from_dict(policy.to_dict())):
                 row[key] = float(metric(model))
         _check_finite(row["train_loss"], epoch, cfg)
         hooks.epoch_end(model, epoch, row)
@@ -324,7 +324,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
 def _evaluate(model, loader, policy, cfg: TrainConfig) -> float:
     # A fresh copy of the policy: a random one then draws the same precisions at every
     # evaluation, and leaves the training policy's generator (saved for resuming) alone.
-    return accuracy(model, loader, checkpoint.policy_from_dict(policy.to_dict()), cfg.eval_n)
+    return accuracy(model, loader, quant.policy_from_dict(policy.to_dict()), cfg.eval_n)
 
 
 def _check_finite(loss: float, epoch: int, cfg: TrainConfig) -> None:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from rqlab import checkpoint, data, quant, zoo
+import rqlab
+from rqlab import bitselect, checkpoint, data, quant, zoo
 from rqlab.analysis import sweeps
 from rqlab.analysis.adaptive import evaluate_protocols
 from rqlab.analysis.curves import epoch_time_ratio, zoo_curves
 from rqlab.attacks import ThreatModel
-from rqlab.defenses import bitselect
 from rqlab.evaluation import evaluate
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "findings"
@@ -58,7 +58,7 @@ def same_budget_fp_control():
         print("  training the same-budget FP control: rqlab " + " ".join(CONTROL_ARGS), file=sys.stderr, flush=True)
         if rqlab_main(CONTROL_ARGS) != 0:
             raise SystemExit("training the FP control failed")
-    model = checkpoint.load_model(ckpt)
+    model = rqlab.load(ckpt)
     calib = data.load("fashion-mnist", "train", n=zoo.CALIBRATE_N, seed=1).x.float() / 255
     quant.calibrate(model, [calib[i:i + 256] for i in range(0, len(calib), 256)], bits=list(zoo.CALIBRATE_BITS))
     return model.eval()

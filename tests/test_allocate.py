@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rqlab.defenses import allocate as A
+from rqlab.bitselect import allocate as A
 from rqlab.validate import RqlabError
 
 BITS = (2, 3, 4, 6, 8)

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rqlab import bitselect as BS
 from rqlab import checkpoint, cli, models, quant
 from rqlab.attacks import ThreatModel
-from rqlab.defenses import bitselect as BS
 from rqlab.evaluation import evaluate
 from rqlab.validate import RqlabError
 
@@ -303,7 +303,7 @@ def test_cli_writes_bits_that_meet_the_budget(ckpt, brief_cnn, tmp_path, capsys)
     assert avg <= 3.5 + 1e-9 and avg == pytest.approx(res["avg_bits"])
     assert res["bitops_total"] == pytest.approx(quant.bitops(brief_cnn, quant.PerLayer(res["bits"])))
     assert set(res["sensitivity"]["table"]["conv2"]) == {str(b) for b in BITS}
-    policy = checkpoint.policy_from_dict(res["policy"])
+    policy = quant.policy_from_dict(res["policy"])
     assert policy.bits == res["bits"]
 
 

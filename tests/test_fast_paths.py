@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from rqlab import attacks, defenses, models, quant
 from rqlab.analysis.transfer import _accuracy, transfer_matrix
 from rqlab.attacks import ThreatModel
-from rqlab.attacks.base import eval_mode
+from rqlab.models.state import eval_mode
 from rqlab.quant import layers as qlayers
 from rqlab.training import TrainConfig, fit
 
@@ -44,7 +44,7 @@ def no_cache(monkeypatch):
     """Inside the fixture's `with`, frozen_weights caches nothing: the slow path."""
     class Off:
         def __enter__(self):
-            monkeypatch.setattr(qlayers, "_caching", lambda module: False)
+            monkeypatch.setattr(qlayers, "WEIGHT_CACHE", False)
 
         def __exit__(self, *exc):
             monkeypatch.undo()
@@ -61,12 +61,12 @@ def native(x, scale, zp, qmin, qmax, axis=None):
 
 def assert_same_as_native(x, scale, zp, qmin, qmax, axis=None):
     """Values (no grad and with grad) and the clipped-STE gradient, bit for bit."""
-    from rqlab.quant.functional import _fake_quantize
+    from rqlab.quant.functional import fake_quantize
 
-    ours, ref = _fake_quantize(x, scale, zp, qmin, qmax, axis), native(x, scale, zp, qmin, qmax, axis)
+    ours, ref = fake_quantize(x, scale, zp, qmin, qmax, axis), native(x, scale, zp, qmin, qmax, axis)
     assert torch.equal(ours, ref) or torch.equal(ours.nan_to_num(), ref.nan_to_num())
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    qa, qb = _fake_quantize(xa, scale, zp, qmin, qmax, axis), native(xb, scale, zp, qmin, qmax, axis)
+    qa, qb = fake_quantize(xa, scale, zp, qmin, qmax, axis), native(xb, scale, zp, qmin, qmax, axis)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     qa.backward(g)
     qb.backward(g)
@@ -96,14 +96,14 @@ def test_per_tensor_fake_quant_equals_native_bit_for_bit(bits, seed):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("shape, axis", [((16, 8, 3, 3), 0), ((10, 40), 0), ((6, 5, 4), 1)])
 def test_per_channel_fake_quant_equals_native_bit_for_bit(bits, shape, axis):
-    from rqlab.quant.functional import _affine_qparams
+    from rqlab.quant.functional import affine_qparams
 
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(shape, generator=g) * torch.rand(shape[axis], generator=g).view(
         (-1,) + (1,) * (len(shape) - axis - 1))
     w.select(axis, 0).zero_()  # an all-zero channel (scale at its floor)
     wd = w.transpose(0, axis).reshape(shape[axis], -1)
-    scale, zp = _affine_qparams(wd.amin(1), wd.amax(1), bits)
+    scale, zp = affine_qparams(wd.amin(1), wd.amax(1), bits)
     assert_same_as_native(w, scale, zp, 0, 2 ** bits - 1, axis)
     assert_same_as_native(w * 1.3, scale, zp, 0, 2 ** bits - 1, axis)  # beyond each channel's range
 
@@ -165,7 +165,8 @@ def eot_pgd_with_using(model, x, y, threat):
     """eot_pgd as it was before quant.switching: quant.using around every sample."""
     import random
 
-    from rqlab.attacks.base import ce_loss, input_grad, iterate, precision_support, prepared, score
+    from rqlab.attacks.base import ce_loss, input_grad, iterate, precision_support, score
+    from rqlab.models.state import prepared
 
     support = precision_support(model, threat.policy)
     rng = random.Random(threat.seed)

@@ -9,6 +9,17 @@ FMNIST = dict(input_shape=(1, 28, 28), mean=(0.286,), std=(0.353,))
 CIFAR = dict(input_shape=(3, 32, 32), mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
 
 
+def test_every_config_name_has_a_class_and_aliases_resolve():
+    from rqlab.models import base, registry
+
+    assert list(registry.CLASSES) == list(base.NAMES) == models.names()
+    for alias, name in base.ALIASES.items():
+        assert models.canonical_name(alias.upper()) == name
+        assert models.ModelConfig(alias).name == name
+    with pytest.raises(RqlabError, match="smallcnn, preactresnet18, wrn34-10"):
+        models.ModelConfig("resnet50")
+
+
 @pytest.mark.parametrize("name,kw,params", [
     ("smallcnn", FMNIST, (0.2e6, 0.3e6)),
     ("preactresnet18", CIFAR, (11.1e6, 11.2e6)),

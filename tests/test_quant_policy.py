@@ -1,7 +1,11 @@
 """Quantized layers, switchable BN, precision policies, PTQ conversion and BitOPs."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rqlab import models, quant
 from rqlab.validate import RqlabError
@@ -162,6 +166,74 @@ def test_bad_bits_everywhere(bad):
         quant.PerLayer({"conv2": bad})
     with pytest.raises(RqlabError, match=r"1\.\.16, or 32"):
         quant.QuantConv2d(1, 1, 1).set_bits(bad)
+
+
+# ---- policies as dicts ---------------------------------------------------------------
+
+BITS = st.sampled_from(list(range(1, 17)) + [32])
+LAYER = st.from_regex(r"[a-z][a-z0-9_]{0,6}(\.[0-9]\.[a-z0-9]{1,5})?", fullmatch=True)
+FIXED = st.builds(quant.Fixed, BITS, st.none() | BITS)
+PER_LAYER = st.builds(quant.PerLayer, st.dictionaries(LAYER, BITS | st.tuples(BITS, BITS), max_size=8), BITS)
+RANDOM = st.builds(quant.RandomPrecision, st.sets(BITS, min_size=2).map(tuple), st.integers(0, 2 ** 31 - 1))
+POLICIES = FIXED | PER_LAYER | RANDOM
+
+
+@settings(max_examples=150, deadline=None)
+@given(POLICIES)
+def test_policy_round_trips_through_its_dict(p):
+    d = p.to_dict()
+    q = type(p).from_dict(d)
+    assert q == p and quant.policy_from_dict(d) == p
+    assert type(q) is type(p) and q.to_dict() == d and str(q) == str(p)
+
+
+@settings(max_examples=150, deadline=None)
+@given(POLICIES)
+def test_policy_round_trips_through_json(p):
+    q = quant.policy_from_dict(json.loads(json.dumps(p.to_dict())))
+    assert q == p and q.to_dict() == p.to_dict()
+
+
+@settings(max_examples=50, deadline=None)
+@given(RANDOM, st.integers(1, 20))
+def test_random_policies_equal_whatever_they_drew(p, draws):
+    q = quant.policy_from_dict(p.to_dict())
+    for _ in range(draws):
+        p.draw()
+    fresh = quant.RandomPrecision(p.choices, p.seed)
+    assert q == p and [q.draw() for _ in range(5)] == [fresh.draw() for _ in range(5)]  # q starts at the seed
+
+
+def test_equal_policies_compare_equal():
+    assert quant.Fixed(4, act_bits=4) == quant.Fixed(4)
+    assert quant.PerLayer({"conv2": (3, 3), "fc1": [4, 6]}) == quant.PerLayer({"conv2": 3, "fc1": (4, 6)})
+    assert quant.RandomPrecision((8, 4), seed=1) == quant.RandomPrecision((4, 8), seed=1)
+    assert quant.RandomPrecision((4, 8), seed=1) != quant.RandomPrecision((4, 8), seed=2)
+    assert quant.policy_from_dict(None) == quant.Fixed(32)
+
+
+@pytest.mark.parametrize("d", [{"kind": "mixed", "bits": 4}, {"bits": 4}, {"kind": None}])
+def test_from_dict_names_the_allowed_kinds(d):
+    with pytest.raises(RqlabError, match="kind=.*allowed kinds are fixed, per_layer, random"):
+        quant.policy_from_dict(d)
+
+
+@pytest.mark.parametrize("cls, d, match", [
+    (quant.Fixed, {"kind": "fixed", "bits": 4, "w_bits": 4}, r"unknown fields \['w_bits'\].*'act_bits'"),
+    (quant.Fixed, {"kind": "fixed"}, r"lacks the fields \['bits'\]"),
+    (quant.Fixed, {"kind": "fixed", "bits": 0}, r"bits=0 .*1\.\.16, or 32"),
+    (quant.Fixed, {"kind": "random", "choices": [4, 8]}, r"expected kind='fixed'"),
+    (quant.PerLayer, {"kind": "per_layer", "bits": {"conv2": [4, 5, 6]}}, r"bits\['conv2'\].*pair"),
+    (quant.PerLayer, {"kind": "per_layer", "bits": {"conv2": 4}, "default": 33}, r"default=33"),
+    (quant.RandomPrecision, {"kind": "random", "choices": "4-8"}, r"choices='4-8'.*list"),
+    (quant.RandomPrecision, {"kind": "random", "choices": [4, 8], "seed": 1.5}, r"seed=1.5"),
+])
+def test_from_dict_rejects_bad_fields_by_name(cls, d, match):
+    with pytest.raises(RqlabError, match=match):
+        cls.from_dict(d)
+    if d["kind"] == cls.KIND:  # the same error through the dispatcher
+        with pytest.raises(RqlabError, match=match):
+            quant.policy_from_dict(d)
 
 
 # ---- calibration, conversion, BitOPs -------------------------------------------------

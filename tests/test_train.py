@@ -203,7 +203,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, error):
 def test_policy_round_trips_through_dict():
     for p in [quant.Fixed(4), quant.Fixed(32, act_bits=4), quant.Fixed(32),
               quant.PerLayer({"conv2": 3, "fc1": (4, 6)}), quant.RandomPrecision((4, 5, 8), seed=3)]:
-        q = checkpoint.policy_from_dict(p.to_dict())
+        q = quant.policy_from_dict(p.to_dict())
         assert q.to_dict() == p.to_dict() and str(q) == str(p)
 
 

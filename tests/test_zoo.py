@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from rqlab import checkpoint, data, quant, zoo
+from rqlab import data, quant, zoo
 from rqlab.cli import build_parser, main
 from rqlab.cli.train import spec_from_args
 from rqlab.defenses import pgd_train_step
@@ -25,7 +25,7 @@ def test_every_card_reproduces_its_clean_accuracy(name):
     model = zoo.load(name)
     test = data.load("fashion-mnist", "test", n=zoo.CLEAN_N, seed=0)
     for row in card["eval"]:
-        policy = checkpoint.policy_from_dict(row["policy"])
+        policy = quant.policy_from_dict(row["policy"])
         acc = clean_accuracy(model, test, policy, row["passes"])
         assert abs(acc - row["clean_accuracy"]) <= 0.02, (name, row["precision"], acc, row["clean_accuracy"])
         assert 0.0 <= row["robust_accuracy"] <= 1.0
@@ -154,7 +154,7 @@ def measured_pgd20(name, n):
 
     model, row, threat, test, n = card_setup(name, n)
     assert threat.steps == 20 and row["robust_n"] == zoo.PGD_N
-    rec = evaluate(model, test, threat, policy=checkpoint.policy_from_dict(row["policy"]), n=n,
+    rec = evaluate(model, test, threat, policy=quant.policy_from_dict(row["policy"]), n=n,
                    passes=row["passes"], progress=False)
     assert rec["n"] == n
     return rec["robust_accuracy"], row

@@ -12,7 +12,7 @@ Modules the notebooks build on (imported by name, e.g. `from rqlab.analysis impo
     paper      published numbers to compare with
 """
 from .amplification import error_amplification
-from .lipschitz import local_lipschitz, network_bound, reshaped_bound, spectral_norm
+from ..models.lipschitz import local_lipschitz, network_bound, reshaped_bound, spectral_norm
 from .transfer import transfer_matrix
 
 __all__ = ["transfer_matrix", "error_amplification", "spectral_norm", "reshaped_bound", "network_bound",

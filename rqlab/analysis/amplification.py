@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..attacks.base import eval_mode
+from ..models.state import eval_mode
 from ..validate import RqlabError
 
 

@@ -22,9 +22,9 @@ import torch.nn as nn
 from .. import quant
 from ..attacks import ThreatModel
 from ..evaluation import as_tensors, evaluate
+from ..models.lipschitz import local_lipschitz, network_bound
 from ..validate import FP_BITS, RqlabError, check_bits_set, check_choice, check_float, check_int
 from .amplification import error_amplification
-from .lipschitz import local_lipschitz, network_bound
 from .transfer import transfer_matrix
 
 

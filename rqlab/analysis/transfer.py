@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .. import attacks, quant
 from ..attacks import ThreatModel
-from ..attacks.base import eval_mode
+from ..models.state import eval_mode
 from ..validate import RqlabError, check_bits_set, check_int
 
 

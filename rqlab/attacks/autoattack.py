@@ -11,8 +11,9 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from ..models.state import prepared
 from ..validate import RqlabError, check_choice, check_int
-from .base import check_batch, prepared, project
+from .base import check_batch, project
 from .threat import ThreatModel
 
 OPTIONS = {"version": "standard", "attacks": None, "n_iter": None, "n_target_classes": None,

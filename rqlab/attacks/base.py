@@ -1,18 +1,19 @@
-"""What every attack shares: input checks, the attack-time model state, losses, the
-norm-ball geometry and the projected-gradient loop with restarts (METHODS section 6).
+"""What every attack shares: input checks, losses, the norm-ball geometry and the
+projected-gradient loop with restarts (METHODS section 6). The model's state during an
+attack (`prepared`, `eval_mode`) lives in `rqlab.models.state`.
 
 Conventions: x, x_adv are (B, C, H, W) in [0, 1]; y is (B,) int64; gradients are taken
 with respect to the input only (parameters are frozen for the attack's duration).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import quant
 from ..validate import RqlabError, check_images
 from .threat import ThreatModel
 
@@ -35,44 +36,6 @@ def check_batch(model: nn.Module, x, y, threat=None) -> tuple[torch.Tensor, torc
         raise RqlabError(f"y has labels in [{y.min().item()}, {y.max().item()}]: use 0..{n_cls - 1}"
                          if n_cls else f"y has a negative label {y.min().item()}")
     return x.detach(), y.detach().to(device=x.device, dtype=torch.long)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode inside the block; afterwards every submodule gets back its own mode
-    (`model.train(flag)` would overwrite submodules that differed from the parent)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield model.eval()
-    finally:
-        for m, flag in modes:
-            m.training = flag
-
-
-@contextlib.contextmanager
-def prepared(model: nn.Module, policy=None) -> Iterator[nn.Module]:
-    """The model as an attack sees it: eval mode, parameters frozen (no parameter
-    gradients), input checks off on the hot path, weights quantized once per precision
-    (`quant.frozen_weights`), and the attacker's precision `policy` applied if given.
-    Everything is restored on exit."""
-    from .. import quant
-
-    params = [(p, p.requires_grad) for p in model.parameters()]
-    norm = getattr(model, "normalize", None)
-    check = getattr(norm, "check", None)
-    try:
-        for p, _ in params:
-            p.requires_grad_(False)
-        if check is not None:
-            norm.check = False
-        with eval_mode(model), quant.frozen_weights(model), \
-                (quant.using(model, policy) if policy is not None else contextlib.nullcontext()):
-            yield model
-    finally:
-        for p, flag in params:
-            p.requires_grad_(flag)
-        if check is not None:
-            norm.check = check
 
 
 def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -169,8 +132,6 @@ def iterate(x: torch.Tensor, threat: ThreatModel, grad_fn: GradFn, score_fn: Sco
 def precision_support(model: nn.Module, policy=None) -> list:
     """Fixed policies to average over: Fixed(b) for each b of a random policy, else the
     policy itself. `policy` defaults to the model's current one."""
-    from .. import quant
-
     policy = policy if policy is not None else quant.current(model)
     if isinstance(policy, quant.RandomPrecision):
         return [quant.Fixed(b) for b in policy.support()]
@@ -181,8 +142,6 @@ def expected_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, support: 
                    loss_fn=ce_loss, switch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, misclassification rate) per example over the policies of `support`.
     `switch`: from `quant.switching(model, support)`, to set each policy cheaply."""
-    from .. import quant
-
     loss, wrong = torch.zeros(len(x), device=x.device), torch.zeros(len(x), device=x.device)
     for p in support:
         if switch is not None:

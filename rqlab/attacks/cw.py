@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import check_batch, input_grad, iterate, margin_loss, prepared, score
+from ..models.state import prepared
+from .base import check_batch, input_grad, iterate, margin_loss, score
 from .threat import ThreatModel
 
 OPTIONS: dict = {}

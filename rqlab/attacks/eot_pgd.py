@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from .. import quant
-from .base import ce_loss, check_batch, expected_score, input_grad, iterate, precision_support, prepared
+from ..models.state import prepared
+from .base import ce_loss, check_batch, expected_score, input_grad, iterate, precision_support
 from .threat import ThreatModel
 
 OPTIONS: dict = {}

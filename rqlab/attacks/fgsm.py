@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import ascend, ce_loss, check_batch, input_grad, prepared, project
+from ..models.state import prepared
+from .base import ascend, ce_loss, check_batch, input_grad, project
 from .threat import ThreatModel
 
 OPTIONS: dict = {}

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import ce_loss, check_batch, input_grad, iterate, prepared, score
+from ..models.state import prepared
+from .base import ce_loss, check_batch, input_grad, iterate, score
 from .threat import ThreatModel
 
 OPTIONS: dict = {}

@@ -6,7 +6,7 @@
 
 Loads the checkpoint, calibrates the activation ranges of every bit option on N training
 images (--calibrate, default 512; 0 uses the ranges stored in the checkpoint and fails
-if one is missing), computes the sensitivities (rqlab.defenses.bitselect), chooses the
+if one is missing), computes the sensitivities (rqlab.bitselect), chooses the
 bits and prints a per-layer table. The JSON (written atomically) holds the bits per
 layer (usable as quant.PerLayer), their BitOPs, the budget, method and sensitivities.
 """
@@ -58,7 +58,7 @@ def parse_bits(text) -> tuple:
 
 def parse_budget(text, model, kind) -> float:
     """A number, or uniform:B (the cost of every quantizable layer at B bits)."""
-    from ..defenses import bitselect
+    from .. import bitselect
     from ..validate import check_bits, check_float
 
     s = str(text).strip().lower()
@@ -81,7 +81,7 @@ def run_cli(args) -> int:
     from .. import checkpoint, data, quant
     from ..zoo import load, weights_file
     from ..attacks import ThreatModel
-    from ..defenses import bitselect
+    from .. import bitselect
     from ..training import resolve_device
     from ..validate import check_choice, check_int
 

@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from .. import quant
 from ..attacks import ThreatModel, pgd
-from ..attacks.base import ascend, ce_loss, eval_mode, input_grad, prepared, project
+from ..attacks.base import ascend, ce_loss, input_grad, project
+from ..models.state import eval_mode, prepared
 from ..quant.layers import ActQuant
 from ..training import Hooks
 from ..validate import FP_BITS, check_float, check_int

@@ -13,6 +13,19 @@ from ..quant import QuantConv2d, QuantLinear, batch_norm
 from ..quant.functional import STE_MODES, WEIGHT_SCHEMES
 from ..validate import RqlabError, check_bits_set, check_choice, check_float, check_images, check_int
 
+# The model names a config accepts; `registry.CLASSES` maps each to its class (one entry each).
+NAMES = ("smallcnn", "preactresnet18", "wrn34-10")
+ALIASES = {"small-cnn": "smallcnn", "preact-resnet18": "preactresnet18", "preactresnet-18": "preactresnet18",
+           "wrn-34-10": "wrn34-10", "wideresnet34-10": "wrn34-10"}
+
+
+def canonical_name(name: str) -> str:
+    """The registry name of `name` (case-insensitive, aliases such as "wrn-34-10" accepted)."""
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in NAMES:
+        raise RqlabError(f"model={name!r} is unknown: choose one of {', '.join(NAMES)}")
+    return key
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -38,10 +51,8 @@ class ModelConfig:
     act_momentum: float = 0.1
 
     def __post_init__(self):
-        from . import registry  # late: the registry imports the model classes
-
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("name", registry.canonical_name(self.name))
+        set_("name", canonical_name(self.name))
         check_int(self.num_classes, "num_classes", 2)
         shape = tuple(self.input_shape)
         if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):

@@ -9,10 +9,10 @@ precision policies, post-training quantization and BitOPs (METHODS section 1).
     ...     x_adv = attacks.pgd(model, x, y, threat)
 """
 from .bitops import bitops, format_summary, layer_macs, macs, summary
-from .functional import (STE_MODES, WEIGHT_SCHEMES, binarize_activation, binarize_weight, grid_step,
-                         quantize_per_channel, quantize_range, quantize_symmetric, quantize_weight,
-                         quantize_with_qparams, range_qparams)
+from .functional import (STE_MODES, WEIGHT_SCHEMES, affine_qparams, binarize_activation, binarize_weight,
+                         fake_quantize, grid_step, quantize_per_channel, quantize_range, quantize_symmetric,
+                         quantize_weight, quantize_with_qparams, range_qparams)
 from .layers import ActQuant, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, batch_norm, frozen_weights
-from .policy import (Fixed, PerLayer, Policy, RandomPrecision, apply, current, parse_policy, quant_layers,
-                     switching, using)
+from .policy import (POLICY_KINDS, Fixed, PerLayer, Policy, RandomPrecision, apply, current, parse_policy,
+                     policy_from_dict, quant_layers, switching, using)
 from .ptq import calibrate, convert, ptq, quantizable_names

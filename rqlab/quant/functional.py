@@ -9,7 +9,7 @@ Grid (b >= 2, asymmetric): for a range [lo, hi] widened to contain 0,
 so 0 is exactly representable (ReLU zeros and zero padding stay exact). This is the
 affine scheme of torch's native fake-quant ops (torch.fake_quantize_per_{tensor,channel}
 _affine), used as they are on GPUs. On the CPU their kernels are scalar loops, about
-twice as slow as the same formula in vectorised tensor ops, so there `_fake_quantize`
+twice as slow as the same formula in vectorised tensor ops, so there `fake_quantize`
 computes that formula instead: the same values, mask and gradient, bit for bit
 (tests/test_fast_paths.py; docs/performance.md).
 
@@ -30,12 +30,14 @@ import torch
 STE_MODES = ("clipped", "plain")
 WEIGHT_SCHEMES = ("per_channel", "per_tensor_symmetric")
 _EPS = 1e-8
-# The vectorised CPU path of `_fake_quantize`; False uses torch's native kernels there too.
+# The vectorised CPU path of `fake_quantize`; False uses torch's native kernels there too.
 CPU_VECTORISED = True
 
 
-def _affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int):
-    """scale and integer zero point for a range [lo, hi] (widened to contain 0)."""
+def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32, zero point int32) of the b-bit asymmetric grid over [lo, hi], widened
+    to contain 0 (module docstring), elementwise: lo, hi of shape (K,) give one grid per
+    channel (per-channel weights), (1,) one for the tensor. scale is at least 1e-8."""
     qmax = 2 ** bits - 1
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
@@ -49,11 +51,17 @@ def _plain(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                    axis: int | None = None) -> torch.Tensor:
     """torch.fake_quantize_per_tensor_affine (axis None; scale, zero_point of shape (1,))
     or ..._per_channel_affine (one scale and zero point per slice along `axis`): values,
-    and the clipped-STE gradient (0 where the value was clamped). x: float32."""
+    and the clipped-STE gradient (0 where the value was clamped). x: float32, any shape;
+    the result has x's shape. qmin, qmax: the integer grid, e.g. 0, 2^b - 1. On the CPU
+    the vectorised formula (same values and gradient, bit for bit), else torch's kernels.
+
+        >>> scale, zp = affine_qparams(torch.tensor([0.0]), torch.tensor([1.0]), 2)
+        >>> fake_quantize(torch.tensor([0.2, 0.5, 2.0]), scale, zp, 0, 3)  # grid 0, 1/3, 2/3, 1
+        tensor([0.3333, 0.6667, 1.0000])"""
     if x.device.type != "cpu" or not CPU_VECTORISED:
         if axis is None:
             return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
@@ -107,8 +115,8 @@ def quantize_per_channel(w: torch.Tensor, bits: int, ste: str = "clipped", axis:
         return binarize_weight(w, axis)
     wd = w.detach().float().transpose(0, axis).reshape(w.shape[axis], -1)  # (C, rest)
     lo, hi = wd.amin(dim=1), wd.amax(dim=1)  # = torch.aminmax(wd, dim=1), ~20x faster on CPU
-    scale, zp = _affine_qparams(lo, hi, bits)
-    q = _fake_quantize(w.float(), scale, zp, 0, 2 ** bits - 1, axis).to(w.dtype)
+    scale, zp = affine_qparams(lo, hi, bits)
+    q = fake_quantize(w.float(), scale, zp, 0, 2 ** bits - 1, axis).to(w.dtype)
     return _plain(w, q.detach()) if ste == "plain" else q
 
 
@@ -120,7 +128,7 @@ def quantize_symmetric(w: torch.Tensor, bits: int, ste: str = "clipped") -> torc
     qmax = 2 ** (bits - 1) - 1
     scale = torch.clamp(w.detach().abs().max().float() / qmax, min=_EPS).reshape(1)
     zp = torch.zeros(1, dtype=torch.int32, device=w.device)
-    q = _fake_quantize(w.float(), scale, zp, -qmax, qmax).to(w.dtype)
+    q = fake_quantize(w.float(), scale, zp, -qmax, qmax).to(w.dtype)
     return _plain(w, q.detach()) if ste == "plain" else q
 
 
@@ -142,13 +150,13 @@ def range_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
     Computed once and reused by `quantize_with_qparams` when the range is frozen (eval):
     the result is the same as `quantize_range`'s, bit for bit.
     """
-    return _affine_qparams(lo.reshape(1), hi.reshape(1), bits)
+    return affine_qparams(lo.reshape(1), hi.reshape(1), bits)
 
 
 def quantize_with_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                           ste: str = "clipped") -> torch.Tensor:
     """Fake-quantize `x` on the grid (scale, zero_point) of `range_qparams` (b >= 2)."""
-    q = _fake_quantize(x.float(), scale, zero_point, 0, 2 ** bits - 1).to(x.dtype)
+    q = fake_quantize(x.float(), scale, zero_point, 0, 2 ** bits - 1).to(x.dtype)
     return _plain(x, q.detach()) if ste == "plain" else q
 
 

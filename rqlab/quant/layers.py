@@ -181,9 +181,14 @@ class QuantLinear(_QuantMixin, nn.Linear):
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
 
+# The frozen-weights cache; False makes `frozen_weights` cache nothing (the slow path, for
+# benchmarks and tests that compare the two).
+WEIGHT_CACHE = True
+
+
 def _caching(module: nn.Module) -> bool:
     # Never from inside inference_mode: its tensors could not meet autograd later.
-    return getattr(module, "_frozen", 0) > 0 and not torch.is_inference_mode_enabled()
+    return WEIGHT_CACHE and getattr(module, "_frozen", 0) > 0 and not torch.is_inference_mode_enabled()
 
 
 @contextlib.contextmanager
@@ -191,7 +196,7 @@ def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model's weights and activation ranges are taken as fixed:
     each quantized layer quantizes its weight once per (bits, scheme, STE) and reuses it,
     and each activation quantizer in eval mode computes the grid of a frozen range once.
-    Results are the same bit for bit; only repeated work goes. `attacks.base.prepared`,
+    Results are the same bit for bit; only repeated work goes. `models.state.prepared`,
     `evaluate`, `train.accuracy` and `analysis.transfer_matrix` enter it.
 
     Safe when weights do change: a cached weight is used only when the weight needs no
@@ -249,4 +254,4 @@ def batch_norm(num_features: int, sbn_bits=None) -> nn.Module:
 
 
 __all__ = ["ActQuant", "QuantConv2d", "QuantLinear", "QUANT_LAYERS", "SwitchableBatchNorm2d",
-           "batch_norm", "frozen_weights", "ALLOWED_BITS"]
+           "batch_norm", "frozen_weights", "ALLOWED_BITS", "WEIGHT_CACHE"]

@@ -14,7 +14,8 @@ Three policies, one way to apply them:
 
 Layers flagged `keep_fp` (first conv, last linear by default) stay at full precision
 under every policy. Switchable batch norms follow the policy's precision.
-`parse_policy("4-8")` reads the command-line spelling.
+`parse_policy("4-8")` reads the command-line spelling. Policies serialise themselves:
+`policy_from_dict(p.to_dict()) == p` (JSON-safe, as stored in checkpoints and records).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import contextlib
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from typing import Callable, ClassVar, Iterator, Mapping, Sequence, Union
 
 import torch.nn as nn
 
@@ -33,19 +34,38 @@ _POLICY_ATTR = "_rqlab_policy"
 _HOOK_ATTR = "_rqlab_random_hook"
 
 
+def _fields(d, cls, required: tuple[str, ...], optional: tuple[str, ...]) -> dict:
+    """The entries of a policy dict `d` for `cls`, checked: a dict of kind `cls.KIND`,
+    the required keys present, no key outside required + optional."""
+    if not isinstance(d, Mapping):
+        raise RqlabError(f"a {cls.__name__} policy must be a dict, got {type(d).__name__}")
+    kind = d.get("kind", cls.KIND)
+    if kind != cls.KIND:
+        raise RqlabError(f"policy kind={kind!r} cannot be read by {cls.__name__}: expected kind={cls.KIND!r}")
+    allowed = ("kind",) + required + optional
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise RqlabError(f"{cls.KIND} policy has unknown fields {unknown}: allowed fields are {list(allowed)}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise RqlabError(f"{cls.KIND} policy lacks the fields {missing}: it needs {list(required)}")
+    return {k: v for k, v in d.items() if k != "kind"}
+
+
 @dataclass(frozen=True)
 class Fixed:
     """One precision for the whole model: weights at `bits`, inputs at `act_bits` (default `bits`)."""
+
+    KIND: ClassVar[str] = "fixed"
 
     bits: int = FP_BITS
     act_bits: int | None = None
 
     def __post_init__(self):
-        check_bits(self.bits, "bits")
+        object.__setattr__(self, "bits", check_bits(self.bits, "bits"))
         if self.act_bits is not None:
-            check_bits(self.act_bits, "act_bits")
-            if self.act_bits == self.bits:  # one spelling per policy: Fixed(4, 4) is Fixed(4)
-                object.__setattr__(self, "act_bits", None)
+            act = check_bits(self.act_bits, "act_bits")  # act_bits == bits is the same policy as None
+            object.__setattr__(self, "act_bits", None if act == self.bits else act)
 
     @property
     def a_bits(self) -> int:
@@ -55,7 +75,13 @@ class Fixed:
         return (self.bits,)
 
     def to_dict(self) -> dict:
-        return {"kind": "fixed", "bits": self.bits, "act_bits": self.a_bits}
+        return {"kind": self.KIND, "bits": self.bits, "act_bits": self.a_bits}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fixed":
+        """Inverse of `to_dict`: {"kind": "fixed", "bits": b, "act_bits": a (optional)}."""
+        f = _fields(d, cls, ("bits",), ("act_bits",))
+        return cls(f["bits"], f.get("act_bits"))
 
     def __str__(self) -> str:
         name = "fp" if self.bits == FP_BITS else f"{self.bits}"
@@ -70,27 +96,44 @@ class PerLayer:
     A value may be an int (weights and inputs) or a pair (w_bits, a_bits).
     """
 
+    KIND: ClassVar[str] = "per_layer"
+
     bits: Mapping[str, object]
     default: int = FP_BITS
 
     def __post_init__(self):
         if not isinstance(self.bits, Mapping):
             raise RqlabError(f"bits must be a mapping {{layer name: bits}}, got {type(self.bits).__name__}")
+        bits = {}
         for name, b in self.bits.items():
-            for v in (b if isinstance(b, (tuple, list)) else (b,)):
-                check_bits(v, f"bits[{name!r}]")
-        check_bits(self.default, "default")
-        object.__setattr__(self, "bits", dict(self.bits))
+            if not isinstance(name, str):
+                raise RqlabError(f"bits has the layer name {name!r}: layer names are strings such as 'conv2'")
+            if isinstance(b, (tuple, list)):
+                if len(b) != 2:
+                    raise RqlabError(f"bits[{name!r}]={list(b)} must be one bit-width or a pair (w_bits, a_bits)")
+                w, a = (check_bits(v, f"bits[{name!r}]") for v in b)
+                bits[name] = w if w == a else (w, a)  # an equal pair is the same as one int
+            else:
+                bits[name] = check_bits(b, f"bits[{name!r}]")
+        object.__setattr__(self, "default", check_bits(self.default, "default"))
+        object.__setattr__(self, "bits", bits)
 
     def layer_bits(self, name: str) -> tuple[int, int]:
         b = self.bits.get(name, self.default)
-        return (int(b[0]), int(b[1])) if isinstance(b, (tuple, list)) else (int(b), int(b))
+        return b if isinstance(b, tuple) else (b, b)
 
     def support(self) -> tuple[int, ...]:
         return (self.default,)
 
     def to_dict(self) -> dict:
-        return {"kind": "per_layer", "bits": {k: self.layer_bits(k) for k in self.bits}, "default": self.default}
+        return {"kind": self.KIND, "bits": {k: self.layer_bits(k) for k in self.bits}, "default": self.default}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PerLayer":
+        """Inverse of `to_dict`: {"kind": "per_layer", "bits": {layer: b or [w, a]},
+        "default": b (optional, 32)}."""
+        f = _fields(d, cls, ("bits",), ("default",))
+        return cls(f["bits"], f.get("default", FP_BITS))
 
     def __str__(self) -> str:
         return "per-layer(" + ", ".join(f"{k}={v}" for k, v in self.bits.items()) + ")"
@@ -99,7 +142,11 @@ class PerLayer:
 @dataclass
 class RandomPrecision:
     """Random precision inference (Double-Win Quant): each forward batch draws b
-    uniformly from `choices`, from a generator seeded with `seed`."""
+    uniformly from `choices`, from a generator seeded with `seed`.
+
+    Equality compares `choices` and `seed`, not how far the generator has drawn."""
+
+    KIND: ClassVar[str] = "random"
 
     choices: tuple[int, ...]
     seed: int = 0
@@ -123,7 +170,16 @@ class RandomPrecision:
         self._rng.setstate(state)
 
     def to_dict(self) -> dict:
-        return {"kind": "random", "choices": list(self.choices), "seed": self.seed}
+        return {"kind": self.KIND, "choices": list(self.choices), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RandomPrecision":
+        """Inverse of `to_dict`: {"kind": "random", "choices": [b, ...], "seed": s (optional, 0)}.
+        The generator starts at the seed (its state is saved apart: `get_state`)."""
+        f = _fields(d, cls, ("choices",), ("seed",))
+        if not isinstance(f["choices"], (list, tuple)):
+            raise RqlabError(f"random policy choices={f['choices']!r} must be a list of bit-widths such as [4, 6, 8]")
+        return cls(tuple(f["choices"]), f.get("seed", 0))
 
     def __str__(self) -> str:
         c = self.choices
@@ -133,6 +189,20 @@ class RandomPrecision:
 
 
 Policy = Union[Fixed, PerLayer, RandomPrecision]
+POLICY_KINDS = {cls.KIND: cls for cls in (Fixed, PerLayer, RandomPrecision)}
+
+
+def policy_from_dict(d: dict | None) -> Policy:
+    """Inverse of `Policy.to_dict()`, dispatching on d["kind"] ("fixed", "per_layer",
+    "random"); None -> Fixed(32). Unknown kinds and fields raise RqlabError."""
+    if d is None:
+        return Fixed(FP_BITS)
+    if not isinstance(d, Mapping):
+        raise RqlabError(f"a policy dict is expected (from Policy.to_dict()), got {type(d).__name__}")
+    kind = d.get("kind")
+    if kind not in POLICY_KINDS:
+        raise RqlabError(f"policy kind={kind!r} is unknown: allowed kinds are {', '.join(POLICY_KINDS)}")
+    return POLICY_KINDS[kind].from_dict(d)
 
 
 def quant_layers(model: nn.Module, include_fp: bool = False) -> list[tuple[str, nn.Module]]:

@@ -191,16 +191,8 @@ def load(spec, policy=None, device="cpu"):
 
     model = experiment.restore(weights_file(spec), device=device)
     if policy is not None:
-        quant.apply(model, _policy(policy))
+        quant.apply(model, experiment.as_policy(policy))
     return model
-
-
-def _policy(policy):
-    from .. import checkpoint, quant
-
-    if isinstance(policy, dict):
-        return checkpoint.policy_from_dict(policy)
-    return quant.parse_policy(policy) if isinstance(policy, (str, int)) else policy
 
 
 # ---- building ---------------------------------------------------------------------------
@@ -245,7 +237,7 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
     if missing and model.config.sbn_bits is None:
         x = calib.x.float().div(255).to(dev)
         quant.calibrate(model, [x[i:i + 256] for i in range(0, len(x), 256)], bits=missing)
-    policy = checkpoint.policy_from_dict(run["policy"])
+    policy = quant.policy_from_dict(run["policy"])
     quant.apply(model, policy)
     payload = {"model": run["model"], "state_dict": model.state_dict(), "policy": run["policy"],
                "train_config": run["train_config"], "hooks": {"name": run["hooks"]["name"],
@@ -281,7 +273,7 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
         "threat": threat.to_dict(), "eval": rows,
         "sha256": checkpoint.sha256(ckpt_out), "size_bytes": ckpt_out.stat().st_size,
     }
-    out["audit"] = audit_row(model, test, threat, checkpoint.policy_from_dict(rows[0]["policy"]), rows[0]["passes"])
+    out["audit"] = audit_row(model, test, threat, quant.policy_from_dict(rows[0]["policy"]), rows[0]["passes"])
     checkpoint.save_json(card_out, out)
     log(f"{name}: stored {ckpt_out} and {card_out}")
     return out
@@ -312,7 +304,7 @@ def audit_row(model, data, threat, policy, passes: int = 1, cfg=None) -> dict:
 def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
     """(Re)compute the audit of a built zoo model and write it into its card (atomically;
     the checkpoint and its checksum are untouched). cfg: as `audit_row`. Returns the audit."""
-    from .. import checkpoint, data
+    from .. import checkpoint, data, quant
     from ..attacks import ThreatModel
 
     c = card(name)
@@ -321,7 +313,7 @@ def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
     dataset = recipe(name).spec.data
     test = data.load(dataset, "test", n=cfg.n if cfg else AUDIT_N, seed=0)
     threat = ThreatModel("pgd", eps=c["threat"]["eps"], steps=c["threat"]["steps"])  # the card's PGD-20
-    c["audit"] = audit_row(model, test, threat, checkpoint.policy_from_dict(row["policy"]), row["passes"], cfg)
+    c["audit"] = audit_row(model, test, threat, quant.policy_from_dict(row["policy"]), row["passes"], cfg)
     checkpoint.save_json(_paths(name)[1], c)
     a = c["audit"]
     log(f"{name}: PGD-20 {100 * a['robust_accuracy']:.1f}%, "

@@ -1,12 +1,5 @@
-"""Layer-wise, Lipschitz-guided bit selection (after Song, Ranjan, Li, arXiv 2110.12308;
-METHODS section 4).
-
-    >>> quant.calibrate(model, batches, bits=[2, 3, 4, 5, 6, 8])   # ranges for every option
-    >>> sens = sensitivities(model, bits_options=(2, 3, 4, 5, 6, 8))
-    >>> alloc = select_bits(model, 4.0, kind="avg_bits", sensitivity=sens)
-    >>> quant.apply(model, quant.PerLayer(alloc.bits))              # mixed precision
-    >>> rows = compare_allocations(model, test_set, ThreatModel("pgd", eps=0.1, steps=20),
-    ...                            budgets=[3.0, 4.0], n=1000)
+"""Per-layer sensitivities and cost tables of Lipschitz-guided bit selection (after Song,
+Ranjan, Li, arXiv 2110.12308; METHODS section 4), and the calibration checks they need.
 
 Provenance. The paper's body was not available; its abstract says only that a
 Lipschitz-based metric picks each layer's quantization. The sensitivity below is
@@ -22,7 +15,7 @@ flagged keep_fp stay at full precision and are not chosen) and each bit option b
                `functional.quantize_weight` with its weight_scheme, at b bits). For a conv
                it is the real operator (stride, padding, dilation, groups, and the layer's
                input size, recorded by a forward hook), by power iteration
-               (`analysis.lipschitz.spectral_norm`, float64); for a linear layer, the
+               (`models.lipschitz.spectral_norm`, float64); for a linear layer, the
                matrix's spectral norm.
     e_a,l(b) = the step of the b-bit grid of layer l's input range for b bits:
                (hi - lo) / (2^b - 1) with [lo, hi] widened to contain 0
@@ -32,7 +25,7 @@ flagged keep_fp stay at full precision and are not chosen) and each bit option b
                `quant.calibrate` first.
     D_l      = prod_{j > l} L_j, the product of the Lipschitz estimates of every layer
                after l in module order up to the logits, from
-               `analysis.lipschitz.network_bound` at full precision: conv/linear operator
+               `models.lipschitz.network_bound` at full precision: conv/linear operator
                norms and eval-mode batch-norm scales max|gamma| / sqrt(var + eps) (ReLU and
                max-pooling count as 1). Layer l's own batch norm comes after it and is
                included; layers kept at FP (e.g. the last linear) are included too.
@@ -57,12 +50,6 @@ Bits 32 is allowed as an option (e = 0: the layer stays FP); b = 1 is not (a bin
 layer's input is sign(x), which has no range). Run time: every (layer, option) pair costs
 up to `iters` power-iteration steps of two float64 convs; SmallCNN takes seconds on a CPU,
 ResNets want a GPU or fewer `iters` (the estimate converges from below).
-
-Selection methods (`select_bits`, all at the same budget): "lipschitz" minimises
-sum_l S_l(b_l) exactly (multiple-choice knapsack, `allocate.allocate`, greedy fallback);
-"uniform" takes the highest single b that fits (it may spend less than the budget);
-"random" draws a feasible allocation (seeded); "reverse" solves the knapsack for the
-reversed sensitivity ranking, a deliberately bad baseline.
 """
 from __future__ import annotations
 
@@ -72,15 +59,13 @@ import torch
 import torch.nn as nn
 
 from .. import quant
-from ..analysis.lipschitz import network_bound, spectral_norm
-from ..attacks.base import eval_mode
+from ..models.lipschitz import network_bound, spectral_norm
+from ..models.state import eval_mode
 from ..quant.functional import grid_step, quantize_weight
 from ..quant.layers import SwitchableBatchNorm2d
-from ..validate import FP_BITS, RqlabError, check_bits_set, check_choice, check_float, check_int
-from . import allocate as A
+from ..validate import FP_BITS, RqlabError, check_bits_set, check_choice, check_int
 
 KINDS = ("avg_bits", "bitops")
-METHODS = ("lipschitz", "uniform", "random", "reverse")
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 
 
@@ -314,118 +299,6 @@ def uniform_cost(model: nn.Module, bits: int, kind: str = "avg_bits", input_shap
     return float(sum(row[bits] for row in table.values()))
 
 
-# -------------------------------------------------------------------------- selection
-
-def select_bits(model: nn.Module, budget: float, bits_options=DEFAULT_BITS, kind: str = "avg_bits",
-                method: str = "lipschitz", seed: int = 0, sensitivity: Sensitivity | None = None,
-                batches=None, input_shape=None) -> A.Allocation:
-    """Choose bits per quantizable layer with total cost <= `budget`.
-
-    budget: average weight bits (kind="avg_bits", e.g. 4.0) or BitOPs of the quantizable
-        layers (kind="bitops"; `uniform_cost(model, 4, "bitops")` is uniform 4's).
-    method: "lipschitz" | "uniform" | "random" | "reverse" (module docstring).
-    seed: for "random". sensitivity: precomputed `sensitivities(...)` for the same options
-        (computed here otherwise, calibrating with `batches` where ranges are missing).
-    Returns an `allocate.Allocation`: `.bits` {layer: b} (use quant.PerLayer(alloc.bits)),
-    `.cost`, `.objective` = sum_l S_l(b_l), `.method` = the solver ("exact" | "greedy" for
-    lipschitz, else the baseline's name).
-    """
-    options = check_bits_options(bits_options)
-    check_choice(kind, "kind", KINDS)
-    check_choice(method, "method", METHODS)
-    budget = check_float(budget, "budget", 0.0, lo_open=True)
-    check_int(seed, "seed", 0)
-    if sensitivity is None:
-        sensitivity = sensitivities(model, options, input_shape, batches)
-    elif tuple(sensitivity.bits_options) != options:
-        raise RqlabError(f"sensitivity was computed for bits {list(sensitivity.bits_options)}, "
-                         f"but bits_options={list(options)}: compute it for the same options")
-    cost = cost_table(model, options, kind, input_shape)
-    cheapest = sum(min(row.values()) for row in cost.values())
-    if budget < cheapest - 1e-9:
-        unit = "average bits" if kind == "avg_bits" else "BitOPs"
-        raise RqlabError(f"budget={budget:g} is below the cheapest allocation ({cheapest:g} {unit}, every layer "
-                         f"at {options[0]} bits): raise the budget or add lower bits options")
-    sens = sensitivity.table
-    if method == "lipschitz":
-        return A.allocate(sens, cost, budget)
-    if method == "uniform":
-        return A.uniform(sens, cost, budget)
-    if method == "random":
-        return A.random_allocation(sens, cost, budget, seed=seed)
-    return A.reverse(sens, cost, budget)
-
-
-def compare_allocations(model: nn.Module, data, threat, budgets, bits_options=DEFAULT_BITS,
-                        kind: str = "avg_bits", methods=METHODS, n: int | None = 1000, random_seeds: int = 3,
-                        batches=None, sensitivity: Sensitivity | None = None, batch_size: int = 256,
-                        seed: int = 0, progress: bool = False) -> list[dict]:
-    """Evaluate each method's allocation at each budget: one row per (budget, method[, seed]).
-
-    data: test Dataset or (x, y); the first `n` examples are used. threat: a ThreatModel
-    (e.g. PGD-20). batches: calibration images for the options the model lacks ranges for
-    (else a missing range raises). random_seeds: allocations drawn for "random" (seeds
-    0..k-1). Each allocation is evaluated with `rqlab.evaluation.evaluate` at
-    quant.PerLayer(bits) (keep_fp layers at FP); identical allocations are evaluated once.
-
-    Row: budget, kind, method, seed (random only, else None), solver, bits, cost (actual,
-    may be below budget: uniform), avg_bits, objective, bitops (whole model, FP layers at
-    32), clean_accuracy, robust_accuracy and their 95% intervals, n, threat. JSON-ready.
-    """
-    from ..evaluation import evaluate
-
-    options = check_bits_options(bits_options)
-    check_choice(kind, "kind", KINDS)
-    methods = tuple(methods)
-    if not methods:
-        raise RqlabError("methods is empty: choose from " + ", ".join(METHODS))
-    for m in methods:
-        check_choice(m, "method", METHODS)
-    check_int(random_seeds, "random_seeds", 1)
-    budgets = [check_float(b, "budget", 0.0, lo_open=True) for b in
-               (budgets if isinstance(budgets, (list, tuple)) else [budgets])]
-    if sensitivity is None:
-        sensitivity = sensitivities(model, options, batches=batches)
-    else:
-        ensure_calibrated(model, options, batches)
-    cache, rows = {}, []
-    for budget in budgets:
-        for method in methods:
-            for s in (range(random_seeds) if method == "random" else [None]):
-                alloc = select_bits(model, budget, options, kind, method, seed=s or 0, sensitivity=sensitivity)
-                key = tuple(sorted(alloc.bits.items()))
-                if key not in cache:
-                    policy = quant.PerLayer(alloc.bits)
-                    rec = evaluate(model, data, threat, policy=policy, n=n, batch_size=batch_size, seed=seed,
-                                   progress=progress)
-                    cache[key] = (rec, quant.bitops(model, policy))
-                rec, total_bitops = cache[key]
-                rows.append({
-                    "budget": budget, "kind": kind, "method": method, "seed": s, "solver": alloc.method,
-                    "bits": dict(alloc.bits), "cost": alloc.cost, "avg_bits": average_bits(model, alloc.bits),
-                    "objective": alloc.objective, "bitops": total_bitops,
-                    "clean_accuracy": rec["clean_accuracy"], "clean_ci95": rec["clean_ci95"],
-                    "robust_accuracy": rec["robust_accuracy"], "robust_ci95": rec["robust_ci95"],
-                    "n": rec["n"], "threat": rec["threat"],
-                })
-    return rows
-
-
-def format_comparison(rows: list[dict]) -> str:
-    """A fixed-width text table of `compare_allocations` rows."""
-    head = f"{'budget':>9} {'method':<10}{'seed':>5} {'cost':>10} {'objective':>11} {'GBitOPs':>9} " \
-           f"{'clean':>7} {'robust':>7}  bits"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        seed = "" if r["seed"] is None else str(r["seed"])
-        bits = ",".join(str(b) for b in r["bits"].values())
-        lines.append(f"{r['budget']:>9.4g} {r['method']:<10}{seed:>5} {r['cost']:>10.4g} {r['objective']:>11.4g} "
-                     f"{r['bitops'] / 1e9:>9.4f} {100 * r['clean_accuracy']:>6.2f}% "
-                     f"{100 * r['robust_accuracy']:>6.2f}%  {bits}")
-    return "\n".join(lines)
-
-
-__all__ = ["KINDS", "METHODS", "DEFAULT_BITS", "Sensitivity", "sensitivities", "weight_error_norm",
-           "activation_step", "layer_input_shapes", "cost_table", "average_bits", "uniform_cost", "select_bits",
-           "compare_allocations", "format_comparison", "ensure_calibrated", "missing_ranges",
+__all__ = ["KINDS", "DEFAULT_BITS", "Sensitivity", "sensitivities", "weight_error_norm", "activation_step",
+           "layer_input_shapes", "cost_table", "average_bits", "uniform_cost", "ensure_calibrated", "missing_ranges",
            "check_bits_options"]

@@ -1,4 +1,6 @@
-"""Lipschitz estimates (Defensive Quantization, Lin, Gan, Han, ICLR 2019; METHODS section 3).
+"""Lipschitz estimates of a model and its layers (Defensive Quantization, Lin, Gan, Han,
+ICLR 2019; METHODS section 3): primitives that analyses (`rqlab.analysis`) and bit
+selection (`rqlab.bitselect`) both build on.
 
     >>> spectral_norm(model.conv2, input_shape=(32, 14, 14))   # the real conv operator
     >>> reshaped_bound(model.conv2)                             # ||W reshaped to (c_out, c_in k k)||_2
@@ -18,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attacks.base import eval_mode
-from ..models.base import Normalize
 from ..validate import RqlabError, check_int
+from .base import Normalize
+from .state import eval_mode
 
 
 def _weight(layer: nn.Module, quantized: bool) -> torch.Tensor:
