@@ -34,7 +34,9 @@ chromium:
 data: setup
 	$(BIN)/rqlab data fetch fashion-mnist
 
+# lint-imports: the layer contract in pyproject.toml (an upward import or a cycle fails)
 test: setup data
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 report: setup data

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .extras import require
 from .validate import FP_BITS, RqlabError, check_float
 
 RESULT_CLASS = "rqlab-explorer-result"
@@ -74,7 +75,7 @@ class Explorer:
 
     def __init__(self, probe: Callable, models, bits, eps=(0.0, 0.3, 0.1), eps_step: float = 0.01,
                  title: str = "", plot: bool = True, start_bits=None):
-        import ipywidgets as W
+        W = require("ipywidgets", "notebooks")
 
         models = list(models)
         bits = list(bits)
@@ -129,8 +130,8 @@ class Explorer:
         import base64
         import io
 
-        import matplotlib
-        import matplotlib.pyplot as plt
+        matplotlib = require("matplotlib", "notebooks")
+        plt = require("matplotlib.pyplot", "notebooks")
 
         pts = sorted((k[2], v) for k, v in self.cache.items() if k[0] == name and k[1] == bits)
         with matplotlib.rc_context({"figure.dpi": 96}):

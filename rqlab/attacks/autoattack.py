@@ -11,6 +11,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from ..extras import require
 from ..models.state import prepared
 from ..validate import RqlabError, check_choice, check_int
 from .base import check_batch, project
@@ -61,7 +62,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threa
 def run_pyautoattack(model, x, y, threat: ThreatModel, version: str, attacks) -> torch.Tensor:
     """Build pyautoattack.AutoAttack from the threat, run it, re-project onto the ball."""
     try:
-        from pyautoattack import AutoAttack
+        AutoAttack = require("pyautoattack", "autoattack").AutoAttack
     except ImportError as e:
         raise RqlabError("AutoAttack needs the reference implementation: pip install pyautoattack") from e
     check_choice(version, 'options["version"]', VERSIONS)

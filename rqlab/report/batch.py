@@ -28,6 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..extras import require
 from ..checkpoint import atomic_write_bytes, save_json
 from ..validate import RqlabError, check_int
 from .config import DEFAULT_CONFIG, Run, load_config, plan
@@ -169,7 +170,7 @@ def _run_all(runs, out: Path, notebooks_dir: Path, jobs: int, show_input: bool, 
 
 def _record(run: Run, out: Path, outcome: dict, show_input: bool) -> dict:
     """Export HTML and thumbnail of a finished run and collect its row of the report."""
-    import nbformat
+    nbformat = require("nbformat", "report")
 
     folder = out / run.run_id
     ipynb, html_path, png = folder / f"{run.notebook}.ipynb", folder / f"{run.notebook}.html", folder / "figure.png"

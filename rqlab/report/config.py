@@ -41,6 +41,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..extras import require
 from ..validate import RqlabError, check_choice
 
 DEFAULT_CONFIG = "reports/default.yaml"
@@ -99,7 +100,7 @@ def load_config(path, notebooks_dir=None) -> ReportConfig:
     if not path.is_file():
         raise RqlabError(f"config {path} does not exist: pass --config FILE "
                          f"(the default, {DEFAULT_CONFIG}, is relative to the repository root)")
-    import yaml
+    yaml = require("yaml", "report")
 
     try:
         raw = yaml.safe_load(path.read_text())
@@ -266,7 +267,7 @@ def notebook_parameters(notebooks_dir, notebook: str, label: str = "") -> dict:
         present = sorted(p.stem for p in Path(notebooks_dir).glob("*.ipynb"))
         raise RqlabError(f"{prefix}notebook {notebook!r} is unknown: no file {path} "
                          f"(notebooks there: {', '.join(present) or 'none'})")
-    import nbformat
+    nbformat = require("nbformat", "report")
 
     cells = [c for c in nbformat.read(path, as_version=4).cells
              if c.cell_type == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]

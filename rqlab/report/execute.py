@@ -24,6 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..extras import require
 from ..checkpoint import atomic_write_bytes, file_mode
 from ..validate import RqlabError
 
@@ -46,7 +47,8 @@ def check_kernel() -> None:
     jupyter_client replaces a bare `python` in a kernelspec by sys.executable; an absolute
     path elsewhere (e.g. a kernelspec left in ~/.local/share/jupyter) means another Python.
     """
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    kernelspec = require("jupyter_client.kernelspec", "report")
+    KernelSpecManager, NoSuchKernel = kernelspec.KernelSpecManager, kernelspec.NoSuchKernel
 
     try:
         spec = KernelSpecManager().get_kernel_spec(KERNEL)
@@ -84,7 +86,7 @@ def execute_notebook(source: str, output: str, params: dict, cwd: str, cell_prog
     The executed notebook is kept when a cell fails (papermill saves it with the error).
     Runs in worker processes too, so it takes and returns plain values.
     """
-    import papermill
+    papermill = require("papermill", "report")
 
     out = Path(output)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".ipynb", dir=out.parent)
@@ -116,8 +118,8 @@ def execute_notebook(source: str, output: str, params: dict, cwd: str, cell_prog
 def export_html(ipynb, html_path, show_input: bool = False) -> Path:
     """Write the executed notebook as self-contained HTML (figures inline, no CDN scripts)."""
     import jinja2
-    import nbformat
-    from nbconvert import HTMLExporter
+    nbformat = require("nbformat", "report")
+    HTMLExporter = require("nbconvert", "report").HTMLExporter
 
     log = logging.getLogger("rqlab.report.nbconvert")
     log.setLevel(logging.ERROR)  # not "Alternative text is missing" for every matplotlib figure
