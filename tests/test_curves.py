@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from rqlab import data, params, quant, zoo
+from rqlab import data, quant, zoo
+from rqlab.studies import params
 from rqlab.analysis import curves as C
 from rqlab.attacks import ThreatModel
 from rqlab.validate import RqlabError

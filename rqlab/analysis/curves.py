@@ -25,7 +25,7 @@ KEYS = ("epoch", "clean_acc", "robust_acc", "epoch_time_s", "cumulative_time_s")
 
 def check_methods(methods, field: str = "methods") -> list[str]:
     """A non-empty, duplicate-free list out of METHODS."""
-    from ..params import check_choices
+    from ..studies.params import check_choices
 
     return check_choices(methods, field, METHODS)
 
@@ -47,7 +47,7 @@ def curve_from_history(history: list[dict], robust_key: str = "robust_accuracy",
 def history_of(spec: str) -> list[dict]:
     """The per-epoch history of a zoo model (its card) or of a checkpoint file."""
     from .. import checkpoint, zoo
-    from ..params import check_model_spec, is_checkpoint_path
+    from ..studies.params import check_model_spec, is_checkpoint_path
 
     spec = check_model_spec(spec)
     if is_checkpoint_path(spec):
