@@ -73,7 +73,7 @@ def train_tiny(path: Path, role: str) -> Path:
         model = models.create("smallcnn", input_shape=ds.input_shape, mean=ds.mean, std=ds.std, sbn_bits=sbn)
         quant.apply(model, policy)
         fit(model, data.Loader(ds, 128, shuffle=True), TrainConfig(epochs=2, device="cpu"),
-            hooks=defenses.build(defense, beta=3e-3, bits=sbn), progress=False, log=None)
+            hooks=defenses.build(defense, bits=sbn, **({"beta": 3e-3} if defense == "dq" else {})), progress=False, log=None)
         model.eval()
         x = ds.x.float().div(255)
         have = set.intersection(*(set(m.act.calibrated_bits()) for _, m in quant.quant_layers(model)))
