@@ -9,11 +9,12 @@ import json
 import pytest
 
 from nbsetup import defaults
-from rqlab.studies import common, transferability
+from rqlab.studies import amplification, common, transferability
 from rqlab.validate import RqlabError
 
 STUDIES = {
     "01_precision_transferability": transferability,
+    "02_lipschitz_error_amplification": amplification,
 }
 
 # (study, bad parameters, the message's start): the field, the value, what is allowed
@@ -27,6 +28,12 @@ BAD = [
     (transferability, {"n_examples": 10001}, "n_examples=10001 is out of range"),
     (transferability, {"device": "tpu"}, "device='tpu'"),
     (transferability, {"interactive": "yes"}, "interactive='yes' must be True or False"),
+    (amplification, {"fp_model": "no/such.pt"}, "fp_model='no/such.pt' is not an existing checkpoint file"),
+    (amplification, {"craft_on": "DQ"}, "craft_on='DQ'"),
+    (amplification, {"betas": [0.0, -1.0]}, "betas[1]=-1.0 is out of range"),
+    (amplification, {"beta": -0.1}, "beta=-0.1 is out of range"),
+    (amplification, {"train_n": 0}, "train_n=0 is out of range"),
+    (amplification, {"epochs": 0}, "epochs=0 is out of range"),
 ]
 
 
@@ -70,3 +77,8 @@ def test_transferability_run_on_a_tiny_model(tiny):
                                                   - results["diagonal_mean"][label])
     assert f"{label}:" in transferability.reading(results) and set(results.models) == {label}
     json.dumps(results)
+
+
+def test_amplification_sweep_betas_add_beta_once():
+    assert amplification.Params(beta=0.001, betas=[0.01, 0.0, 0.001]).sweep_betas == [0.0, 0.001, 0.01]
+    assert amplification.Params(beta=0.0, betas=[]).sweep_betas == [0.0]
