@@ -9,12 +9,13 @@ import json
 import pytest
 
 from nbsetup import defaults
-from rqlab.studies import amplification, common, transferability
+from rqlab.studies import amplification, bit_selection, common, transferability
 from rqlab.validate import RqlabError
 
 STUDIES = {
     "01_precision_transferability": transferability,
     "02_lipschitz_error_amplification": amplification,
+    "03_bit_selection": bit_selection,
 }
 
 # (study, bad parameters, the message's start): the field, the value, what is allowed
@@ -34,6 +35,12 @@ BAD = [
     (amplification, {"beta": -0.1}, "beta=-0.1 is out of range"),
     (amplification, {"train_n": 0}, "train_n=0 is out of range"),
     (amplification, {"epochs": 0}, "epochs=0 is out of range"),
+    (bit_selection, {"bits": [1, 4]}, "binary layers have no activation range"),
+    (bit_selection, {"budgets": [1.0, 4.0]}, "budgets=[1.0, 4.0]: 1 is below the cheapest allocation"),
+    (bit_selection, {"budgets": []}, "budgets is empty"),
+    (bit_selection, {"methods": ["lipschitz", "greedy"]}, "methods: 'greedy' is unknown"),
+    (bit_selection, {"random_seeds": 0}, "random_seeds=0 is out of range"),
+    (bit_selection, {"iters": 0}, "iters=0 is out of range"),
 ]
 
 

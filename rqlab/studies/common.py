@@ -136,11 +136,13 @@ def load_inputs(params: StudyParams, specs: dict) -> Inputs:
 
 class Results(dict):
     """A study's measured numbers: a plain dict of JSON values (results.json holds it as
-    is), with `.models`, the models it used or trained, for the explorers (never written)."""
+    is), with `.models`, the models it used or trained, and `.objects`, other things the
+    explorers reuse (e.g. bit selection's Sensitivity); neither is ever written."""
 
-    def __init__(self, *args, models: dict | None = None, **kwargs):
+    def __init__(self, *args, models: dict | None = None, objects: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.models = dict(models or {})
+        self.objects = dict(objects or {})
 
 
 def write_results(params: StudyParams, results: dict, name: str = "results.json") -> Path:
