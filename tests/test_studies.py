@@ -9,13 +9,14 @@ import json
 import pytest
 
 from nbsetup import defaults
-from rqlab.studies import amplification, bit_selection, common, transferability
+from rqlab.studies import amplification, bit_selection, common, odgq_curves, transferability
 from rqlab.validate import RqlabError
 
 STUDIES = {
     "01_precision_transferability": transferability,
     "02_lipschitz_error_amplification": amplification,
     "03_bit_selection": bit_selection,
+    "04_odgq_training_curves": odgq_curves,
 }
 
 # (study, bad parameters, the message's start): the field, the value, what is allowed
@@ -41,6 +42,10 @@ BAD = [
     (bit_selection, {"methods": ["lipschitz", "greedy"]}, "methods: 'greedy' is unknown"),
     (bit_selection, {"random_seeds": 0}, "random_seeds=0 is out of range"),
     (bit_selection, {"iters": 0}, "iters=0 is out of range"),
+    (odgq_curves, {"bits": [2]}, "bits=[2]: the zoo has the four methods' histories at [4] bits only"),
+    (odgq_curves, {"live": "no"}, "live='no' must be True or False"),
+    (odgq_curves, {"methods": ["natural", "natural"]}, "repeats an entry"),
+    (odgq_curves, {"live": True, "train_n": 60001}, "train_n=60001 is out of range"),
 ]
 
 
