@@ -222,8 +222,10 @@ def test_05_double_win_quant(kernel, smoke, tiny, tmp_path, monkeypatch):
     assert res["aa_reduced"] is True and res["aa_n_iter"] == params["aa_n_iter"]
     for cfg in ("RPI", "RPI+RPT"):
         assert res["verdict"][cfg] in ("survives", "within noise", "reversed")
-        strongest = min(res["robust_mean"][cfg].values())
-        assert res["adaptive_gain"][cfg] == pytest.approx(strongest - min(res["robust_mean"]["FP"].values()))
+        strongest = min(res["robust_accuracy"][cfg].values())
+        assert res["adaptive_gain"][cfg] == pytest.approx(strongest - min(res["robust_accuracy"]["FP"].values()))
+        assert all(res["robust_worst_accuracy"][cfg][p] <= res["robust_accuracy"][cfg][p] + 1e-9 for p in protocols)
+        assert res["robust_accuracy"][cfg]["paper"] <= res["clean_accuracy"][cfg] + 1e-9
     text = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "instead of the reference 100" in text, "a reduced AutoAttack is said so"
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from nbsetup import defaults
-from rqlab.studies import amplification, bit_selection, common, odgq_curves, transferability
+from rqlab.studies import amplification, bit_selection, common, double_win, odgq_curves, transferability
 from rqlab.validate import RqlabError
 
 STUDIES = {
@@ -17,6 +17,7 @@ STUDIES = {
     "02_lipschitz_error_amplification": amplification,
     "03_bit_selection": bit_selection,
     "04_odgq_training_curves": odgq_curves,
+    "05_double_win_quant": double_win,
 }
 
 # (study, bad parameters, the message's start): the field, the value, what is allowed
@@ -46,6 +47,11 @@ BAD = [
     (odgq_curves, {"live": "no"}, "live='no' must be True or False"),
     (odgq_curves, {"methods": ["natural", "natural"]}, "repeats an entry"),
     (odgq_curves, {"live": True, "train_n": 60001}, "train_n=60001 is out of range"),
+    (double_win, {"model": "no/such/checkpoint.pt"}, "model='no/such/checkpoint.pt' is not an existing checkpoint"),
+    (double_win, {"adaptive": ["eot_pgd", "square"]}, "adaptive: 'square' is unknown"),
+    (double_win, {"eot": 0}, "eot=0 is out of range"),
+    (double_win, {"aa_n_iter": 0}, "aa_n_iter=0 is out of range"),
+    (double_win, {"aa_n_examples": 0}, "aa_n_examples=0 is out of range"),
 ]
 
 
@@ -94,3 +100,9 @@ def test_transferability_run_on_a_tiny_model(tiny):
 def test_amplification_sweep_betas_add_beta_once():
     assert amplification.Params(beta=0.001, betas=[0.01, 0.0, 0.001]).sweep_betas == [0.0, 0.001, 0.01]
     assert amplification.Params(beta=0.0, betas=[]).sweep_betas == [0.0]
+
+
+def test_double_win_policies_and_reduced_autoattack():
+    p = double_win.Params(bits=[4, 8], aa_n_iter=10)
+    assert str(p.policies()["FP"]) == "fp" and p.policies()["RPI"].choices == (4, 8) and p.aa_reduced
+    assert not double_win.Params(adaptive=[], aa_n_iter=10).aa_reduced
