@@ -223,8 +223,8 @@ def reading(results: dict) -> str:
         drop = {bits_label(r["bits"]): round(100 * (r["clean_accuracy"] - r["robust_accuracy"]), 1) for r in rows}
         lines.append(f"{k}: clean minus adversarial accuracy (points) per activation precision: {drop}")
     for k, t in results["lipschitz"].items():
-        lines.append(f"{k}: network bound {t['bound']:.4g}; empirical local ratio at x_adv: mean {t['local_mean']:.4g}, "
-                     f"max {t['local_max']:.4g}")
+        lines.append(f"{k}: network bound {t['bound']:.4g}; empirical local ratio at x_adv: "
+                     f"mean {t['local_mean']:.4g}, max {t['local_max']:.4g}")
     return "\n".join(lines)
 
 

@@ -85,8 +85,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
     inputs = inputs or load_inputs(params)
     log = log or (lambda *a: None)
     threat, eot_policy = params.threat(), params.eot_policy()
-    log(f"threat: {threat}; EOT row: {f'{params.eot} samples per step over {list(params.bits)}' if eot_policy else 'off'}; "
-        f"{params.n_examples} test examples")
+    eot_row = f"{params.eot} samples per step over {list(params.bits)}" if eot_policy else "off"
+    log(f"threat: {threat}; EOT row: {eot_row}; {params.n_examples} test examples")
     torch.manual_seed(params.seed)
     tms = {}
     for label, net in inputs.models.items():
