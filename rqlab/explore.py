@@ -13,8 +13,8 @@ computation per release), an HTML "result" with the text above (CSS class
 `rqlab-explorer-result`), and an Output with a small figure: robust and clean accuracy
 against eps for the current model and bits, from every point computed so far.
 
-A probe is any callable (model name, bits, eps) -> {"clean": float, "robust": float,
-"n": int, ...}; results are cached per setting. A probe that raises RqlabError (e.g.
+A probe is any callable (model name, bits, eps) -> {"clean_accuracy": float,
+"robust_accuracy": float, "n": int, ...} (optionally "robust_worst_accuracy", "passes"); results are cached per setting. A probe that raises RqlabError (e.g.
 bits the model has no ranges for) shows the message instead of a number.
 """
 from __future__ import annotations
@@ -35,9 +35,10 @@ def bits_label(b) -> str:
 def result_text(name: str, bits, eps: float, r: dict) -> str:
     """'robust accuracy at b=4, eps=0.100: 63.0% (clean 80.0%; NAME, 64 examples, pgd-10)'."""
     extra = f", {r['attack']}" if r.get("attack") else ""
-    worst = f", worst case {100 * r['worst']:.1f}%" if r.get("worst") is not None and r.get("passes", 1) > 1 else ""
-    return (f"robust accuracy at b={bits_label(bits)}, eps={eps:.3f}: {100 * r['robust']:.1f}% "
-            f"(clean {100 * r['clean']:.1f}%{worst}; {name}, {r['n']} examples{extra})")
+    worst = (f", worst case {100 * r['robust_worst_accuracy']:.1f}%"
+             if r.get("robust_worst_accuracy") is not None and r.get("passes", 1) > 1 else "")
+    return (f"robust accuracy at b={bits_label(bits)}, eps={eps:.3f}: {100 * r['robust_accuracy']:.1f}% "
+            f"(clean {100 * r['clean_accuracy']:.1f}%{worst}; {name}, {r['n']} examples{extra})")
 
 
 def robustness_probe(models: dict, x, y, threat, policy: Callable | None = None, passes: int = 1) -> Callable:
@@ -57,8 +58,8 @@ def robustness_probe(models: dict, x, y, threat, policy: Callable | None = None,
                            passes=k, progress=False)
         else:
             rec = evaluate(models[name], (x, y), threat.replace(eps=float(eps)), policy=p, passes=k, progress=False)
-        return {"clean": rec["clean_accuracy"], "robust": rec["robust_accuracy"],
-                "worst": rec["robust_worst_accuracy"], "passes": k, "n": rec["n"],
+        return {"clean_accuracy": rec["clean_accuracy"], "robust_accuracy": rec["robust_accuracy"],
+                "robust_worst_accuracy": rec["robust_worst_accuracy"], "passes": k, "n": rec["n"],
                 "attack": f"{threat.attack}-{threat.steps}", "policy": str(p)}
 
     return probe
@@ -137,10 +138,10 @@ class Explorer:
         with matplotlib.rc_context({"figure.dpi": 96}):
             fig, ax = plt.subplots(figsize=(4.2, 2.6))
             es = [e for e, _ in pts]
-            ax.plot(es, [100 * v["robust"] for _, v in pts], "o-", label="robust")
-            ax.plot(es, [100 * v["clean"] for _, v in pts], "s--", label="clean", alpha=0.6)
+            ax.plot(es, [100 * v["robust_accuracy"] for _, v in pts], "o-", label="robust")
+            ax.plot(es, [100 * v["clean_accuracy"] for _, v in pts], "s--", label="clean", alpha=0.6)
             cur = self.cache[(name, bits, round(float(eps), 6))]
-            ax.plot([eps], [100 * cur["robust"]], "o", ms=11, mfc="none", mec="C3")
+            ax.plot([eps], [100 * cur["robust_accuracy"]], "o", ms=11, mfc="none", mec="C3")
             ax.set(xlabel="eps", ylabel="accuracy (%)", ylim=(-2, 102),
                    title=f"{name}, b={bits_label(bits)} (points computed so far)")
             ax.legend(fontsize=8)

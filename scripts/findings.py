@@ -22,9 +22,10 @@ import rqlab
 from rqlab import bitselect, checkpoint, data, quant, zoo
 from rqlab.analysis import sweeps
 from rqlab.analysis.adaptive import evaluate_protocols
-from rqlab.analysis.curves import epoch_time_ratio, zoo_curves
+from rqlab.analysis.curves import epoch_time_ratio
 from rqlab.attacks import ThreatModel
 from rqlab.evaluation import evaluate
+from rqlab.studies.odgq_curves import zoo_curves
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "findings"
 PGD20 = ThreatModel("pgd", eps=0.1, steps=20)

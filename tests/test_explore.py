@@ -23,14 +23,14 @@ class FakeProbe:
         self.calls.append((name, bits, eps))
         if bits == 3:
             raise RqlabError("no range for 3 bits")
-        return {"clean": 0.8, "robust": max(0.0, 0.8 - eps - 0.01 * bits), "n": 64, "attack": "pgd-10"}
+        return {"clean_accuracy": 0.8, "robust_accuracy": max(0.0, 0.8 - eps - 0.01 * bits), "n": 64, "attack": "pgd-10"}
 
 
 def test_labels_and_text():
     assert bits_label(32) == "fp" and bits_label(4) == "4" and bits_label("rpi") == "rpi"
-    text = result_text("q4", 4, 0.1, {"clean": 0.8, "robust": 0.63, "n": 64, "attack": "pgd-10"})
+    text = result_text("q4", 4, 0.1, {"clean_accuracy": 0.8, "robust_accuracy": 0.63, "n": 64, "attack": "pgd-10"})
     assert text == "robust accuracy at b=4, eps=0.100: 63.0% (clean 80.0%; q4, 64 examples, pgd-10)"
-    worst = result_text("r", "rpi", 0.1, {"clean": 0.8, "robust": 0.6, "worst": 0.5, "passes": 3, "n": 8})
+    worst = result_text("r", "rpi", 0.1, {"clean_accuracy": 0.8, "robust_accuracy": 0.6, "robust_worst_accuracy": 0.5, "passes": 3, "n": 8})
     assert "worst case 50.0%" in worst
 
 
@@ -75,7 +75,7 @@ def test_robustness_probe_on_a_model():
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     probe = robustness_probe({"m": m}, x, y, ThreatModel("pgd", eps=0.1, steps=1))
     zero = probe("m", 4, 0.0)
-    assert zero["robust"] == zero["clean"] and zero["n"] == 8 and zero["policy"] == "4"
+    assert zero["robust_accuracy"] == zero["clean_accuracy"] and zero["n"] == 8 and zero["policy"] == "4"
     r = probe("m", 8, 0.2)
     assert r["attack"] == "pgd-1"
     rand = robustness_probe({"m": m}, x, y, ThreatModel("pgd", eps=0.1, steps=1),

@@ -172,10 +172,11 @@ def check_curves(res, params, live: bool):
             n = len(c["epoch"])
             if live:
                 assert c["epoch"] == list(range(1, params["epochs"] + 1))
-            assert all(len(c[k]) == n for k in ("clean_acc", "robust_acc", "epoch_time_s", "cumulative_time_s"))
-            assert all(unit(v) for v in c["clean_acc"] + c["robust_acc"])
+            assert all(len(c[k]) == n for k in ("clean_accuracy", "robust_accuracy", "epoch_time_s",
+                                                "cumulative_time_s"))
+            assert all(unit(v) for v in c["clean_accuracy"] + c["robust_accuracy"])
             if live:  # the same test images for both
-                assert all(r <= a + 1e-9 for r, a in zip(c["robust_acc"], c["clean_acc"]))
+                assert all(r <= a + 1e-9 for r, a in zip(c["robust_accuracy"], c["clean_accuracy"]))
             t = c["cumulative_time_s"]
             assert all(e > 0 for e in c["epoch_time_s"]) and all(u <= v for u, v in zip(t, t[1:]))
             assert t[-1] == pytest.approx(sum(c["epoch_time_s"]))
@@ -184,7 +185,7 @@ def check_curves(res, params, live: bool):
 
 
 def test_04_odgq_training_curves_from_the_zoo(kernel, tmp_path, monkeypatch):
-    from rqlab.analysis.curves import ZOO_CURVES
+    from rqlab.studies.odgq_curves import ZOO_CURVES
 
     missing = [n for n in ZOO_CURVES[4].values() if n not in zoo.names(trained_only=True)]
     if missing:
@@ -216,8 +217,10 @@ def test_05_double_win_quant(kernel, smoke, tiny, tmp_path, monkeypatch):
     assert res["aa_reduced"] is True and res["aa_n_iter"] == params["aa_n_iter"]
     for cfg in ("RPI", "RPI+RPT"):
         assert res["verdict"][cfg] in ("survives", "within noise", "reversed")
-        strongest = min(res["robust_mean"][cfg].values())
-        assert res["adaptive_gain"][cfg] == pytest.approx(strongest - min(res["robust_mean"]["FP"].values()))
+        strongest = min(res["robust_accuracy"][cfg].values())
+        assert res["adaptive_gain"][cfg] == pytest.approx(strongest - min(res["robust_accuracy"]["FP"].values()))
+        assert all(res["robust_worst_accuracy"][cfg][p] <= res["robust_accuracy"][cfg][p] + 1e-9 for p in protocols)
+        assert res["robust_accuracy"][cfg]["paper"] <= res["clean_accuracy"][cfg] + 1e-9
     text = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "instead of the reference 100" in text, "a reduced AutoAttack is said so"
 

@@ -87,7 +87,7 @@ def test_allocation_reading_counts_wins_beyond_noise():
 
 def test_curves_reading_checks_gain_and_cost():
     def curve(robust, t):
-        return {"robust_acc": [robust], "epoch_time_s": [t]}
+        return {"robust_accuracy": [robust], "epoch_time_s": [t]}
 
     curves = {"natural": curve(0.05, 1.0), "pgd-at": curve(0.6, 8.0), "odgq": curve(0.5, 1.3)}
     ratios = {"natural": 1.0, "pgd-at": 8.0, "odgq": 1.3}

@@ -202,10 +202,10 @@ def allocation_reading(rows: list[dict], n: int, method: str = "lipschitz", agai
 def curves_reading(curves: dict, ratios: dict, n: int, subject: str = "odgq", reference: str = "natural",
                    costly: str = "pgd-at", labels: dict | None = None) -> dict:
     """Final-epoch robust accuracy of `subject` against `reference` and `costly`, and their
-    epoch-time ratios. Returns {"final_robust", "ratios", "robust_gain", "text"}."""
+    epoch-time ratios. Returns {"final_robust_accuracy", "ratios", "robust_gain", "text"}."""
     labels = labels or {}
     name = lambda m: labels.get(m, m)  # noqa: E731
-    final = {m: c["robust_acc"][-1] for m, c in curves.items()}
+    final = {m: c["robust_accuracy"][-1] for m, c in curves.items()}
     parts = [f"{name(m)} {pct(v)} ({ratios[m]:.1f}x {name(reference)}'s epoch time)" for m, v in final.items()]
     text = f"Robust accuracy after the last epoch: {', '.join(parts)}."
     gain = None
@@ -223,7 +223,7 @@ def curves_reading(curves: dict, ratios: dict, n: int, subject: str = "odgq", re
                  if gain > h and cheap else
                  " The claim does not hold here: " + ("the robust gain is within the noise" if gain <= h else
                                                        f"its epoch time is {ratios[subject]:.1f}x natural") + ".")
-    return {"final_robust": final, "ratios": dict(ratios), "robust_gain": gain, "text": text}
+    return {"final_robust_accuracy": final, "ratios": dict(ratios), "robust_gain": gain, "text": text}
 
 
 # ---- 02: error amplification and beta -------------------------------------------------------

@@ -168,22 +168,21 @@ def beta_sweep(betas, train_set, test_data, threat: ThreatModel, policy=None, ep
                n_train: int | None = None, batch_size: int = 128, lr: float = 0.1, seed: int = 0,
                device: str = "cpu", progress: bool = False, iters: int = 100) -> tuple[list[dict], dict]:
     """Train one SmallCNN per beta with Defensive Quantization's regulariser (natural
-    cross-entropy + beta/2 sum ||W W^T - I||_F^2; beta = 0 is vanilla training) on the
-    same subset, same seed and order, and measure each.
+    cross-entropy + beta/2 sum ||W W^T - I||_F^2; beta = 0 is vanilla training) through
+    `rqlab.train` (a RunSpec per beta, defense "dq"): the same subset, seed, initial weights
+    and data order for every beta; then measure each.
 
     train_set: a `data.Dataset` (its first `n_train` examples are used). test_data:
-    (x, y) or a Dataset for clean and robust accuracy under `threat`. policy: the
-    training and evaluation precision (default w32a4, the paper's vanilla quantized
-    setting). Returns (rows, models): one row per beta with beta, orthogonality (the
-    penalty sum after training), bound (network Lipschitz bound), clean and robust
-    accuracy, train_loss, time_s; models {beta: trained model} at `policy`, eval mode.
+    (x, y) or a Dataset of the same dataset, for clean and robust accuracy under `threat`
+    (and the per-epoch clean accuracy). policy: the training and evaluation precision
+    (default w32a4, the paper's vanilla quantized setting). Returns (rows, models): one row
+    per beta with beta, orthogonality (the penalty sum after training), bound (network
+    Lipschitz bound), clean and robust accuracy, train_loss, time_s (training only); models
+    {beta: trained model} at `policy`, eval mode.
     """
-    import time
-
     from .. import data as data_mod
-    from .. import models as models_mod
-    from ..defenses import DefensiveQuantization, orthogonality_penalty
-    from ..training import TrainConfig, fit, resolve_device, seed_everything
+    from ..defenses import orthogonality_penalty
+    from ..experiment import RunSpec, TrainConfig, train
 
     if not isinstance(betas, (list, tuple)) or not betas:
         raise RqlabError(f"betas={betas!r} must be a non-empty list of numbers >= 0")
@@ -193,28 +192,34 @@ def beta_sweep(betas, train_set, test_data, threat: ThreatModel, policy=None, ep
         n_train = check_int(n_train, "n_train", 1, len(train_set))
         train_set = data_mod.Dataset(train_set.name, train_set.split, train_set.x[:n_train], train_set.y[:n_train],
                                      train_set.mean, train_set.std, train_set.classes)
-    x, y = as_tensors(test_data)
+    test_set = _as_dataset(test_data, train_set)
+    x, y = as_tensors(test_set)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
-    dev = resolve_device(cfg.device)
     rows, trained = [], {}
     for beta in betas:
-        seed_everything(seed)  # the same initial weights for every beta
-        model = models_mod.create("smallcnn", input_shape=tuple(train_set.input_shape), mean=train_set.mean,
-                                  std=train_set.std, num_classes=train_set.num_classes)
-        quant.apply(model, policy)
-        loader = data_mod.Loader(train_set, batch_size, shuffle=True, seed=seed, device=dev)
-        t0 = time.perf_counter()
-        history = fit(model, loader, cfg, hooks=DefensiveQuantization(beta), progress=progress, log=None)
-        elapsed = time.perf_counter() - t0
-        model.eval()
+        spec = RunSpec(model="smallcnn", data=train_set.name, policy=policy, defense="dq",
+                       defense_config={"beta": beta}, train=cfg)
+        model, history = train(spec, None, train_set=train_set, test_set=test_set, progress=progress, log=None)
+        dev = next(model.parameters()).device
         rec = evaluate(model, (x.to(dev), y.to(dev)), threat, policy=policy, progress=False)
         rows.append({"beta": beta, "orthogonality": float(orthogonality_penalty(model).detach()),
                      "bound": network_bound(model, iters=iters)["bound"],
                      "clean_accuracy": rec["clean_accuracy"], "robust_accuracy": rec["robust_accuracy"],
                      "robust_ci95": rec["robust_ci95"], "n": rec["n"],
-                     "train_loss": history[-1]["train_loss"], "time_s": elapsed})
+                     "train_loss": history[-1]["train_loss"], "time_s": history[-1]["cumulative_time_s"]})
         trained[beta] = model
     return rows, trained
+
+
+def _as_dataset(test_data, like):
+    """A Dataset of `like`'s dataset from a Dataset or (x float in [0, 1], y)."""
+    from .. import data as data_mod
+
+    if isinstance(test_data, data_mod.Dataset):
+        return test_data
+    x, y = as_tensors(test_data)
+    x8 = (x.detach().cpu() * 255).round().clamp(0, 255).to(torch.uint8)  # the loaded images are k / 255 exactly
+    return data_mod.Dataset(like.name, "test", x8, y.detach().cpu(), like.mean, like.std, like.classes)
 
 
 __all__ = ["precision", "accuracy_vs_bits", "accuracy_vs_eps", "transfer_in_batches", "craft", "craft_all",

@@ -1,4 +1,4 @@
-"""Parameters of notebooks and scripts, checked before any work starts: a model given as a
+"""Checks of the studies' parameters (notebooks and scripts), run before any work starts: a model given as a
 zoo name or a checkpoint path, precision lists the model can run at, test subsets.
 
     >>> spec = check_model_spec("fmnist-q4-pgd7")        # cheap: reads no weights
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .validate import ALLOWED_BITS, FP_BITS, RqlabError, check_bits_set, check_float, check_int
+from ..validate import ALLOWED_BITS, FP_BITS, RqlabError, check_bits_set, check_float, check_int
 
-from .zoo import is_checkpoint_path
+from ..zoo import is_checkpoint_path
 
 
 def check_model_spec(spec, field: str = "model") -> str:
@@ -28,7 +28,7 @@ def check_model_spec(spec, field: str = "model") -> str:
 
     Reads only the zoo card (JSON), never the weights: cheap enough for a first cell.
     """
-    from . import zoo
+    from .. import zoo
 
     if not isinstance(spec, str) or not spec.strip():
         raise RqlabError(f"{field}={spec!r} must be a zoo model name (e.g. fmnist-q4-pgd7; see `rqlab zoo list`) "
@@ -58,7 +58,8 @@ def model_label(spec: str) -> str:
 def check_model_specs(specs, field: str = "model") -> dict[str, str]:
     """One spec, a list of specs or a {label: spec} mapping -> {label: spec}, each checked."""
     if isinstance(specs, str):
-        specs = [specs]
+        spec = check_model_spec(specs, field)
+        return {model_label(spec): spec}
     if isinstance(specs, dict):
         if not specs:
             raise RqlabError(f"{field} is empty: give at least one model")
@@ -77,7 +78,7 @@ def check_model_specs(specs, field: str = "model") -> dict[str, str]:
 
 def training_policy(spec: str):
     """The precision policy `spec` was trained at (zoo card or checkpoint), as a Policy."""
-    from . import checkpoint, quant, zoo
+    from .. import checkpoint, quant, zoo
 
     spec = check_model_spec(spec)
     if is_checkpoint_path(spec):
@@ -87,8 +88,8 @@ def training_policy(spec: str):
 
 def supported_bits(model) -> tuple[int, ...]:
     """Bit-widths b at which Fixed(b) (and Fixed(32, act_bits=b)) runs on `model` (module docstring)."""
-    from . import quant
-    from .quant.layers import SwitchableBatchNorm2d
+    from .. import quant
+    from ..quant.layers import SwitchableBatchNorm2d
 
     allowed = set(ALLOWED_BITS)
     for sbn in (m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)):
@@ -101,7 +102,7 @@ def supported_bits(model) -> tuple[int, ...]:
 
 def check_bits_supported(model, bits, field: str = "bits", label: str = "the model") -> tuple[int, ...]:
     """`bits` (valid, no repeats) must all be supported by `model`; returns them sorted."""
-    from .quant.layers import SwitchableBatchNorm2d
+    from ..quant.layers import SwitchableBatchNorm2d
 
     bits = check_bits_set(bits, field)
     ok = supported_bits(model)
@@ -156,7 +157,7 @@ def check_choices(values, field: str, allowed) -> list[str]:
 
 def check_dataset(name: str):
     """The dataset's info (shape, classes, sizes); RqlabError for an unknown name."""
-    from . import data
+    from .. import data
 
     return data.dataset_info(name)
 
@@ -180,7 +181,7 @@ def check_model_fits(model, dataset: str, label: str = "the model") -> None:
 def load_test_subset(dataset: str, n: int, seed: int = 0, device="cpu"):
     """The first `n` examples of the seeded test subset (`data.load(..., n, seed)`):
     x float (n, C, H, W) in [0, 1] and y int64 (n,), on `device`."""
-    from . import data
+    from .. import data
 
     ds = data.load(dataset, "test", n=check_n_examples(n, dataset), seed=seed)
     return ds.x.float().div(255).to(device), ds.y.to(device)

@@ -1,10 +1,11 @@
-"""Notebook and script parameters (rqlab.params): zoo names and checkpoint paths, the
+"""Notebook and script parameter checks (rqlab.studies.params): zoo names and checkpoint paths, the
 precisions a model supports, and the messages of bad values."""
 import pytest
 import rqlab
 import torch
 
-from rqlab import checkpoint, models, params, quant, zoo
+from rqlab import checkpoint, models, quant, zoo
+from rqlab.studies import params
 from rqlab.validate import RqlabError
 
 from conftest import FMNIST_NORM, load_fmnist

@@ -1,0 +1,280 @@
+"""Notebook 04: ODG-Q training curves, robustness per unit of training time (Tao & Wong,
+arXiv 2210.08701; METHODS section 5; `defenses.odgq` is rqlab's construction).
+
+Per epoch: clean accuracy, robust accuracy and cumulative training time of natural
+training, FGSM-RS, PGD-7 AT and ODG-Q at each precision of `bits`, from the zoo's
+recorded histories (live=False, 4 bits) or trained here through `rqlab.train`, one
+RunSpec per method (live=True).
+
+    >>> params = Params(live=True, epochs=2, train_n=256, n_examples=32, steps=3)
+    >>> results = run(params)                    # {"curves": {"4": {method: curve}}, ...}
+    >>> fig = plot_curves(results); print(reading(results))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..analysis.curves import curve_from_history, epoch_time_ratio
+from ..validate import FP_BITS, RqlabError, check_bits, check_int
+from . import common
+from . import params as P
+from .common import Results, write_results
+
+METHOD_LABELS = {"natural": "natural", "fgsm-rs": "FGSM-RS", "pgd-at": "PGD-7 AT", "odgq": "ODG-Q"}
+METHODS = tuple(METHOD_LABELS)
+# The zoo's recipes with a per-epoch PGD-20 history, by training precision and method.
+ZOO_CURVES = {4: {"natural": "fmnist-q4-natural", "fgsm-rs": "fmnist-q4-fgsm-rs", "pgd-at": "fmnist-q4-pgd7",
+                  "odgq": "fmnist-odgq-q4"}}
+ZOO_EVAL_N = 200   # test images of the zoo's per-epoch PGD-20
+
+
+def check_methods(methods, field: str = "methods") -> list[str]:
+    """A non-empty, duplicate-free list out of METHODS."""
+    return P.check_choices(methods, field, METHODS)
+
+
+@dataclass(frozen=True)
+class Params(common.StudyParams):
+    """The parameters of notebook 04 (its parameters cell), validated at construction.
+
+    bits: training precisions (1 gives binary networks); live=False reads the zoo's
+    histories, which exist at ZOO_CURVES' precisions only. methods: out of natural,
+    fgsm-rs, pgd-at, odgq. epochs, train_n: live training. attack, steps, n_examples: the
+    per-epoch robust accuracy of live runs (and the explorer's attack).
+    """
+
+    dataset: str = "fashion-mnist"
+    bits: tuple = (4,)
+    methods: tuple = METHODS
+    live: bool = False
+    epochs: int = 4
+    train_n: int = 2000
+    attack: str = "pgd"
+    eps: float = 0.1
+    steps: int = 20
+    n_examples: int = 200
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "../runs/notebooks/04_odgq_training_curves"
+    interactive: bool = True
+
+    def __post_init__(self):
+        self._check_common()
+        info = P.check_dataset(self.dataset)
+        self._set("bits", P.check_bits_list(self.bits, "bits"))
+        self._set("methods", tuple(check_methods(self.methods)))
+        common.check_bool(self.live, "live")
+        self._set("epochs", check_int(self.epochs, "epochs", 1))
+        self._set("train_n", check_int(self.train_n, "train_n", 1, info.sizes["train"]))
+        if not self.live:
+            missing = [b for b in self.bits if b not in ZOO_CURVES]
+            if missing:
+                raise RqlabError(f"bits={list(self.bits)}: the zoo has the four methods' histories at "
+                                 f"{sorted(ZOO_CURVES)} bits only, not at {missing}: set live=True to train them here")
+            for b in self.bits:
+                for m in self.methods:
+                    P.check_model_spec(ZOO_CURVES[b][m], f"zoo model for {m} at {b} bits")
+
+
+def history_of(spec: str) -> list[dict]:
+    """The per-epoch history of a zoo model (its card) or of a checkpoint file."""
+    from .. import checkpoint, zoo
+
+    spec = P.check_model_spec(spec)
+    if P.is_checkpoint_path(spec):
+        return list(checkpoint.load(spec).get("history") or [])
+    return list(zoo.card(spec)["history"])
+
+
+def zoo_curves(bits: int, methods=METHODS) -> dict[str, dict]:
+    """{method: curve} from the zoo's histories at `bits` (ZOO_CURVES). The zoo measures
+    PGD-20 accuracy on 200 test examples per epoch and clean accuracy on the test set."""
+    bits = check_bits(bits)
+    methods = check_methods(methods)
+    if bits not in ZOO_CURVES:
+        raise RqlabError(f"the zoo has training curves of all four methods at {sorted(ZOO_CURVES)} bits only, "
+                         f"not at bits={bits}: train them live (live=True, train_curves)")
+    return {m: curve_from_history(history_of(ZOO_CURVES[bits][m]), source=f"zoo {ZOO_CURVES[bits][m]}",
+                                  attack="PGD-20 (zoo card)") for m in methods}
+
+
+def train_curves(methods, bits: int, train_set, test_set, threat, epochs: int = 2, batch_size: int = 128,
+                 lr: float = 0.1, seed: int = 0, device: str = "cpu", progress: bool = False,
+                 calibrate_bits=tuple(range(2, 9)), log=None) -> tuple[dict, dict]:
+    """Train a SmallCNN per method at Fixed(bits) through `rqlab.train` (one RunSpec per
+    method: the same seed, hence the same initial weights and data order) and record its
+    curve: clean accuracy and robust accuracy under `threat` on `test_set` (the same
+    examples, so robust <= clean) after every epoch.
+
+    methods: out of METHODS (defenses "natural", "fgsm-rs", "pgd-at" (PGD-7, step eps / 4),
+    "odgq"), trained at the threat's eps. train_set, test_set: `data.Dataset`s.
+    calibrate_bits: precisions whose activation ranges are set after training
+    (post-training quantization, for the explorer), besides the trained one.
+    Returns (curves {method: curve}, models {method: model in eval mode at Fixed(bits)}).
+    """
+    import torch.nn.functional as F
+
+    from .. import data, quant
+    from ..evaluation import as_tensors, evaluate
+    from ..experiment import RunSpec, TrainConfig, build_model, train
+    from ..training import resolve_device
+
+    methods = check_methods(methods)
+    bits = check_bits(bits)
+    check_int(epochs, "epochs", 1)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    dev = resolve_device(cfg.device)
+    x, y = (t.to(dev) for t in as_tensors(test_set))
+    metric = {"robust_accuracy": lambda m: evaluate(m, (x, y), threat, progress=False)["robust_accuracy"]}
+    specs = {m: RunSpec(model="smallcnn", data=train_set.name, policy=quant.Fixed(bits), defense=m, eps=threat.eps,
+                        train=cfg) for m in methods}
+
+    # One untimed training step first, so that the first method timed does not pay the
+    # process's one-time costs (allocator warm-up, kernel selection).
+    xw, yw = next(iter(data.Loader(train_set, batch_size, device=dev)))
+    F.cross_entropy(build_model(specs[methods[0]], train_set).to(dev).train()(xw), yw).backward()
+    curves, trained = {}, {}
+    for method, spec in specs.items():
+        model, history = train(spec, None, train_set=train_set, test_set=test_set, epoch_metrics=metric,
+                               progress=progress, log=log)
+        extra = sorted(set(calibrate_bits or ()) - {bits, 1, FP_BITS})
+        if extra:
+            n_cal = min(len(train_set), 1024)
+            quant.calibrate(model, [train_set.x[i:i + 256].float().div(255).to(dev) for i in range(0, n_cal, 256)],
+                            extra)
+        curves[method] = curve_from_history(history, source=f"live, {len(train_set)} training examples",
+                                            attack=f"{threat.attack.upper()}-{threat.steps}")
+        trained[method] = model.eval()
+    return curves, trained
+
+
+def load_inputs(params: Params) -> common.Inputs:
+    """The test images, and with live=False and interactive the zoo's models (for the
+    explorer), labelled "ODG-Q (4-bit)" etc."""
+    specs = {} if params.live or not params.interactive else {
+        f"{METHOD_LABELS[m]} ({b}-bit)": ZOO_CURVES[b][m] for b in params.bits for m in params.methods}
+    return common.load_inputs(params, specs)
+
+
+def run(params: Params, inputs: common.Inputs | None = None, log=print, progress: bool | None = None) -> Results:
+    """The four methods' curves at every precision of params.bits (zoo or live), their
+    epoch-time ratios to natural training, and the reading.
+
+    Returns {"final_robust_accuracy", "final_clean_accuracy", "epoch_time_ratio", "epochs",
+    "curves", "reading" (each {str(bits): ...}), "source" ("zoo" | "live"), "bits",
+    "threat"}; `.models` holds the trained (live) or zoo models.
+    """
+    import torch
+
+    from .. import data
+    from ..analysis import readings
+
+    inputs = inputs or load_inputs(params)
+    log = log or (lambda *a: None)
+    threat = params.threat()
+    torch.manual_seed(params.seed)
+    curves, models = {}, dict(inputs.models)
+    for b in params.bits:
+        if params.live:
+            train_set = data.load(params.dataset, "train", n=params.train_n, seed=params.seed)
+            test_set = data.load(params.dataset, "test", n=params.n_examples, seed=params.seed)  # = inputs.x, y
+            curves[b], trained = train_curves(params.methods, b, train_set, test_set, threat, epochs=params.epochs,
+                                              seed=params.seed, device=str(inputs.device),
+                                              progress=params.interactive if progress is None else progress)
+            models.update({f"{METHOD_LABELS[m]} ({b}-bit)": net for m, net in trained.items()})
+        else:
+            curves[b] = zoo_curves(b, params.methods)
+        for m, c in curves[b].items():
+            log(f"{b}-bit {METHOD_LABELS[m]:>9}: clean {100 * c['clean_accuracy'][-1]:5.1f}%  robust "
+                f"{100 * c['robust_accuracy'][-1]:5.1f}%  {c['cumulative_time_s'][-1]:7.1f}s for {len(c['epoch'])} "
+                f"epochs  ({c['source']}, {c['attack']})")
+    ratios = {b: epoch_time_ratio(curves[b], "natural") if "natural" in curves[b] else None for b in params.bits}
+    n_eval = params.n_examples if params.live else ZOO_EVAL_N
+    labels = {m: METHOD_LABELS[m] for m in params.methods}
+    read = {b: readings.curves_reading(curves[b], ratios[b], n=n_eval, labels=labels)["text"]
+            for b in params.bits if ratios[b]}
+    if params.live and params.train_n < 5000:
+        read = {b: t + f" Note: {params.train_n} training images per epoch; at this size per-epoch overheads weigh "
+                       "on the times." for b, t in read.items()}
+    results = {
+        "final_robust_accuracy": {str(b): {m: c["robust_accuracy"][-1] for m, c in curves[b].items()}
+                                  for b in params.bits},
+        "final_clean_accuracy": {str(b): {m: c["clean_accuracy"][-1] for m, c in curves[b].items()}
+                                 for b in params.bits},
+        "epoch_time_ratio": {str(b): ratios[b] for b in params.bits},
+        "source": "live" if params.live else "zoo",
+        "epochs": {str(b): {m: len(c["epoch"]) for m, c in curves[b].items()} for b in params.bits},
+        "bits": list(params.bits),
+        "curves": {str(b): curves[b] for b in params.bits},
+        "threat": threat.to_dict(),
+        "reading": {str(b): t for b, t in read.items()},
+    }
+    return Results(results, models=models)
+
+
+# ---- figures and reading ------------------------------------------------------------------
+
+def plot_curves(results: dict):
+    """The main figure: clean accuracy, robust accuracy and cumulative wall time per epoch,
+    one row per precision."""
+    import matplotlib.pyplot as plt
+
+    bits, eps = results["bits"], results["threat"]["eps"]
+    fig, axes = plt.subplots(len(bits), 3, figsize=(13, 3.3 * len(bits)), squeeze=False)
+    for row, b in zip(axes, bits):
+        curves = results["curves"][str(b)]
+        attack_name = next(iter(curves.values()))["attack"]
+        for i, (m, c) in enumerate(curves.items()):
+            kw = dict(color=f"C{i}", marker="o", label=METHOD_LABELS[m])
+            row[0].plot(c["epoch"], [100 * v for v in c["clean_accuracy"]], **kw)
+            row[1].plot(c["epoch"], [100 * v for v in c["robust_accuracy"]], **kw)
+            row[2].plot(c["epoch"], c["cumulative_time_s"], **kw)
+        row[0].set(ylabel="accuracy (%)", title=f"{b}-bit: clean accuracy", ylim=(0, 100))
+        row[1].set(ylabel="accuracy (%)", title=f"{b}-bit: robust accuracy ({attack_name}, eps={eps:g})",
+                   ylim=(0, 100))
+        row[2].set(ylabel="seconds", title=f"{b}-bit: cumulative training time")
+        for ax in row:
+            ax.set_xlabel("epoch")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_time_ratios(results: dict):
+    """Mean epoch time of each method over natural training's, per precision."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    bits = results["bits"]
+    methods = list(results["curves"][str(bits[0])])
+    fig, ax = plt.subplots(figsize=(6, 3))
+    w = 0.8 / len(bits)
+    for i, b in enumerate(bits):
+        ratio = results["epoch_time_ratio"][str(b)]
+        if ratio:
+            ax.bar(np.arange(len(methods)) + i * w, [ratio[m] for m in methods], w, label=f"{b}-bit")
+    ax.set_xticks(np.arange(len(methods)) + w * (len(bits) - 1) / 2, [METHOD_LABELS[m] for m in methods])
+    ax.axhline(1, color="gray", lw=1, ls=":")
+    ax.set(ylabel="mean epoch time / natural", title="epoch-time ratio to natural training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def reading(results: dict) -> str:
+    """`readings.curves_reading`'s text per precision."""
+    return "\n\n".join(f"{b}-bit: {t}" for b, t in results["reading"].items())
+
+
+def explorer(params: Params, inputs: common.Inputs, results: Results):
+    """With params.interactive: pick one of the trained (or zoo) models, the precision it is
+    evaluated at (post-training quantization where it differs from the training one) and
+    an eps; clean and white-box robust accuracy on 64 test images (None otherwise)."""
+    return common.explorer(params, results.models, inputs.x, inputs.y, bits=sorted({*params.bits, 2, 4, 8, 32}),
+                           start_bits=params.bits[0])
+
+
+__all__ = ["Params", "METHODS", "METHOD_LABELS", "ZOO_CURVES", "check_methods", "history_of", "zoo_curves",
+           "train_curves", "load_inputs", "run", "plot_curves", "plot_time_ratios", "reading", "explorer",
+           "write_results"]
