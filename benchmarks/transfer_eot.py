@@ -20,7 +20,7 @@ import torch
 
 import _common as C
 from rqlab import quant
-from rqlab.analysis.transfer import _accuracy, transfer_matrix
+from rqlab.analysis.transfer import paired_accuracy, transfer_matrix
 from rqlab.attacks import ThreatModel, eot_pgd, pgd
 from rqlab.attacks.base import input_grad
 from rqlab.models.state import eval_mode, prepared
@@ -36,7 +36,7 @@ def naive(model, x, y, threat):
         for b in BITS:
             x_adv = pgd(model, x, y, threat.replace(policy=quant.Fixed(a)))
             with quant.using(model, quant.Fixed(b)), eval_mode(model):
-                row.append(_accuracy(model, x, y, x_adv))
+                row.append(paired_accuracy(model, x, y, x_adv))
         out.append(row)
     return out
 

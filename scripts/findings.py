@@ -43,23 +43,18 @@ def ci(rec: dict, key: str = "robust") -> str:
 
 
 CONTROL = Path("runs/findings/fmnist-fp-natural-6k")
-CONTROL_ARGS = ["train", "--model", "smallcnn", "--data", "fashion-mnist", "--seed", "0", "--n-train", "6000",
-                "--epochs", "4", "--defense", "natural", "--no-progress", "--out", str(CONTROL)]
+# the w32a4 zoo recipes' budget (6,000 images, 4 epochs) at FP, natural training
+CONTROL_SPEC = rqlab.RunSpec(model="smallcnn", data="fashion-mnist", policy="fp", defense="natural",
+                             train=rqlab.TrainConfig(epochs=4, n_train=6000, seed=0))
 
 
 def same_budget_fp_control():
     """An FP natural SmallCNN trained like the w32a4 zoo models (6,000 images, 4 epochs):
     the zoo's fmnist-fp-natural saw all 60,000 images, and a smaller training set alone
-    changes PGD robustness. Trained once into runs/findings/ (`rqlab train` with
-    CONTROL_ARGS), calibrated at 2..8 bits as the zoo calibrates."""
-    from rqlab.cli import main as rqlab_main
-
-    ckpt = CONTROL / "checkpoint.pt"
-    if not ckpt.is_file() or len(checkpoint.load(ckpt)["history"]) < 4:
-        print("  training the same-budget FP control: rqlab " + " ".join(CONTROL_ARGS), file=sys.stderr, flush=True)
-        if rqlab_main(CONTROL_ARGS) != 0:
-            raise SystemExit("training the FP control failed")
-    model = rqlab.load(ckpt)
+    changes PGD robustness. Trained once into runs/findings/ (rqlab.train(CONTROL_SPEC);
+    resumed when interrupted), calibrated at 2..8 bits as the zoo calibrates."""
+    print(f"  the same-budget FP control: {CONTROL_SPEC.command(CONTROL)}", file=sys.stderr, flush=True)
+    model, _ = rqlab.train(CONTROL_SPEC, CONTROL, progress=False, log=None)
     calib = data.load("fashion-mnist", "train", n=zoo.CALIBRATE_N, seed=1).x.float() / 255
     quant.calibrate(model, [calib[i:i + 256] for i in range(0, len(calib), 256)], bits=list(zoo.CALIBRATE_BITS))
     return model.eval()
@@ -107,10 +102,11 @@ def section_b(test, n: int, aa_n: int, passes: int = 5) -> dict:
                "bitops_g": quant.bitops(model, policy) / 1e9}
         scores = evaluate_protocols(model, policy, test, eps=0.1, steps=20, adaptive=("eot_pgd", "expectation"),
                                     passes=passes, n=n)
-        row.update({k: v["mean"] for k, v in scores.items()}, clean=scores["paper"]["clean"],
-                   worst={k: v["worst"] for k, v in scores.items()}, ci95={k: v["ci95"] for k, v in scores.items()})
+        row.update({k: v["robust_accuracy"] for k, v in scores.items()}, clean=scores["paper"]["clean_accuracy"],
+                   worst={k: v["robust_worst_accuracy"] for k, v in scores.items()},
+                   ci95={k: v["robust_ci95"] for k, v in scores.items()})
         row["autoattack"] = evaluate_protocols(model, policy, test, eps=0.1, adaptive=("autoattack",), passes=passes,
-                                               n=aa_n, aa_n_iter=AA_ITERS)["autoattack"]["mean"]
+                                               n=aa_n, aa_n_iter=AA_ITERS)["autoattack"]["robust_accuracy"]
         if isinstance(policy, quant.RandomPrecision):
             # The attacker crafts at one precision drawn from the set and the defender runs
             # RPI; the expected outcome over the draw is the mean over the set's precisions.

@@ -36,7 +36,7 @@ def test_evaluate_protocols_scores_and_reuse():
     assert out["eot_pgd"]["threat"]["eot"] == 2
     fixed = A.evaluate_protocols(m, quant.Fixed(8), (x, y), eps=0.1, steps=1, passes=3, adaptive=["expectation"])
     assert fixed["expectation"]["same_as"] == "paper" and fixed["paper"]["passes"] == 1
-    assert fixed["expectation"]["mean"] == fixed["paper"]["mean"]
+    assert fixed["expectation"]["robust_accuracy"] == fixed["paper"]["robust_accuracy"]
     json.dumps(out)
     with pytest.raises(RqlabError, match="precision policy"):
         A.evaluate_protocols(m, 8, (x, y), eps=0.1)

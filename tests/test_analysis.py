@@ -166,5 +166,5 @@ def test_transfer_matrix_diagonal_equals_evaluate_at_that_precision(trained_smal
         rec = evaluate(model, (x, y), threat, policy=quant.Fixed(a), batch_size=len(x), progress=False)
         # the same count of 64 (transfer_matrix averages in float32: 1e-6 is far below 1/64)
         assert tm["matrix"][i][i] == pytest.approx(rec["robust_accuracy"], abs=1e-6), a
-        assert tm["clean"][i] == pytest.approx(rec["clean_accuracy"], abs=1e-6), a
+        assert tm["clean_accuracy"][i] == pytest.approx(rec["clean_accuracy"], abs=1e-6), a
         assert 0.05 < rec["robust_accuracy"] < rec["clean_accuracy"] - 0.1, rec["robust_accuracy"]

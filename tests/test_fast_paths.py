@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from rqlab import attacks, defenses, models, quant
-from rqlab.analysis.transfer import _accuracy, transfer_matrix
+from rqlab.analysis.transfer import paired_accuracy, transfer_matrix
 from rqlab.attacks import ThreatModel
 from rqlab.models.state import eval_mode
 from rqlab.quant import layers as qlayers
@@ -336,7 +336,7 @@ def naive_transfer(m, x, y, attack_bits, infer_bits, threat):
         for b in infer_bits:
             x_adv = attacks.pgd(m, x, y, threat.replace(policy=quant.Fixed(a)))
             with quant.using(m, quant.Fixed(b)), eval_mode(m):
-                row.append(_accuracy(m, x, y, x_adv))
+                row.append(paired_accuracy(m, x, y, x_adv))
         out.append(row)
     return out
 
@@ -350,15 +350,15 @@ def test_transfer_matrix_equals_the_naive_pairs_and_keeps_the_random_column():
                          passes=3, eot_samples=2)
     assert [row[:3] for row in tm["matrix"][:3]] == naive_transfer(m, x, y, bits, bits, threat)
     with quant.using(m, quant.Fixed(4)), eval_mode(m):
-        assert tm["clean"][1] == _accuracy(m, x, y, x)
+        assert tm["clean_accuracy"][1] == paired_accuracy(m, x, y, x)
     # the "rpi" column: the same draws as scoring each row with its own fresh policy
     crafted = [attacks.pgd(m, x, y, threat.replace(policy=quant.Fixed(a))) for a in bits]
     crafted.append(attacks.eot_pgd(m, x, y, threat.replace(attack="eot_pgd", eot=2,
                                                            policy=quant.RandomPrecision((2, 4, 8), seed=3))))
     with quant.using(m, quant.RandomPrecision((2, 4, 8), seed=3)), eval_mode(m):
-        expected_clean = _accuracy(m, x, y, x, 3)
-        expected = [_accuracy(m, x, y, xa, 3) for xa in crafted]
-    assert tm["clean"][3] == expected_clean
+        expected_clean = paired_accuracy(m, x, y, x, 3)
+        expected = [paired_accuracy(m, x, y, xa, 3) for xa in crafted]
+    assert tm["clean_accuracy"][3] == expected_clean
     assert [row[3] for row in tm["matrix"]] == expected
 
 

@@ -100,7 +100,7 @@ def test_01_precision_transferability(kernel, smoke, tiny, tmp_path, monkeypatch
     assert tm["eot_samples"] == params["eot"]
     m = tm["matrix"]
     assert len(m) == len(bits) + 1 and all(len(row) == len(bits) + 1 for row in m)
-    assert all(unit(v) for row in m for v in row) and all(unit(v) for v in tm["clean"])
+    assert all(unit(v) for row in m for v in row) and all(unit(v) for v in tm["clean_accuracy"])
     diag = [m[i][i] for i in range(len(bits))]
     assert res["diagonal_mean"][label] == pytest.approx(sum(diag) / len(diag))
     assert res["gap"][label] == pytest.approx(res["off_diagonal_mean"][label] - res["diagonal_mean"][label])
@@ -209,7 +209,7 @@ def test_05_double_win_quant(kernel, smoke, tiny, tmp_path, monkeypatch):
     for cfg, by in res["scores"].items():
         assert list(by) == protocols
         for p, s in by.items():
-            assert unit(s["mean"]) and unit(s["worst"])
+            assert unit(s["robust_accuracy"]) and unit(s["robust_worst_accuracy"])
             assert s["passes"] == (1 if cfg == "FP" else params["passes"])
     assert res["scores"]["FP"]["eot_pgd"]["same_as"] == "paper"  # one precision: EOT is plain PGD
     bitops = res["bitops"]

@@ -53,9 +53,11 @@ def test_transfer_reading_verdicts():
 
 
 def scores(fp, rpi_paper, rpi_adaptive):
-    return {"FP": {"paper": {"mean": fp, "worst": fp}, "eot_pgd": {"mean": fp, "worst": fp}},
-            "RPI": {"paper": {"mean": rpi_paper, "worst": rpi_paper - 0.05},
-                    "eot_pgd": {"mean": rpi_adaptive, "worst": rpi_adaptive - 0.1}}}
+    def s(mean, worst):
+        return {"robust_accuracy": mean, "robust_worst_accuracy": worst}
+
+    return {"FP": {"paper": s(fp, fp), "eot_pgd": s(fp, fp)},
+            "RPI": {"paper": s(rpi_paper, rpi_paper - 0.05), "eot_pgd": s(rpi_adaptive, rpi_adaptive - 0.1)}}
 
 
 def test_gains_reading_separates_surviving_lost_and_reversed_gains():

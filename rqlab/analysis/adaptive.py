@@ -2,10 +2,10 @@
 (Double-Win Quant, Fu et al., ICML 2021; METHODS sections 2 and 6).
 
     >>> scores = evaluate_protocols(model, quant.RandomPrecision((4, 5, 6, 7, 8)), (x, y), eps=0.1, steps=20)
-    >>> scores["paper"]["mean"], scores["eot_pgd"]["worst"]
+    >>> scores["paper"]["robust_accuracy"], scores["eot_pgd"]["robust_worst_accuracy"]
 
 Protocols (every one scored with `passes` stochastic forward passes for a random
-policy: "mean" = mean accuracy over the passes, "worst" = correct in all of them):
+policy: robust_accuracy = mean over the passes, robust_worst_accuracy = correct in all of them):
 
     paper        plain `attack` (PGD) against the randomly switching model, as the paper
                  evaluates it: the model draws a precision at every forward pass (per batch,
@@ -62,8 +62,9 @@ def evaluate_protocols(model, policy, data, eps: float, steps: int = 20, attack:
     """Score `model` at `policy` under the paper's protocol and each adaptive attack.
 
     data: Dataset or (x, y); the first `n` examples. passes: stochastic passes for a
-    random policy (a fixed one uses 1). Returns {protocol: {"mean", "worst", "ci95",
-    "worst_ci95", "clean", "n", "passes", "threat", "same_as"}}, JSON-serialisable;
+    random policy (a fixed one uses 1). Returns {protocol: {"robust_accuracy",
+    "robust_worst_accuracy", "robust_ci95", "robust_worst_ci95", "clean_accuracy", "n",
+    "passes", "threat", "same_as"}} (the record's names), JSON-serialisable;
     "same_as" names the protocol whose record is reused (deterministic policies), else None.
     """
     if not isinstance(policy, (quant.Fixed, quant.PerLayer, quant.RandomPrecision)):
@@ -76,10 +77,9 @@ def evaluate_protocols(model, policy, data, eps: float, steps: int = 20, attack:
             continue
         rec = evaluate(model, data, threat, policy=policy, n=n, batch_size=batch_size, seed=seed, passes=k,
                        progress=progress)
-        out[proto] = {"mean": rec["robust_accuracy"], "worst": rec["robust_worst_accuracy"],
-                      "ci95": rec["robust_ci95"], "worst_ci95": rec["robust_worst_ci95"],
-                      "clean": rec["clean_accuracy"], "n": rec["n"], "passes": k, "threat": rec["threat"],
-                      "same_as": None}
+        out[proto] = {key: rec[key] for key in ("robust_accuracy", "robust_worst_accuracy", "robust_ci95",
+                                                "robust_worst_ci95", "clean_accuracy", "n", "threat")}
+        out[proto].update(passes=k, same_as=None)
     return out
 
 

@@ -118,7 +118,7 @@ def gains_reading(scores: dict, baseline: str, n: int, paper_protocol: str = "pa
     strongest attack measured (the lowest mean accuracy over every protocol, the paper's
     included).
 
-    scores: {config: {protocol: {"mean": acc, "worst": acc}}} (fractions; "worst": correct
+    scores: {config: {protocol: {"robust_accuracy": acc, "robust_worst_accuracy": acc}}} (fractions; worst: correct
     in every stochastic pass). n: examples per score. Returns {"configs": {config:
     {"paper_gain", "adaptive_gain", "worst_gain", "strongest", "half_width",
     "paper_gain_clear", "verdict"}}, "text"}; verdict (of the adaptive gain) "survives" |
@@ -129,21 +129,21 @@ def gains_reading(scores: dict, baseline: str, n: int, paper_protocol: str = "pa
     n = check_int(n, "n", 1)
 
     def strongest(cfg):
-        proto = min(scores[cfg], key=lambda p: scores[cfg][p]["mean"])
-        return proto, scores[cfg][proto]["mean"], min(s["worst"] for s in scores[cfg].values())
+        proto = min(scores[cfg], key=lambda p: scores[cfg][p]["robust_accuracy"])
+        return proto, scores[cfg][proto]["robust_accuracy"], min(s["robust_worst_accuracy"] for s in scores[cfg].values())
 
     b_proto, b_mean, b_worst = strongest(baseline)
-    b_paper = scores[baseline][paper_protocol]["mean"]
+    b_paper = scores[baseline][paper_protocol]["robust_accuracy"]
     out, lines = {}, [f"{baseline}: {pct(b_paper)} under the paper's protocol, {pct(b_mean)} under its strongest "
                       f"attack ({b_proto})."]
     for cfg in scores:
         if cfg == baseline:
             continue
         proto, mean, worst = strongest(cfg)
-        paper_gain = scores[cfg][paper_protocol]["mean"] - b_paper
+        paper_gain = scores[cfg][paper_protocol]["robust_accuracy"] - b_paper
         gain, worst_gain = mean - b_mean, worst - b_worst
         h = diff_half_width(mean, b_mean, n)
-        h_paper = diff_half_width(scores[cfg][paper_protocol]["mean"], b_paper, n)
+        h_paper = diff_half_width(scores[cfg][paper_protocol]["robust_accuracy"], b_paper, n)
         verdict = "survives" if gain > h else "within noise" if gain >= -h else "reversed"
         out[cfg] = {"paper_gain": paper_gain, "adaptive_gain": gain, "worst_gain": worst_gain, "strongest": proto,
                     "half_width": h, "paper_gain_clear": paper_gain > h_paper, "verdict": verdict}

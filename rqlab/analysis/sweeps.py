@@ -98,13 +98,13 @@ def transfer_in_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits
         k = len(xb)
         if merged is None:
             merged = {**tm, "matrix": [[v * k for v in row] for row in tm["matrix"]],
-                      "clean": [v * k for v in tm["clean"]]}
+                      "clean_accuracy": [v * k for v in tm["clean_accuracy"]]}
         else:
             merged["matrix"] = [[a + v * k for a, v in zip(ra, rv)] for ra, rv in zip(merged["matrix"], tm["matrix"])]
-            merged["clean"] = [a + v * k for a, v in zip(merged["clean"], tm["clean"])]
+            merged["clean_accuracy"] = [a + v * k for a, v in zip(merged["clean_accuracy"], tm["clean_accuracy"])]
         total += k
     merged["matrix"] = [[v / total for v in row] for row in merged["matrix"]]
-    merged["clean"] = [v / total for v in merged["clean"]]
+    merged["clean_accuracy"] = [v / total for v in merged["clean_accuracy"]]
     merged["threat"], merged["n"] = threat.to_dict(), total
     return merged
 

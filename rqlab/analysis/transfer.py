@@ -21,8 +21,9 @@ from ..validate import RqlabError, check_bits_set, check_int
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x, y, x_adv, passes: int = 1) -> float:
-    """Mean over passes of the share with x and x_adv both correct (robust accuracy)."""
+def paired_accuracy(model: nn.Module, x, y, x_adv, passes: int = 1) -> float:
+    """Robust accuracy of crafted examples: the mean over `passes` forward passes of the share
+    of examples with x and x_adv both correct (x (B, C, H, W), y (B,), x_adv like x)."""
     total = 0.0
     for _ in range(passes):
         total += ((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).float().mean().item()
@@ -32,7 +33,7 @@ def _accuracy(model: nn.Module, x, y, x_adv, passes: int = 1) -> float:
 @torch.no_grad()
 def _fixed_column(model: nn.Module, x, y, crafted) -> tuple[float, list[float]]:
     """Clean and robust accuracies at one fixed precision, the clean predictions made once
-    (a fixed policy in eval mode is deterministic): the values of `_accuracy`, with one
+    (a fixed policy in eval mode is deterministic): the values of `paired_accuracy`, with one
     forward for x plus one per crafted batch instead of two per cell."""
     ok = model(x).argmax(1) == y  # (B,)
     return ok.float().mean().item(), [(ok & (model(xa).argmax(1) == y)).float().mean().item() for xa in crafted]
@@ -93,9 +94,9 @@ def _transfer_matrix(model, x, y, attack_bits, settings, col_labels, threat, eot
                 continue
             # the random column keeps its order of draws: x and x_adv draw in turn
             with quant.using(model, quant.RandomPrecision(p.choices, p.seed) if passes > 1 else p):
-                clean.append(_accuracy(model, x, y, x, passes))
+                clean.append(paired_accuracy(model, x, y, x, passes))
                 for i, x_adv in enumerate(crafted):
-                    matrix[i][j] = _accuracy(model, x, y, x_adv, passes)
-    return {"row_labels": row_labels, "col_labels": col_labels, "matrix": matrix, "clean": clean,
+                    matrix[i][j] = paired_accuracy(model, x, y, x_adv, passes)
+    return {"row_labels": row_labels, "col_labels": col_labels, "matrix": matrix, "clean_accuracy": clean,
             "threat": threat.to_dict(), "eot_policy": eot_policy.to_dict() if eot_policy is not None else None,
             "eot_samples": eot.eot_samples if eot is not None else None}

@@ -121,15 +121,15 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
                 net, policies[label], (x[:aa_n], y[:aa_n]), adaptive=["autoattack"], aa_n_iter=params.aa_n_iter,
                 **common_args)["autoattack"]
         bitops[label] = quant.bitops(net, policies[label])
-        log(f"{label:>8} ({policies[label]}): clean {100 * scores[label]['paper']['clean']:5.1f}%  "
+        log(f"{label:>8} ({policies[label]}): clean {100 * scores[label]['paper']['clean_accuracy']:5.1f}%  "
             + "  ".join(f"{p} {100 * s['mean']:5.1f}% (worst {100 * s['worst']:5.1f}%)"
                         for p, s in scores[label].items())
             + f"  {bitops[label] / 1e6:.1f} M BitOPs")
     gains = readings.gains_reading(scores, baseline="FP", n=params.n_examples)
     results = {
-        "robust_accuracy": {c: {p: s["mean"] for p, s in scores[c].items()} for c in scores},
-        "robust_worst_accuracy": {c: {p: s["worst"] for p, s in scores[c].items()} for c in scores},
-        "clean_accuracy": {c: scores[c]["paper"]["clean"] for c in scores},
+        "robust_accuracy": {c: {p: s["robust_accuracy"] for p, s in scores[c].items()} for c in scores},
+        "robust_worst_accuracy": {c: {p: s["robust_worst_accuracy"] for p, s in scores[c].items()} for c in scores},
+        "clean_accuracy": {c: scores[c]["paper"]["clean_accuracy"] for c in scores},
         "bitops": bitops,
         "verdict": {c: g["verdict"] for c, g in gains["configs"].items()},
         "paper_gain": {c: g["paper_gain"] for c, g in gains["configs"].items()},
@@ -168,11 +168,11 @@ def plot_scores(results: dict):
     w = 0.8 / len(protocols)
     for i, p in enumerate(protocols):
         xs = np.arange(len(cfgs)) + i * w
-        mean = np.array([scores[c][p]["mean"] for c in cfgs])
-        ci = np.array([scores[c][p]["ci95"] for c in cfgs])
+        mean = np.array([scores[c][p]["robust_accuracy"] for c in cfgs])
+        ci = np.array([scores[c][p]["robust_ci95"] for c in cfgs])
         a1.bar(xs, 100 * mean, w, yerr=100 * np.abs(ci.T - mean), capsize=2,
                label=f"paper protocol ({first['attack']})" if p == "paper" else p, color=f"C{i}")
-        a1.scatter(xs, [100 * scores[c][p]["worst"] for c in cfgs], marker="_", s=200, color="k", zorder=3,
+        a1.scatter(xs, [100 * scores[c][p]["robust_worst_accuracy"] for c in cfgs], marker="_", s=200, color="k", zorder=3,
                    label="worst case over passes" if i == 0 else None)
     a1.set_xticks(np.arange(len(cfgs)) + w * (len(protocols) - 1) / 2,
                   [f"{c}\n{policy_from_dict(results['policies'][c])}" for c in cfgs])

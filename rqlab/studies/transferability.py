@@ -140,7 +140,7 @@ def plot_clean(results: dict):
 
     fig, ax = plt.subplots(figsize=(5.5, 3))
     for label, tm in results["models"].items():
-        ax.plot(tm["col_labels"], [100 * c for c in tm["clean"]], "o-", label=label)
+        ax.plot(tm["col_labels"], [100 * c for c in tm["clean_accuracy"]], "o-", label=label)
     ax.set(xlabel="inference precision", ylabel="clean accuracy (%)", ylim=(0, 100),
            title="clean accuracy per column")
     ax.legend(fontsize=8)
