@@ -164,8 +164,8 @@ class RunSpec:
             argv += ["--eps", repr(self.eps)]
         defaults = defenses.resolve_params(self.defense)
         for key, value in self.defense_config.items():
-            if key != "eps" and value != defaults[key]:
-                argv += [_FLAGS[key], repr(value)]
+            if key != "eps" and value != defaults[key]:  # a setting without a flag of its own: --set
+                argv += [_FLAGS[key], repr(value)] if key in _FLAGS else ["--set", f"{key}={json.dumps(value)}"]
         for name, flag in (("epochs", "--epochs"), ("batch_size", "--batch-size"), ("lr", "--lr"),
                            ("momentum", "--momentum"), ("weight_decay", "--weight-decay"),
                            ("schedule", "--schedule"), ("seed", "--seed"), ("n_train", "--n-train"),

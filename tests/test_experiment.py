@@ -216,3 +216,41 @@ def test_eval_and_bitselect_take_a_zoo_name(tmp_path, capsys):
     rec = Record.from_json(out.read_text())
     assert rec.model == "fmnist-q4-pgd7" and rec.n == 20
     assert rec["checkpoint_sha256"] == zoo.card("fmnist-q4-pgd7")["sha256"]
+
+
+def test_a_new_defense_is_one_registered_factory(tmp_path, monkeypatch):
+    """Registering a defense (its hooks and settings) makes it a RunSpec, a `rqlab train`
+    flag and a trained model, with nothing else to edit."""
+    from rqlab.defenses import registry
+    from rqlab.training import Hooks
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    class Noise(Hooks):
+        name = "noise"
+
+        def __init__(self, sigma, seed):
+            self.sigma, self.seed = sigma, seed
+
+        def config(self):
+            return {"sigma": self.sigma, "seed": self.seed}
+
+        def batch(self, model, x, y):
+            return (x + self.sigma * torch.randn_like(x)).clamp(0, 1), y
+
+    @registry.register("noise", params={"sigma": 0.1}, summary="Gaussian noise augmentation")
+    def build_noise(sigma, seed, bits=None):
+        return Noise(sigma, seed)
+
+    spec = RunSpec(policy="4", defense="noise", defense_config={"sigma": 0.2},
+                   train=TrainConfig(epochs=1, batch_size=32, device="cpu"))
+    argv = shlex.split(spec.command())[1:]
+    assert "--defense noise --set sigma=0.2" in " ".join(argv)  # a new setting needs no new flag
+    assert spec_from_args(build_parser().parse_args(argv)) == spec
+    _, history = rqlab.train(spec, tmp_path / "run", train_set=synthetic(64, 0), test_set=synthetic(16, 1),
+                             progress=False, log=None)
+    from rqlab import checkpoint
+
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["hooks"]["config"] == {"sigma": 0.2, "seed": 0}
+    with pytest.raises(RqlabError, match="no setting eps: its settings are sigma"):
+        RunSpec(defense="noise", defense_config={"eps": 0.1})

@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..validate import RqlabError
+
 
 def add_cli(subparsers) -> None:
     """Register `rqlab train` on an argparse subparsers object."""
@@ -53,6 +55,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--alpha", type=float, default=None, help="FGSM step of fgsm-rs and odgq (default 1.25 eps)")
     p.add_argument("--beta", type=float, default=None, help="DQ orthogonality weight (default 1e-3)")
     p.add_argument("--lam", type=float, default=None, help="ODG-Q weight of the variance of domain risks (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting of the defense, e.g. --set lam=0.5 (VALUE read as JSON, else as text); "
+                        "repeatable")
     p.add_argument("--eval-pgd", type=int, default=0, metavar="N",
                    help="after every epoch, PGD-20 robust accuracy (at --eps) on N test examples (default 0: off)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -85,9 +90,27 @@ def spec_from_args(args):
     from ..experiment import DEFAULT_TRAIN, RunSpec
 
     config = {key: getattr(args, flag) for flag, key in DEFENSE_FLAGS.items() if getattr(args, flag) is not None}
+    for item in args.set:
+        key, value = parse_setting(item)
+        if key in config and config[key] != value:
+            raise RqlabError(f"--set {item} repeats the defense setting {key!r} with another value")
+        config[key] = value
     train = replace(DEFAULT_TRAIN, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
     return RunSpec(model=args.model, data=args.data, policy=args.bits, defense=args.defense, defense_config=config,
                    eps=args.eps, train=train, eval_pgd=args.eval_pgd)
+
+
+def parse_setting(item: str):
+    """"lam=0.5" -> ("lam", 0.5): KEY=VALUE with VALUE read as JSON (numbers, true, null), else text."""
+    import json
+
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise RqlabError(f"--set {item!r} must be KEY=VALUE, e.g. --set lam=0.5")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def default_out(spec) -> Path:

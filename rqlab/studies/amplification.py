@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..extras import require
 from ..validate import check_choice, check_float, check_int
 from . import common
 from . import params as P
@@ -145,7 +146,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
 def plot_amplification(results: dict):
     """The main figure: D_l per layer (left), clean and adversarial accuracy against
     activation bits (right)."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
 
     from ..explore import bits_label
 
@@ -172,7 +173,7 @@ def plot_amplification(results: dict):
 def plot_lipschitz(results: dict):
     """Per-layer Lipschitz estimates (float weights): conv/linear operator norms, BN and
     input scales; their product is the network bound."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
     import numpy as np
 
     lip = results["lipschitz"]
@@ -192,7 +193,7 @@ def plot_lipschitz(results: dict):
 def plot_beta(results: dict):
     """Orthogonality penalty, network Lipschitz bound and accuracy against beta (beta = 0
     drawn at the left edge of the log axes)."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
 
     rows, beta = results["beta_sweep"], results["beta"]
     floor = min([r["beta"] for r in rows if r["beta"] > 0] or [1e-3]) / 10

@@ -1,5 +1,5 @@
 """Notebook 03: Lipschitz-guided, layer-wise bit selection (after Song, Ranjan & Li, arXiv
-2110.12308; METHODS section 4; the sensitivity is rqlab's construction, `defenses.bitselect`).
+2110.12308; METHODS section 4; the sensitivity is rqlab's construction, `rqlab.bitselect`).
 
 Per-layer sensitivities S_l(b), the exact knapsack allocation at each budget (average
 weight bits) against uniform, random and reverse allocations, each attacked white-box at
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..defenses import bitselect as BS
+from ..extras import require
+from .. import bitselect as BS
 from ..validate import RqlabError, check_int
 from . import common
 from . import params as P
@@ -131,7 +132,7 @@ STYLE = {"lipschitz": ("o", "-", 2.5), "uniform": ("s", "--", 1.5), "random": ("
 def plot_budgets(results: dict):
     """The main figure: robust and clean accuracy against budget, one line per method (the
     random allocations' mean, their range shaded)."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
     import numpy as np
 
     rows, budgets, t = results["allocations"], results["budgets"], results["threat"]
@@ -158,9 +159,9 @@ def plot_budgets(results: dict):
 
 def plot_allocations(results: dict):
     """Per-layer sensitivities S_l(b) (log10) and the bits each method chose at each budget."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
     import numpy as np
-    import seaborn as sns
+    sns = require("seaborn", "notebooks")
 
     rows, budgets, bits = results["allocations"], results["budgets"], results["bits"]
     methods, table = list(results["robust_accuracy"]), results["sensitivity"]["table"]

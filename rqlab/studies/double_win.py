@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..extras import require
 from ..analysis import adaptive as A
 from ..validate import check_int
 from . import common
@@ -155,7 +156,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
 def plot_scores(results: dict):
     """The main figure: robust accuracy per configuration and protocol (bars: mean over
     passes with 95% intervals; black ticks: worst case over passes), and BitOPs."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
     import numpy as np
 
     from ..checkpoint import policy_from_dict

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..extras import require
 from ..analysis.curves import curve_from_history, epoch_time_ratio
 from ..validate import FP_BITS, RqlabError, check_bits, check_int
 from . import common
@@ -217,7 +218,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
 def plot_curves(results: dict):
     """The main figure: clean accuracy, robust accuracy and cumulative wall time per epoch,
     one row per precision."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
 
     bits, eps = results["bits"], results["threat"]["eps"]
     fig, axes = plt.subplots(len(bits), 3, figsize=(13, 3.3 * len(bits)), squeeze=False)
@@ -243,7 +244,7 @@ def plot_curves(results: dict):
 
 def plot_time_ratios(results: dict):
     """Mean epoch time of each method over natural training's, per precision."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
     import numpy as np
 
     bits = results["bits"]

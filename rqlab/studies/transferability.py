@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..extras import require
 from ..validate import RqlabError, check_int
 from . import common
 from . import params as P
@@ -106,9 +107,9 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
 # ---- figures and reading ------------------------------------------------------------------
 
 def _heatmap(ax, matrix, rows, cols, title):
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
     import numpy as np
-    import seaborn as sns
+    sns = require("seaborn", "notebooks")
 
     sns.heatmap(100 * np.array(matrix, dtype=float), annot=True, fmt=".0f", vmin=0, vmax=100, cmap="viridis",
                 cbar=False, square=True, xticklabels=cols, yticklabels=rows, ax=ax, annot_kws={"fontsize": 8})
@@ -120,7 +121,7 @@ def _heatmap(ax, matrix, rows, cols, title):
 
 def plot_matrices(results: dict):
     """The main figure: one heatmap per model (rows attack, columns inference), the paper's last."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
 
     tms, threat, table = results["models"], results["threat"], results["paper"]
     panels = len(tms) + 1
@@ -136,7 +137,7 @@ def plot_matrices(results: dict):
 
 def plot_clean(results: dict):
     """Clean accuracy at each inference setting, per model (the ceiling of every column)."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "notebooks")
 
     fig, ax = plt.subplots(figsize=(5.5, 3))
     for label, tm in results["models"].items():
