@@ -123,7 +123,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
                 **common_args)["autoattack"]
         bitops[label] = quant.bitops(net, policies[label])
         log(f"{label:>8} ({policies[label]}): clean {100 * scores[label]['paper']['clean_accuracy']:5.1f}%  "
-            + "  ".join(f"{p} {100 * s['mean']:5.1f}% (worst {100 * s['worst']:5.1f}%)"
+            + "  ".join(f"{p} {100 * s['robust_accuracy']:5.1f}% (worst {100 * s['robust_worst_accuracy']:5.1f}%)"
                         for p, s in scores[label].items())
             + f"  {bitops[label] / 1e6:.1f} M BitOPs")
     gains = readings.gains_reading(scores, baseline="FP", n=params.n_examples)
@@ -159,7 +159,7 @@ def plot_scores(results: dict):
     plt = require("matplotlib.pyplot", "notebooks")
     import numpy as np
 
-    from ..checkpoint import policy_from_dict
+    from ..quant import policy_from_dict
 
     scores, bitops = results["scores"], results["bitops"]
     cfgs = list(scores)
