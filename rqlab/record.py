@@ -34,6 +34,11 @@ class Record:
     per example; seed: the evaluation's seed. per_example: {"clean": [0/1] * n,
     "robust": [0/1] * n} (1 = correct in every pass), plus "clean_hits"/"robust_hits"
     (passes correct, per example) when passes > 1.
+    attacks: a protocol's attacks, one dict each ({"name", "robust_accuracy", ...}; the
+    record's robust figures are then the worst case over them, per example).
+    unreliable: the reasons, if any, not to trust the robust figure (e.g. a black-box
+    attack beats the white-box ones; common zero gradients; a random forward with no
+    adaptive attack); () when none was found.
     """
 
     model: str
@@ -52,6 +57,8 @@ class Record:
     robust_worst_ci95: tuple[float, float]
     per_example: dict = field(default_factory=dict)
     protocol: str = "quick"
+    attacks: tuple = ()
+    unreliable: tuple = ()
     sanity: tuple | None = None
     extra: dict = field(default_factory=dict)
     version: int = RECORD_VERSION
@@ -72,6 +79,8 @@ class Record:
                 raise RqlabError(f"per_example[{key!r}] has {len(outcomes)} entries for n={self.n} examples")
         if self.sanity is not None:
             set_("sanity", tuple(self.sanity))
+        set_("attacks", tuple(self.attacks))
+        set_("unreliable", tuple(str(r) for r in self.unreliable))
 
     def __getitem__(self, key: str):
         """rec["robust_accuracy"]: a field, else an entry of `extra` (KeyError otherwise)."""
@@ -90,7 +99,7 @@ class Record:
         return replace(self, extra={**self.extra, **extra})
 
     @property
-    def unreliable(self) -> list[str]:
+    def failed_checks(self) -> list[str]:
         """Names of the failed sanity checks (empty when none ran or all passed)."""
         return [c["check"] for c in self.sanity or () if not c.get("passed", True)]
 

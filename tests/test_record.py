@@ -33,6 +33,9 @@ def records(draw):
                   seed=draw(st.integers(0, 10**6)), clean_accuracy=c[0], clean_ci95=c[1], clean_worst_accuracy=c[2],
                   clean_worst_ci95=c[3], robust_accuracy=r[0], robust_ci95=r[1], robust_worst_accuracy=r[2],
                   robust_worst_ci95=r[3], per_example=per_example, protocol=draw(st.sampled_from(["quick", "standard"])),
+                  attacks=draw(st.lists(st.fixed_dictionaries({"name": st.sampled_from(["apgd-ce", "square", "pgd"]),
+                                                               "robust_accuracy": st.floats(0, 1)}), max_size=3)),
+                  unreliable=draw(st.lists(st.text(max_size=30), max_size=2)),
                   sanity=sanity, extra={"device": "cpu", "wall_time_s": draw(st.floats(0, 1e4))})
 
 
@@ -45,7 +48,7 @@ def test_record_json_round_trip(rec):
     d = json.loads(text)
     assert d["format"] == "rqlab-record" and d["version"] == 1
     assert rec["device"] == "cpu" and rec["robust_accuracy"] == rec.robust_accuracy  # fields, then extra
-    assert rec.unreliable == [c["check"] for c in rec.sanity or () if not c["passed"]]
+    assert rec.failed_checks == [c["check"] for c in rec.sanity or () if not c["passed"]]
 
 
 def base(**changes):
