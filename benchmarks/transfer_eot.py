@@ -20,7 +20,8 @@ import torch
 
 import _common as C
 from rqlab import quant
-from rqlab.analysis.transfer import paired_accuracy, transfer_matrix
+from rqlab.analysis.transfer import transfer_matrix
+from rqlab.attacks.base import paired_accuracy
 from rqlab.attacks import ThreatModel, eot_pgd, pgd
 from rqlab.attacks.base import input_grad
 from rqlab.models.state import eval_mode, prepared

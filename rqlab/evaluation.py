@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from . import attacks, quant
 from .attacks import ThreatModel
+from .attacks.base import correct_passes
 from .models.state import eval_mode
 from .record import Record
 from .stats import wilson_interval
@@ -51,15 +52,6 @@ def as_tensors(data, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if len(y) != len(x):
         raise RqlabError(f"data has {len(x)} images but {len(y)} labels")
     return x, y.long()
-
-
-@torch.no_grad()
-def correct_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: int = 1) -> torch.Tensor:
-    """How many of `passes` forward passes classify each example correctly. (B,) int64."""
-    hits = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    for _ in range(passes):
-        hits += (model(x).argmax(1) == y).long()
-    return hits
 
 
 def evaluate(model: nn.Module, data, threat: ThreatModel, policy=None, n: int | None = None,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import checkpoint, data, defenses, models, quant
 from .training import TrainConfig, fit, resolve_device, seed_everything
-from .validate import RqlabError, check_int
+from .validate import RqlabError, check_float, check_int
 
 SPEC_FORMAT = "rqlab-runspec"
 SPEC_VERSION = 1
@@ -198,8 +198,6 @@ def as_policy(policy, seed: int = 0):
 
 
 def _resolve_eps(eps, config_eps, data_name: str) -> float:
-    from .validate import check_float
-
     if eps is not None and config_eps is not None and float(eps) != float(config_eps):
         raise RqlabError(f"eps={eps} and defense_config['eps']={config_eps} disagree: give eps once")
     value = eps if eps is not None else config_eps

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import attacks, quant
-from .attacks.base import ce_loss
+from .attacks.base import ce_loss, paired_accuracy
 from .attacks.threat import L2_EPS_MAX, ThreatModel
 from .models.state import prepared
 from .validate import RqlabError, check_float, check_int
@@ -75,15 +75,9 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threa
     return results
 
 
-@torch.no_grad()
-def _hits(model, x, y):
-    return (model(x).argmax(1) == y).float()
-
-
 def robust_acc(model: nn.Module, x, y, threat: ThreatModel, passes: int = 1) -> float:
     """Mean over passes of the share of examples with x and x_adv both correct."""
-    x_adv = attacks.get(threat.attack)(model, x, y, threat)
-    return sum((_hits(model, x, y) * _hits(model, x_adv, y)).mean().item() for _ in range(passes)) / passes
+    return paired_accuracy(model, x, y, attacks.get(threat.attack)(model, x, y, threat), passes)
 
 
 def _at_eps(threat: ThreatModel, eps: float) -> ThreatModel:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from rqlab import attacks, defenses, models, quant
-from rqlab.analysis.transfer import paired_accuracy, transfer_matrix
+from rqlab.analysis.transfer import transfer_matrix
+from rqlab.attacks.base import paired_accuracy
 from rqlab.attacks import ThreatModel
 from rqlab.models.state import eval_mode
 from rqlab.quant import layers as qlayers

@@ -16,18 +16,9 @@ import torch.nn as nn
 
 from .. import attacks, quant
 from ..attacks import ThreatModel
+from ..attacks.base import paired_accuracy
 from ..models.state import eval_mode
 from ..validate import RqlabError, check_bits_set, check_int
-
-
-@torch.no_grad()
-def paired_accuracy(model: nn.Module, x, y, x_adv, passes: int = 1) -> float:
-    """Robust accuracy of crafted examples: the mean over `passes` forward passes of the share
-    of examples with x and x_adv both correct (x (B, C, H, W), y (B,), x_adv like x)."""
-    total = 0.0
-    for _ in range(passes):
-        total += ((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).float().mean().item()
-    return total / passes
 
 
 @torch.no_grad()

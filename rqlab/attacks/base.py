@@ -152,3 +152,26 @@ def expected_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, support: 
                 lo, wr = score(model, x, y, loss_fn)
         loss, wrong = loss + lo / len(support), wrong + wr / len(support)
     return loss, wrong
+
+
+# ---- scoring: how many forward passes get an example right --------------------------
+
+@torch.no_grad()
+def correct_passes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """How many of `passes` forward passes classify each example correctly. (B,) int64."""
+    hits = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    for _ in range(passes):
+        hits += (model(x).argmax(1) == y).long()
+    return hits
+
+
+@torch.no_grad()
+def paired_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+                    passes: int = 1) -> float:
+    """Robust accuracy of crafted examples: the mean over `passes` forward passes of the
+    share of examples with x and x_adv both correct in that pass (x, x_adv (B, C, H, W), y (B,))."""
+    total = 0.0
+    for _ in range(passes):
+        total += ((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).float().mean().item()
+    return total / passes
+
