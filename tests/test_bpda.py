@@ -95,3 +95,94 @@ def test_surrogate_backward_rejects_bad_settings(kw, match):
         with quant.surrogate_backward(**kw):
             pass
     assert quant.surrogate() is None
+
+
+# ---- the attack ---------------------------------------------------------------------------
+
+class SignNet(nn.Module):
+    """A linear classifier on sign features: logits = W2 sign(W1 (x - 0.5)). Every
+    pre-sign value is moved 2 away from 0 (its sign kept), outside |u| <= 1, so the
+    clipped STE passes no gradient at all: plain PGD is blind (gradient masking), while
+    the function itself is easy to fool."""
+
+    input_shape, num_classes = (1, 4, 4), 2
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(64, 16, generator=g) * 20)  # (H, d): huge pre-activations
+        self.w2 = nn.Parameter(torch.randn(2, 64, generator=g))
+
+    def forward(self, x):  # (B, 1, 4, 4) -> (B, 2)
+        a = (x.flatten(1) - 0.5) @ self.w1.t()  # (B, 64)
+        u = a + 2 * torch.sign(a).detach()  # same sign, |u| >= 2: outside the STE's |u| <= 1
+        return quant.binarize_activation(u) @ self.w2.t()
+
+
+@pytest.fixture(scope="module")
+def masked():
+    model = SignNet()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(400, 1, 4, 4, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # labels: the model's own predictions (clean accuracy 100%)
+    return model, x, y
+
+
+def acc(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize("surrogate,k", [("tanh", 0.05), ("identity", 1.0)])
+def test_bpda_breaks_a_masked_sign_network_that_pgd_cannot(masked, surrogate, k):
+    model, x, y = masked
+    eps = 0.1
+    x_pgd = attacks.pgd(model, x, y, ThreatModel("pgd", eps=eps, steps=10, step_size=0.025))
+    # PGD sees a zero gradient: its sign steps are 0 and it ends at its random start
+    start = attacks.pgd(model, x, y, ThreatModel("pgd", eps=eps, steps=1, step_size=0.025))
+    assert torch.equal(x_pgd, start)
+    threat = ThreatModel("bpda", eps=eps, steps=10, step_size=0.025, options={"surrogate": surrogate, "k": k})
+    x_adv = attacks.get("bpda")(model, x, y, threat)
+    assert acc(model, x_adv, y) < acc(model, x_pgd, y) - 0.3
+    d = (x_adv - x).flatten(1)
+    assert d.abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert quant.surrogate() is None  # the setting does not leak out of the attack
+
+
+def test_bpda_l2_and_restarts_stay_in_the_ball(masked):
+    model, x, y = masked
+    x, y = x[:50], y[:50]
+    threat = ThreatModel("bpda", norm="l2", eps=0.5, steps=5, restarts=2, options={"loss": "margin"})
+    x_adv = attacks.bpda(model, x, y, threat)
+    assert (x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_bpda_on_a_full_precision_model_is_pgd():
+    torch.manual_seed(0)
+    model = models.create("smallcnn", input_shape=(1, 28, 28), mean=(0.3,), std=(0.3,)).eval()
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    a = attacks.pgd(model, x, y, ThreatModel("pgd", eps=0.1, steps=3))
+    b = attacks.bpda(model, x, y, ThreatModel("bpda", eps=0.1, steps=3))
+    assert torch.equal(a, b)
+
+
+def test_registry_threat_and_record():
+    assert "bpda" in attacks.names() and attacks.get("BPDA") is attacks.bpda
+    assert attacks.options("bpda") == {"surrogate": "tanh", "k": 1.0, "loss": "ce"}
+    t = ThreatModel("bpda", eps=0.1)
+    assert t.to_dict()["options"] == {"surrogate": "tanh", "k": 1.0, "loss": "ce"}  # defaults recorded
+    t = ThreatModel("bpda", options={"surrogate": "Identity", "k": 4})
+    assert t.to_dict()["options"] == {"surrogate": "identity", "k": 4.0, "loss": "ce"}
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"surrogate": "sigmoid"}, "surrogate='sigmoid' is unknown: choose one of tanh, identity"),
+    ({"k": 0}, "k=0"), ({"k": -2.0}, "k=-2.0"), ({"k": "big"}, "k='big'"),
+    ({"loss": "dlr"}, "loss='dlr' is unknown: choose one of ce, margin"),
+    ({"kappa": 1}, r"options \['kappa'\] are unknown for attack='bpda'"),
+])
+def test_bpda_options_are_validated_when_the_threat_is_built(options, match):
+    with pytest.raises(RqlabError, match=match):
+        ThreatModel("bpda", options=options)
