@@ -6,12 +6,16 @@ threat's eps-ball around x.
     >>> threat = attacks.ThreatModel("pgd", norm="linf", eps=0.1, steps=20)
     >>> x_adv = attacks.get("pgd")(model, x, y, threat)     # or attacks.run(model, x, y, threat)
     >>> attacks.names()
-    ['fgsm', 'pgd', 'cw', 'eot_pgd', 'expectation', 'transfer', 'autoattack', 'square']
+    ['fgsm', 'pgd', 'cw', 'eot_pgd', 'expectation', 'transfer', 'autoattack', 'square', 'bpda']
+
+Binary and STE-quantized networks: `bpda` (PGD with the quantizers' backward replaced by
+a smooth surrogate, `quant.surrogate_backward`) beside Square and AutoAttack.
 
 Attacks run on the model as its precision policy configures it (or at `threat.policy`),
 in eval mode and with parameter gradients off; both are restored afterwards.
 """
 from .autoattack import autoattack
+from .bpda import bpda
 from .cw import cw
 from .eot_pgd import eot_pgd
 from .expectation import expectation
@@ -29,4 +33,4 @@ def run(model, x, y, threat: ThreatModel):
 
 
 __all__ = ["ThreatModel", "NORMS", "get", "names", "canonical", "options", "run", "fgsm", "pgd", "cw",
-           "eot_pgd", "expectation", "transfer", "autoattack", "square"]
+           "eot_pgd", "expectation", "transfer", "autoattack", "square", "bpda"]

@@ -1,5 +1,7 @@
 """Attacks by name. Adding an attack = one module with a function
 `name(model, x, y, threat) -> x_adv` and an `OPTIONS` dict, plus one line in `_MODULES`.
+A module may also define `check_options(options) -> options`, run when a ThreatModel is
+built (validation that names the option; defaults it wants recorded filled in).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from ..validate import RqlabError
 # name -> module (under rqlab.attacks) holding a function of the same name
 _MODULES = {
     "fgsm": "fgsm", "pgd": "pgd", "cw": "cw", "eot_pgd": "eot_pgd", "expectation": "expectation",
-    "transfer": "transfer", "autoattack": "autoattack", "square": "square",
+    "transfer": "transfer", "autoattack": "autoattack", "square": "square", "bpda": "bpda",
 }
 
 
@@ -41,3 +43,9 @@ def get(name) -> Callable:
 def options(name) -> dict:
     """Attack-specific options of `name` with their defaults."""
     return dict(getattr(_module(name), "OPTIONS", {}))
+
+
+def check_options(name, options: dict) -> dict:
+    """`options` as the attack's own `check_options` validates them (unchanged if none)."""
+    check = getattr(_module(name), "check_options", None)
+    return check(dict(options)) if check is not None else options

@@ -91,6 +91,7 @@ class ThreatModel:
         if unknown:
             raise RqlabError(f"options {unknown} are unknown for attack={self.attack!r}: "
                              f"known: {sorted(known) or 'none'}")
+        set_("options", registry.check_options(self.attack, self.options))
 
     @property
     def alpha(self) -> float:

@@ -21,7 +21,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--data", default="fashion-mnist", help="dataset name (default fashion-mnist)")
     p.add_argument("--data-root", default=None, help="dataset directory (default: rqlab's data root)")
     p.add_argument("--attack", default="pgd",
-                   help="fgsm | pgd | cw | eot-pgd | expectation | transfer | autoattack | square (default pgd)")
+                   help="fgsm | pgd | cw | eot-pgd | expectation | transfer | autoattack | square | bpda (default pgd)")
     p.add_argument("--norm", default="linf", help="linf | l2 (default linf)")
     p.add_argument("--eps", type=float, default=0.1, help="radius in [0, 1] pixel units (default 0.1)")
     p.add_argument("--steps", type=int, default=20, help="attack steps (default 20)")

@@ -22,16 +22,81 @@ STE variants (`ste`):
     "clipped": gradient 1 where the value was inside the grid, 0 where it was clamped
                (the native ops' backward);
     "plain":   gradient 1 everywhere.
+
+Surrogate backward (BPDA, Athalye et al. 2018; METHODS sections 6 and 8): inside
+`surrogate_backward(kind, k)` every quantizer's forward is unchanged, bit for bit, and
+its backward is the derivative of a smooth stand-in instead of the STE:
+    sign (b = 1, weights and activations):
+        "tanh":     d/dx tanh(k x) = k (1 - tanh(k x)^2)   (nonzero for every finite x)
+        "identity": 1 everywhere
+    round on a b >= 2 grid, clamp included: 1 everywhere for both kinds (the plain STE,
+        without the clamp mask).
+The setting is read when a quantizer runs its forward pass (one module-level check).
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+
+from ..validate import check_choice, check_float
 
 STE_MODES = ("clipped", "plain")
 WEIGHT_SCHEMES = ("per_channel", "per_tensor_symmetric")
 _EPS = 1e-8
 # The vectorised CPU path of `fake_quantize`; False uses torch's native kernels there too.
 CPU_VECTORISED = True
+SURROGATE_KINDS = ("tanh", "identity")
+SURROGATE_K_DEFAULT = 1.0  # tanh(x) matches sign's range [-1, 1] and the STE's slope 1 at 0
+# (kind, k) inside `surrogate_backward`, else None: the STE backward.
+_SURROGATE: tuple[str, float] | None = None
+
+
+@contextlib.contextmanager
+def surrogate_backward(kind: str = "tanh", k: float = SURROGATE_K_DEFAULT) -> Iterator[tuple[str, float]]:
+    """Inside the block, quantizers keep their forward and take a smooth surrogate's
+    derivative as their backward (module docstring): the BPDA attacker's view. Yields
+    (kind, k); the previous setting comes back on exit, also after an exception.
+
+        >>> with surrogate_backward("tanh", k=1.0):
+        ...     g = torch.autograd.grad(loss_fn(model(x)), x)[0]   # model(x) itself unchanged
+
+    kind: "tanh" | "identity". k: slope of tanh(k x) at 0 (> 0; unused by "identity").
+    Not thread-safe (one process-wide setting), like torch's own grad mode is per thread."""
+    global _SURROGATE
+    kind = check_choice(str(kind).lower(), "surrogate", SURROGATE_KINDS)
+    k = check_float(k, "k", 0.0, None, lo_open=True)  # the slope of tanh(k x) at 0
+    previous, _SURROGATE = _SURROGATE, (kind, k)
+    try:
+        yield _SURROGATE
+    finally:
+        _SURROGATE = previous
+
+
+def surrogate() -> tuple[str, float] | None:
+    """The surrogate in force, (kind, k), or None outside `surrogate_backward`."""
+    return _SURROGATE
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward q exactly (x + (q - x).detach() can be one rounding off); gradient 1 to x."""
+
+    @staticmethod
+    def forward(ctx, x, q):
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _grid_ste(x: torch.Tensor, q: torch.Tensor, ste: str) -> torch.Tensor:
+    """q (computed from x on a b >= 2 grid) with the backward of `ste`, or, inside
+    `surrogate_backward`, the identity (forward bit for bit q)."""
+    if _SURROGATE is not None:
+        return _StraightThrough.apply(x, q.detach())
+    return _plain(x, q.detach()) if ste == "plain" else q
 
 
 def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +182,7 @@ def quantize_per_channel(w: torch.Tensor, bits: int, ste: str = "clipped", axis:
     lo, hi = wd.amin(dim=1), wd.amax(dim=1)  # = torch.aminmax(wd, dim=1), ~20x faster on CPU
     scale, zp = affine_qparams(lo, hi, bits)
     q = fake_quantize(w.float(), scale, zp, 0, 2 ** bits - 1, axis).to(w.dtype)
-    return _plain(w, q.detach()) if ste == "plain" else q
+    return _grid_ste(w, q, ste)
 
 
 def quantize_symmetric(w: torch.Tensor, bits: int, ste: str = "clipped") -> torch.Tensor:
@@ -129,7 +194,7 @@ def quantize_symmetric(w: torch.Tensor, bits: int, ste: str = "clipped") -> torc
     scale = torch.clamp(w.detach().abs().max().float() / qmax, min=_EPS).reshape(1)
     zp = torch.zeros(1, dtype=torch.int32, device=w.device)
     q = fake_quantize(w.float(), scale, zp, -qmax, qmax).to(w.dtype)
-    return _plain(w, q.detach()) if ste == "plain" else q
+    return _grid_ste(w, q, ste)
 
 
 def quantize_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
@@ -157,15 +222,17 @@ def quantize_with_qparams(x: torch.Tensor, scale: torch.Tensor, zero_point: torc
                           ste: str = "clipped") -> torch.Tensor:
     """Fake-quantize `x` on the grid (scale, zero_point) of `range_qparams` (b >= 2)."""
     q = fake_quantize(x.float(), scale, zero_point, 0, 2 ** bits - 1).to(x.dtype)
-    return _plain(x, q.detach()) if ste == "plain" else q
+    return _grid_ste(x, q, ste)
 
 
 class _SignSTE(torch.autograd.Function):
-    """sign(x) * alpha forward; gradient alpha-free, masked to |x| <= 1 backward."""
+    """sign(x) * alpha forward; gradient alpha-free, masked to |x| <= 1 backward (or,
+    inside `surrogate_backward`, the surrogate's derivative, unmasked)."""
 
     @staticmethod
     def forward(ctx, x, alpha, zero_to_one: bool):
         ctx.save_for_backward(x)
+        ctx.surrogate = _SURROGATE
         s = torch.sign(x)
         if zero_to_one:  # weights: sign(0) := +1 so every weight takes one of two values
             s = torch.where(x == 0, torch.ones_like(s), s)
@@ -174,7 +241,13 @@ class _SignSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype), None, None
+        if ctx.surrogate is None:
+            return grad * (x.abs() <= 1).to(grad.dtype), None, None
+        kind, k = ctx.surrogate
+        if kind == "identity":
+            return grad, None, None
+        # k (1 - tanh(kx)^2) as k / cosh(kx)^2: no cancellation where tanh saturates
+        return grad * (k * torch.cosh(k * x).pow(-2)).to(grad.dtype), None, None
 
 
 def _binary_ste(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
