@@ -11,7 +11,7 @@ threat's eps-ball around x.
 Attacks run on the model as its precision policy configures it (or at `threat.policy`),
 in eval mode and with parameter gradients off; both are restored afterwards.
 """
-from .autoattack import autoattack
+from .autoattack import autoattack, autoattack_stages
 from .cw import cw
 from .eot_pgd import eot_pgd
 from .expectation import expectation
@@ -28,5 +28,5 @@ def run(model, x, y, threat: ThreatModel):
     return get(threat.attack)(model, x, y, threat)
 
 
-__all__ = ["ThreatModel", "NORMS", "get", "names", "canonical", "options", "run", "fgsm", "pgd", "cw",
+__all__ = ["ThreatModel", "NORMS", "get", "names", "canonical", "options", "run", "fgsm", "pgd", "cw", "autoattack_stages",
            "eot_pgd", "expectation", "transfer", "autoattack", "square"]
