@@ -457,13 +457,19 @@ def format_record(rec: dict) -> str:
     pct = lambda v: f"{100 * v:6.2f}%"  # noqa: E731
     ci = lambda c: f"[{100 * c[0]:.1f}, {100 * c[1]:.1f}]"  # noqa: E731
     t = rec["threat"]
-    lines = [f"model {rec['model']}  precision {quant.policy_from_dict(rec['policy'])}  n={rec['n']}  passes={rec['passes']}",
+    lines = [f"model {rec['model']}  precision {quant.policy_from_dict(rec['policy'])}  n={rec['n']}  passes={rec['passes']}"
+             f"  protocol {rec.get('protocol', 'quick')}",
              f"threat {t['attack']} {t['norm']} eps={t['eps']:.4g} steps={t['steps']} step={t['step_size']:.4g} "
              f"restarts={t['restarts']} eot={t['eot']}",
              f"{'':10}{'accuracy':>10}{'95% CI':>16}{'worst-case':>12}"]
     for kind in ("clean", "robust"):
         lines.append(f"{kind:<10}{pct(rec[kind + '_accuracy']):>10}{ci(rec[kind + '_ci95']):>16}"
                      f"{pct(rec[kind + '_worst_accuracy']):>12}")
+    for a in rec.attacks:
+        lines.append(f"attack {a['name']:<12}{pct(a['robust_accuracy']):>10}{ci(a['robust_ci95']):>16}"
+                     f"{pct(a['robust_worst_accuracy']):>12}  {a['time_s']:.1f}s")
+    for r in rec.unreliable:
+        lines.append(f"UNRELIABLE: {r}")
     for c in rec.sanity or ():
         lines.append(f"sanity {c['check']:<22} {'ok' if c['passed'] else 'FAILED'}: {c['detail']}")
     lines.append(f"{rec['wall_time_s']:.1f}s on {rec['device']}")

@@ -176,3 +176,18 @@ def test_protocol_arguments_are_checked(trained_smallcnn, fmnist_test):
         evaluate(trained_smallcnn, fmnist_test, PGD, n=4, protocol="standard", options={"iters": 3})
     with pytest.raises(RqlabError, match='protocol="standard"'):
         evaluate(trained_smallcnn, fmnist_test, PGD, n=4, options={"n_iter": 3})
+
+
+def test_cli_standard_protocol_with_smoke_overrides():
+    import argparse
+
+    from rqlab.cli.eval import add_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--model", "x", "--protocol", "standard", "--aa-iters", "2",
+                              "--square-queries", "10"])
+    assert args.protocol == "standard" and args.aa_iters == 2 and args.square_queries == 10
+    bad = parser.parse_args(["eval", "--model", "x", "--aa-iters", "2"])
+    with pytest.raises(RqlabError, match="--protocol standard"):
+        bad.run(bad)
