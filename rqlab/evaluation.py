@@ -18,6 +18,8 @@ Definitions
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 
 import torch
@@ -27,9 +29,9 @@ from . import attacks, quant
 from .attacks import ThreatModel
 from .attacks.base import correct_passes
 from .models.state import eval_mode
-from .record import Record
-from .stats import wilson_interval
-from .validate import RqlabError, check_images, check_int
+from .record import PROTOCOLS, Record
+from .stats import diff_half_width, wilson_interval
+from .validate import RqlabError, check_choice, check_images, check_int
 
 
 def as_tensors(data, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +56,10 @@ def as_tensors(data, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y.long()
 
 
-def evaluate(model: nn.Module, data, threat: ThreatModel, policy=None, n: int | None = None,
+def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=None, n: int | None = None,
              batch_size: int = 256, seed: int = 0, passes: int = 1, sanity=False,
-             model_id: str | None = None, progress: bool = True) -> dict:
+             model_id: str | None = None, progress: bool = True, protocol: str = "quick",
+             options: dict | None = None) -> Record:
     """Clean and robust accuracy of `model` at precision `policy` under `threat`.
 
     model: an rqlab model (inputs in [0, 1]); left in its original mode and policy.
@@ -64,16 +67,32 @@ def evaluate(model: nn.Module, data, threat: ThreatModel, policy=None, n: int | 
     threat: the attack and its budget. policy: the defender's precision (default: the
         model's current one); a RandomPrecision is restarted from its own seed, so the
         record is reproducible. passes: stochastic forward passes per example (M).
+    protocol: "quick" (default) runs the one attack `threat` names. "standard" runs the
+        standard protocol of METHODS section 8 at the threat's norm, eps and seed (its
+        steps, step size and restarts are PGD's, EOT-PGD's and the expectation attack's;
+        default threat: PGD-20 linf eps 0.1): see `evaluate_standard`. options: the
+        standard protocol's settings (`STANDARD_OPTIONS`; e.g. fewer AutoAttack
+        iterations for a smoke run), recorded in `extra["protocol_options"]`.
     seed: seeds torch's RNG for the run (attack seeds come from the threat: batch i uses
         threat.seed + i). sanity: True or a `sanity.SanityConfig` runs the checks of
         METHODS section 6 on a subset and adds them to the record (with warnings).
     Returns a `rqlab.record.Record`: model, policy, threat, n, passes, seed, clean/robust
     accuracy, worst-case accuracy and their 95% intervals, per-example outcomes, the
-    sanity checks, and in `extra` the versions, device and wall time.
+    sanity checks, `unreliable` reasons, and in `extra` the versions, device and wall time.
     """
+    check_choice(protocol, "protocol", PROTOCOLS)
+    if protocol == "standard":
+        return evaluate_standard(model, data, threat, policy=policy, n=n, batch_size=batch_size, seed=seed,
+                                 passes=passes, sanity=sanity, model_id=model_id, progress=progress,
+                                 options=options)
+    if options is not None:
+        raise RqlabError('options are the standard protocol\'s settings: give them with protocol="standard" '
+                         "(a quick run's attack settings go in threat.options)")
     from . import __version__, sanity as sanity_mod
 
     t0 = time.perf_counter()
+    if threat is None:
+        raise RqlabError('protocol="quick" needs a threat (the attack to run), e.g. ThreatModel("pgd", eps=0.1)')
     if not isinstance(threat, ThreatModel):
         raise RqlabError(f"threat must be a ThreatModel, got {type(threat).__name__}")
     batch_size, seed, passes = (check_int(batch_size, "batch_size", 1), check_int(seed, "seed", 0),
@@ -116,9 +135,254 @@ def evaluate(model: nn.Module, data, threat: ThreatModel, policy=None, n: int | 
         model=model_id or _model_name(model), policy=policy.to_dict(), threat=threat.to_dict(), n=len(x),
         passes=passes, seed=seed, **_accuracies("clean", clean_hits, passes),
         **_accuracies("robust", robust_hits, passes), per_example=per_example, sanity=checks,
-        extra={"model_config": model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None,
+        unreliable=_quick_reasons(policy, threat), extra={"model_config": model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None,
                "batch_size": batch_size, "rqlab_version": __version__, "torch_version": torch.__version__,
                "device": str(device), "wall_time_s": round(time.perf_counter() - t0, 3)})
+
+
+# ---- the standard protocol (METHODS section 8) ------------------------------------------
+
+# None = the reference value (AutoAttack: 100 iterations, 9 target classes, Square 5,000
+# queries); fewer only for tests and smoke runs, and the record says so.
+STANDARD_OPTIONS = {"n_iter": None, "n_target_classes": None, "n_queries": None, "eot": 10, "aa_batch_size": 500}
+REFERENCE_OPTIONS = {"n_iter": 100, "n_target_classes": 9, "n_queries": 5000}
+# "zero input gradients common": more than half of the examples have an exactly zero
+# input gradient of the cross-entropy, so gradient attacks cannot move most of them.
+# (Isolated zeros occur on confident natural models from float underflow; half is common.)
+ZERO_GRAD_SHARE = 0.5
+ADAPTIVE = ("eot_pgd", "expectation")
+AA_WHITE_STAGES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t")  # AutoAttack's gradient-based attacks
+
+
+def standard_attacks(policy, threat: ThreatModel, options: dict | None = None) -> list[dict]:
+    """The attacks the standard protocol runs at `policy`, at the threat's norm, eps, steps,
+    step size, restarts and seed: [{"name", "threat", "kind" ("white-box" | "black-box"),
+    "target" ("model" | "support ensemble")}], METHODS section 8.
+
+    Fixed / PerLayer: AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) and PGD.
+    RandomPrecision over S: AutoAttack standard on `SupportEnsemble(model, S)`, EOT-PGD
+        (`options["eot"]` samples) and the expectation attack, scored under the policy.
+    Binary (1 bit in the support): also Square alone and BPDA (when "bpda" is a
+        registered attack: `attacks.names()`).
+    """
+    o = _standard_options(options)
+    base = dict(norm=threat.norm, eps=threat.eps, seed=threat.seed)
+    grad = dict(base, steps=threat.steps, step_size=threat.step_size, restarts=threat.restarts)
+    aa_opts = {"version": "standard", "batch_size": o["aa_batch_size"],
+               **{k: o[k] for k in REFERENCE_OPTIONS if o[k] is not None}}
+    aa = ThreatModel("autoattack", options=aa_opts, **base)
+    random = isinstance(policy, quant.RandomPrecision)
+    plan = [{"name": "autoattack", "threat": aa, "kind": "white-box",
+             "target": "support ensemble" if random else "model"}]
+    if random:
+        plan += [{"name": "eot_pgd", "threat": ThreatModel("eot_pgd", eot=o["eot"], **grad), "kind": "white-box"},
+                 {"name": "expectation", "threat": ThreatModel("expectation", **grad), "kind": "white-box"}]
+    else:
+        plan.append({"name": "pgd", "threat": ThreatModel("pgd", **grad), "kind": "white-box"})
+    if 1 in policy.support():
+        queries = o["n_queries"] if o["n_queries"] is not None else REFERENCE_OPTIONS["n_queries"]
+        plan.append({"name": "square", "threat": ThreatModel("square", options={"n_queries": queries}, **base),
+                     "kind": "black-box"})
+        if "bpda" in attacks.names():  # the BPDA attack, once registered (branch bpda)
+            plan.append({"name": "bpda", "threat": ThreatModel("bpda", **grad), "kind": "white-box"})
+    for a in plan:
+        a.setdefault("target", "model")
+    return plan
+
+
+def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None, policy=None,
+                      n: int | None = None, batch_size: int = 256, seed: int = 0, passes: int = 1, sanity=False,
+                      model_id: str | None = None, progress: bool = True, options: dict | None = None) -> Record:
+    """The standard protocol (METHODS section 8): every attack of `standard_attacks` on
+    every example, each crafted x_adv scored under the policy itself.
+
+    An example is robust in a forward pass when x and every attack's x_adv are classified
+    correctly in it; robust_accuracy is the mean over the `passes` passes and
+    robust_worst_accuracy counts the examples robust in every pass (worst case over the
+    passes and the attacks). `attacks` holds one dict per attack: name, kind, target,
+    threat, robust_accuracy (+ worst, 95% intervals), per-example outcomes (1 = robust in
+    every pass; "hits" = passes robust when passes > 1), time_s, batch_seeds (batch i runs
+    with threat.seed + i); AutoAttack's also says how many examples each of its attacks
+    fooled first. extra["strongest"]: the attack with the lowest robust accuracy.
+    `unreliable` (after RobustBench and AutoAttack's own flags): a black-box attack beats
+    the white-box ones beyond the noise (`stats.diff_half_width`), or more than
+    ZERO_GRAD_SHARE of the examples have a zero input gradient.
+    Arguments as `evaluate`; threat default: PGD-20, linf, eps 0.1.
+    """
+    from . import __version__, sanity as sanity_mod
+    from .attacks.autoattack import autoattack_stages
+    from .models import SupportEnsemble
+
+    t0 = time.perf_counter()
+    threat = ThreatModel("pgd") if threat is None else threat
+    if not isinstance(threat, ThreatModel):
+        raise RqlabError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    batch_size, seed, passes = (check_int(batch_size, "batch_size", 1), check_int(seed, "seed", 0),
+                                check_int(passes, "passes", 1))
+    opts = _standard_options(options)
+    x, y = as_tensors(data, n)
+    policy = fresh_policy(policy if policy is not None else quant.current(model))
+    plan = standard_attacks(policy, threat, opts)
+    base_threat = ThreatModel("pgd", norm=threat.norm, eps=threat.eps, steps=threat.steps,
+                              step_size=threat.step_size, restarts=threat.restarts, seed=threat.seed)
+    device = next(model.parameters()).device
+    N = len(x)
+    clean_hits = torch.zeros(N, dtype=torch.long)
+    robust_hits = torch.zeros(N, dtype=torch.long)   # robust against every attack, per pass
+    white_hits = torch.zeros(N, dtype=torch.long)    # ... against every white-box attack (AutoAttack's too)
+    hits = {a["name"]: torch.zeros(N, dtype=torch.long) for a in plan}
+    times = dict.fromkeys(hits, 0.0)
+    fooled_first = {}  # AutoAttack: examples each of its attacks fooled first (on its target)
+    zero_grads = 0.0
+    zero_cfg = sanity_mod.SanityConfig(zero_grad_share=ZERO_GRAD_SHARE)
+    ensemble = SupportEnsemble(model, policy.support()) if isinstance(policy, quant.RandomPrecision) else None
+    bar = _progress(N, f"standard {policy}", progress)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), quant.using(model, policy), \
+            eval_mode(model), quant.frozen_weights(model):
+        torch.manual_seed(seed)
+        try:
+            for i, start in enumerate(range(0, N, batch_size)):
+                sl = slice(start, start + batch_size)
+                xb, yb = x[sl].to(device), y[sl].to(device)
+                advs, white_advs = {}, []
+                for a in plan:
+                    t = a["threat"].replace(seed=a["threat"].seed + i)
+                    t1 = time.perf_counter()
+                    if a["name"] == "autoattack":
+                        target = ensemble if ensemble is not None else model
+                        with (ensemble.active() if ensemble is not None else contextlib.nullcontext()):
+                            x_adv, stages = autoattack_stages(target, xb, yb, t)
+                        x_white = xb.clone()  # AutoAttack's examples from its white-box attacks only
+                        for name, fooled, secs in stages:
+                            fooled_first.setdefault(name, [0, 0.0])
+                            fooled_first[name][0] += int(fooled.sum())
+                            fooled_first[name][1] += secs
+                            if name in AA_WHITE_STAGES:
+                                x_white[fooled] = x_adv[fooled]
+                        white_advs.append(x_white)
+                    else:
+                        x_adv = attacks.get(a["name"])(model, xb, yb, t)
+                        if a["kind"] == "white-box":
+                            white_advs.append(x_adv)
+                    times[a["name"]] += time.perf_counter() - t1
+                    advs[a["name"]] = x_adv
+                # scored under the policy itself: robust in a pass = x and every x_adv correct in it
+                for _ in range(passes):
+                    ok = correct_passes(model, xb, yb).cpu()
+                    clean_hits[sl] += ok
+                    all_ok, white_ok = ok.clone(), ok.clone()
+                    for name, x_adv in advs.items():
+                        ok_k = ok * correct_passes(model, x_adv, yb).cpu()
+                        hits[name][sl] += ok_k
+                        all_ok *= ok_k
+                    for x_adv in white_advs:
+                        white_ok *= correct_passes(model, x_adv, yb).cpu()
+                    robust_hits[sl] += all_ok
+                    white_hits[sl] += white_ok
+                zero_grads += sanity_mod.zero_gradient(model, xb, yb, zero_cfg)["share"] * len(xb)
+                del advs, white_advs
+                bar.update(len(xb))
+            checks = None
+            if sanity:
+                cfg = sanity if isinstance(sanity, sanity_mod.SanityConfig) else sanity_mod.SanityConfig()
+                k = min(cfg.n, N)
+                checks = sanity_mod.run_checks(model, x[:k].to(device), y[:k].to(device), base_threat, passes,
+                                               robust_hits[:k].float().mean().item() / passes, cfg)
+        finally:
+            bar.close()
+
+    n_batches = -(-N // batch_size)
+    entries = []
+    for a in plan:
+        h = hits[a["name"]]
+        e = {"name": a["name"], "kind": a["kind"], "target": a["target"], "threat": a["threat"].to_dict(),
+             **_accuracies("robust", h, passes), "per_example": (h == passes).int().tolist(),
+             "time_s": round(times[a["name"]], 3),
+             "batch_seeds": [a["threat"].seed + i for i in range(n_batches)]}
+        if passes > 1:
+            e["hits"] = h.tolist()
+        if a["name"] == "autoattack":
+            e["stages"] = [{"attack": k, "fooled_first": v[0], "time_s": round(v[1], 3)}
+                           for k, v in fooled_first.items()]
+        entries.append(_jsonable(e))
+    white_acc = white_hits.sum().item() / (passes * max(N, 1))
+    reasons = _standard_reasons(entries, white_acc, _accuracies("robust", robust_hits, passes)["robust_accuracy"],
+                                zero_grads / max(N, 1), N)
+    per_example = {"clean": (clean_hits == passes).int().tolist(), "robust": (robust_hits == passes).int().tolist()}
+    if passes > 1:
+        per_example.update(clean_hits=clean_hits.tolist(), robust_hits=robust_hits.tolist())
+    strongest = min(entries, key=lambda e: (e["robust_accuracy"], e["robust_worst_accuracy"]))["name"]
+    return Record(
+        model=model_id or _model_name(model), policy=policy.to_dict(), threat=base_threat.to_dict(), n=N,
+        passes=passes, seed=seed, **_accuracies("clean", clean_hits, passes),
+        **_accuracies("robust", robust_hits, passes), per_example=per_example, protocol="standard",
+        attacks=tuple(entries), unreliable=tuple(reasons), sanity=checks,
+        extra={"model_config": model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None,
+               "batch_size": batch_size, "strongest": strongest,
+               "protocol_options": _jsonable({**opts, **{k: opts[k] if opts[k] is not None else v
+                                                         for k, v in REFERENCE_OPTIONS.items()}}),
+               "white_box_robust_accuracy": white_acc, "zero_gradient_share": zero_grads / max(N, 1),
+               "rqlab_version": __version__, "torch_version": torch.__version__,
+               "device": str(device), "wall_time_s": round(time.perf_counter() - t0, 3)})
+
+
+def _standard_options(options: dict | None) -> dict:
+    if options is None:
+        return dict(STANDARD_OPTIONS)
+    if not isinstance(options, dict):
+        raise RqlabError(f"options={options!r} must be a dict of standard-protocol settings")
+    unknown = sorted(set(options) - set(STANDARD_OPTIONS))
+    if unknown:
+        raise RqlabError(f"options {unknown} are unknown for the standard protocol: known: {sorted(STANDARD_OPTIONS)}")
+    o = {**STANDARD_OPTIONS, **options}
+    for k, v in o.items():
+        if v is not None:
+            o[k] = check_int(v, f'options["{k}"]', 1)
+    if o["eot"] is None:
+        raise RqlabError('options["eot"] must be a positive integer (EOT-PGD samples per step)')
+    return o
+
+
+def _standard_reasons(entries: list[dict], white_acc: float, robust_acc: float, zero_share: float,
+                      n: int) -> list[str]:
+    """Why not to trust a standard-protocol record (RobustBench / AutoAttack flags)."""
+    reasons = []
+    white = [e for e in entries if e["kind"] == "white-box"]
+    best_white = min(white, key=lambda e: e["robust_accuracy"]) if white else None
+    for e in entries:
+        if e["kind"] != "black-box" or best_white is None:
+            continue
+        gap = best_white["robust_accuracy"] - e["robust_accuracy"]
+        noise = diff_half_width(best_white["robust_accuracy"], e["robust_accuracy"], n)
+        if gap > noise:
+            reasons.append(f"black-box: {e['name']} leaves {100 * e['robust_accuracy']:.1f}%, below the best "
+                           f"white-box attack ({best_white['name']}, {100 * best_white['robust_accuracy']:.1f}%) by "
+                           f"{100 * gap:.1f} points, more than the noise ({100 * noise:.1f}): gradient masking")
+    gap = white_acc - robust_acc
+    noise = diff_half_width(white_acc, robust_acc, n)
+    if gap > noise:
+        reasons.append(f"black-box: Square fools {100 * gap:.1f}% of the examples that every white-box attack "
+                       f"failed on ({100 * white_acc:.1f}% -> {100 * robust_acc:.1f}%), more than the noise "
+                       f"({100 * noise:.1f}): the gradients mislead the white-box attacks")
+    if zero_share > ZERO_GRAD_SHARE:
+        reasons.append(f"zero gradients: {100 * zero_share:.0f}% of the examples have an exactly zero input "
+                       f"gradient (limit {100 * ZERO_GRAD_SHARE:.0f}%): gradient attacks cannot move them")
+    return reasons
+
+
+def _quick_reasons(policy, threat: ThreatModel) -> tuple:
+    """A quick record of a random policy attacked without averaging over the randomness."""
+    adaptive = (threat.attack in ADAPTIVE or threat.eot_samples > 1
+                or (threat.attack == "autoattack" and threat.option("version") == "rand"))
+    if isinstance(policy, quant.RandomPrecision) and not adaptive:
+        return (f"random forward: the policy {policy} draws a precision per forward pass but {threat.attack} "
+                "averages over none (no adaptive attack ran): use eot_pgd, expectation or protocol='standard'",)
+    return ()
+
+
+def _jsonable(value):
+    """The value as it reads back from JSON (tuples -> lists), so records round-trip equal."""
+    return json.loads(json.dumps(value))
 
 
 def clean_accuracy(model: nn.Module, data, policy=None, passes: int = 1, batch_size: int = 500) -> float:
@@ -185,13 +449,19 @@ def format_record(rec: dict) -> str:
     pct = lambda v: f"{100 * v:6.2f}%"  # noqa: E731
     ci = lambda c: f"[{100 * c[0]:.1f}, {100 * c[1]:.1f}]"  # noqa: E731
     t = rec["threat"]
-    lines = [f"model {rec['model']}  precision {quant.policy_from_dict(rec['policy'])}  n={rec['n']}  passes={rec['passes']}",
+    lines = [f"model {rec['model']}  precision {quant.policy_from_dict(rec['policy'])}  n={rec['n']}  passes={rec['passes']}"
+             f"  protocol {rec.get('protocol', 'quick')}",
              f"threat {t['attack']} {t['norm']} eps={t['eps']:.4g} steps={t['steps']} step={t['step_size']:.4g} "
              f"restarts={t['restarts']} eot={t['eot']}",
              f"{'':10}{'accuracy':>10}{'95% CI':>16}{'worst-case':>12}"]
     for kind in ("clean", "robust"):
         lines.append(f"{kind:<10}{pct(rec[kind + '_accuracy']):>10}{ci(rec[kind + '_ci95']):>16}"
                      f"{pct(rec[kind + '_worst_accuracy']):>12}")
+    for a in rec.attacks:
+        lines.append(f"attack {a['name']:<12}{pct(a['robust_accuracy']):>10}{ci(a['robust_ci95']):>16}"
+                     f"{pct(a['robust_worst_accuracy']):>12}  {a['time_s']:.1f}s")
+    for r in rec.unreliable:
+        lines.append(f"UNRELIABLE: {r}")
     for c in rec.sanity or ():
         lines.append(f"sanity {c['check']:<22} {'ok' if c['passed'] else 'FAILED'}: {c['detail']}")
     lines.append(f"{rec['wall_time_s']:.1f}s on {rec['device']}")

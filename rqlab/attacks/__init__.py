@@ -14,7 +14,7 @@ a smooth surrogate, `quant.surrogate_backward`) beside Square and AutoAttack.
 Attacks run on the model as its precision policy configures it (or at `threat.policy`),
 in eval mode and with parameter gradients off; both are restored afterwards.
 """
-from .autoattack import autoattack
+from .autoattack import autoattack, autoattack_stages
 from .bpda import bpda
 from .cw import cw
 from .eot_pgd import eot_pgd
@@ -33,4 +33,4 @@ def run(model, x, y, threat: ThreatModel):
 
 
 __all__ = ["ThreatModel", "NORMS", "get", "names", "canonical", "options", "run", "fgsm", "pgd", "cw",
-           "eot_pgd", "expectation", "transfer", "autoattack", "square", "bpda"]
+           "eot_pgd", "expectation", "transfer", "autoattack", "autoattack_stages", "square", "bpda"]

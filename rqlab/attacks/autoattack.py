@@ -7,6 +7,7 @@ diverse parameter-free attacks", ICML 2020.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn as nn
@@ -65,6 +66,60 @@ def run_pyautoattack(model, x, y, threat: ThreatModel, version: str, attacks) ->
         AutoAttack = require("pyautoattack", "autoattack").AutoAttack
     except ImportError as e:
         raise RqlabError("AutoAttack needs the reference implementation: pip install pyautoattack") from e
+    attacks = _check_attacks(version, attacks)
+    if len(x) == 0:
+        return x.clone()
+    with prepared(model, threat.policy), _own_rng(x.device):
+        aa = _build(AutoAttack, model, threat, version, attacks, x.device)
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=_batch_size(threat))
+    return project(x_adv.to(x), x, threat.norm, threat.eps).detach()
+
+
+def autoattack_stages(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel):
+    """AutoAttack (the threat's version, default "standard") run one of its attacks at a
+    time, as pyautoattack runs them: each attack only on the examples that every earlier
+    one failed on, with the same settings and seed, so the result is AutoAttack's own;
+    but it also says which attack fooled each example (for the black-box flag of the
+    standard protocol: Square fooling what the white-box attacks left).
+
+    Returns (x_adv (B, C, H, W), stages): stages is a list of (attack name, fooled (B,)
+    bool: first fooled by this attack, seconds). Examples misclassified on x are never
+    attacked (x_adv = x there), as in AutoAttack.
+    """
+    x, y = check_batch(model, x, y, threat)
+    try:
+        AutoAttack = require("pyautoattack", "autoattack").AutoAttack
+    except ImportError as e:
+        raise RqlabError("AutoAttack needs the reference implementation: pip install pyautoattack") from e
+    version = threat.option("version")
+    attacks = _check_attacks(version, threat.option("attacks"))
+    x_adv, stages = x.clone(), []
+    with prepared(model, threat.policy), _own_rng(x.device):
+        aa = _build(AutoAttack, model, threat, version, attacks, x.device)
+        with torch.no_grad():
+            alive = model(x).argmax(1) == y  # (B,) correct so far
+        for name in list(aa.attacks_to_run):
+            t0 = time.perf_counter()
+            fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            idx = alive.nonzero().flatten()
+            if len(idx):
+                aa.attacks_to_run = [name]
+                xa, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=_batch_size(threat))
+                xa = project(xa.to(x), x[idx], threat.norm, threat.eps)
+                with torch.no_grad():
+                    hit = model(xa).argmax(1) != y[idx]
+                x_adv[idx[hit]] = xa[hit]
+                fooled[idx[hit]] = True
+                alive &= ~fooled
+            stages.append((name, fooled, time.perf_counter() - t0))
+    return x_adv.detach(), stages
+
+
+def _batch_size(threat: ThreatModel) -> int:
+    return check_int(threat.options.get("batch_size", OPTIONS["batch_size"]), 'options["batch_size"]', 1)
+
+
+def _check_attacks(version: str, attacks):
     check_choice(version, 'options["version"]', VERSIONS)
     if version == "custom":
         if not attacks:
@@ -75,24 +130,25 @@ def run_pyautoattack(model, x, y, threat: ThreatModel, version: str, attacks) ->
         attacks = list(attacks)
     elif attacks is not None:
         raise RqlabError(f'options["attacks"] is only read with version="custom" (version={version!r})')
-    if len(x) == 0:
-        return x.clone()
-    o = {k: threat.options.get(k, OPTIONS[k]) for k in ("n_iter", "n_target_classes", "n_queries", "batch_size")}
-    with prepared(model, threat.policy), _own_rng(x.device):
-        aa = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[threat.norm], eps=threat.eps,
-                        version=version, attacks=attacks, seed=threat.seed, device=x.device)
-        aa.verbose = False
-        if o["n_iter"] is not None:
-            for apgd in (aa.apgd, aa.apgd_targeted):
-                _set_iters(apgd, check_int(o["n_iter"], 'options["n_iter"]', 1))
-            aa.fab.n_iter = o["n_iter"]
-        if o["n_target_classes"] is not None:
-            n = check_int(o["n_target_classes"], 'options["n_target_classes"]', 1)
-            aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = n
-        if o["n_queries"] is not None:
-            aa.square.n_queries = check_int(o["n_queries"], 'options["n_queries"]', 1)
-        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=check_int(o["batch_size"], 'options["batch_size"]', 1))
-    return project(x_adv.to(x), x, threat.norm, threat.eps).detach()
+    return attacks
+
+
+def _build(AutoAttack, model, threat: ThreatModel, version: str, attacks, device):
+    """pyautoattack.AutoAttack for the threat, with its iteration/target/query overrides."""
+    o = {k: threat.options.get(k, OPTIONS[k]) for k in ("n_iter", "n_target_classes", "n_queries")}
+    aa = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[threat.norm], eps=threat.eps,
+                    version=version, attacks=attacks, seed=threat.seed, device=device)
+    aa.verbose = False
+    if o["n_iter"] is not None:
+        for apgd in (aa.apgd, aa.apgd_targeted):
+            _set_iters(apgd, check_int(o["n_iter"], 'options["n_iter"]', 1))
+        aa.fab.n_iter = o["n_iter"]
+    if o["n_target_classes"] is not None:
+        n = check_int(o["n_target_classes"], 'options["n_target_classes"]', 1)
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = n
+    if o["n_queries"] is not None:
+        aa.square.n_queries = check_int(o["n_queries"], 'options["n_queries"]', 1)
+    return aa
 
 
 def _set_iters(apgd, n: int) -> None:

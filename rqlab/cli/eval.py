@@ -43,6 +43,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--protocol", default="quick", choices=("quick", "standard"),
+                   help="quick: the one --attack (default); standard: METHODS section 8 at --eps/--norm (AutoAttack "
+                        "standard + PGD, or for --random-bits the support ensemble + EOT-PGD + expectation)")
+    p.add_argument("--aa-iters", type=int, default=None,
+                   help="standard protocol: AutoAttack iterations (default 100, the reference; fewer for smoke runs)")
+    p.add_argument("--aa-targets", type=int, default=None, help="standard protocol: APGD-T/FAB-T targets (default 9)")
+    p.add_argument("--square-queries", type=int, default=None,
+                   help="standard protocol: Square's queries (default 5000, the reference)")
     p.add_argument("--sanity", action="store_true", help="run the sanity checks and add them to the record")
     p.add_argument("--json", default=None, help="write the record here (atomically)")
     p.add_argument("--no-progress", action="store_true")
@@ -71,6 +79,15 @@ def run_cli(args) -> int:
     if args.bits and args.random_bits:
         raise RqlabError("give --bits or --random-bits, not both")
     threat = threat_from_args(args)  # fail on a bad threat before loading anything
+    options = None
+    if args.protocol == "standard":
+        options = {k: v for k, v in (("n_iter", args.aa_iters), ("n_target_classes", args.aa_targets),
+                                     ("n_queries", args.square_queries)) if v is not None}
+        if args.eot is not None:
+            options["eot"] = args.eot
+    elif any(v is not None for v in (args.aa_iters, args.aa_targets, args.square_queries)):
+        raise RqlabError("--aa-iters, --aa-targets and --square-queries set the standard protocol: add "
+                         "--protocol standard (with --attack autoattack use its own options)")
     spelling = args.random_bits or args.bits
     policy = quant.parse_policy(spelling, seed=args.seed) if spelling else None
     if args.random_bits and not isinstance(policy, quant.RandomPrecision):
@@ -87,7 +104,7 @@ def run_cli(args) -> int:
     test_set = data.load(args.data, split="test", n=args.n, seed=args.seed, root=args.data_root)
     record = evaluate(model, test_set, threat, policy=policy, batch_size=args.batch_size, seed=args.seed,
                       passes=args.passes, sanity=args.sanity, model_id=str(args.model),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, protocol=args.protocol, options=options)
     record = record.with_extra(checkpoint_sha256=checkpoint.sha256(weights_file(args.model)), data=args.data,
                                calibration=calibration)
     print(format_record(record))
