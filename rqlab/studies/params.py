@@ -24,7 +24,8 @@ from ..zoo import is_checkpoint_path
 
 
 def check_model_spec(spec, field: str = "model") -> str:
-    """`spec` must be a trained zoo model's name or an existing checkpoint file.
+    """`spec` must be a trained zoo model's name or an existing checkpoint file or run
+    directory (`zoo.check_spec`).
 
     Reads only the zoo card (JSON), never the weights: cheap enough for a first cell.
     """
@@ -33,18 +34,11 @@ def check_model_spec(spec, field: str = "model") -> str:
     if not isinstance(spec, str) or not spec.strip():
         raise RqlabError(f"{field}={spec!r} must be a zoo model name (e.g. fmnist-q4-pgd7; see `rqlab zoo list`) "
                          "or the path of a checkpoint file")
-    spec = spec.strip()
-    if is_checkpoint_path(spec):
-        if not Path(spec).expanduser().is_file():
-            raise RqlabError(f"{field}={spec!r} is not an existing checkpoint file (the path is read relative to "
-                             f"{Path.cwd()}); give a zoo model name such as fmnist-q4-pgd7 or a file written by "
-                             "`rqlab train --out DIR` (DIR/checkpoint.pt)")
-        return spec
     try:
-        zoo.card(spec)  # unknown name, or a recipe not trained yet
+        zoo.check_spec(spec.strip(), field)
     except RqlabError as e:
-        raise RqlabError(f"{field}: {e}") from None
-    return spec
+        raise RqlabError(str(e) if str(e).startswith(f"{field}=") else f"{field}: {e}") from None
+    return spec.strip()
 
 
 def model_label(spec: str) -> str:
@@ -80,10 +74,10 @@ def training_policy(spec: str):
     """The precision policy `spec` was trained at (zoo card or checkpoint), as a Policy."""
     from .. import checkpoint, quant, zoo
 
-    spec = check_model_spec(spec)
-    if is_checkpoint_path(spec):
-        return quant.policy_from_dict(checkpoint.load(Path(spec).expanduser()).get("policy"))
-    return quant.policy_from_dict(zoo.card(spec)["recipe"]["policy"])
+    checked = zoo.check_spec(check_model_spec(spec))
+    if isinstance(checked, Path):  # a checkpoint file (a run directory's checkpoint.pt)
+        return quant.policy_from_dict(checkpoint.load(checked).get("policy"))
+    return quant.policy_from_dict(zoo.card(checked)["recipe"]["policy"])
 
 
 def supported_bits(model) -> tuple[int, ...]:

@@ -162,21 +162,30 @@ def is_checkpoint_path(spec) -> bool:
     return "/" in spec or os.sep in spec or spec.endswith((".pt", ".pth")) or Path(spec).expanduser().exists()
 
 
-def weights_file(spec) -> Path:
-    """The checkpoint file `spec` names: a zoo model's (checksum verified), a checkpoint
-    file, or DIR/checkpoint.pt of a run directory. RqlabError when there is none."""
+def check_spec(spec, field: str = "model"):
+    """Check, cheaply, that `spec` names a model: a trained zoo model (its card is read,
+    not its weights; returns the name) or an existing checkpoint file or run directory
+    holding checkpoint.pt (returns the file's Path). RqlabError naming `field` otherwise."""
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
-        raise RqlabError(f"model={spec!r} must be a zoo model name (e.g. fmnist-q4-pgd7; see `rqlab zoo list`) "
+        raise RqlabError(f"{field}={spec!r} must be a zoo model name (e.g. fmnist-q4-pgd7; see `rqlab zoo list`) "
                          "or the path of a checkpoint file or run directory")
     if not is_checkpoint_path(spec):
-        return path(str(spec).strip())
+        name = str(spec).strip()
+        card(name)  # unknown name, or a recipe not trained yet
+        return name
     file = Path(spec).expanduser()
     file = file / "checkpoint.pt" if file.is_dir() else file
     if not file.is_file():
-        raise RqlabError(f"model={str(spec)!r} is not an existing checkpoint file (paths are read relative to "
+        raise RqlabError(f"{field}={str(spec)!r} is not an existing checkpoint file (paths are read relative to "
                          f"{Path.cwd()}); give a zoo model name such as fmnist-q4-pgd7 or a file written by "
                          "`rqlab train --out DIR` (DIR/checkpoint.pt)")
     return file
+
+
+def weights_file(spec) -> Path:
+    """The checkpoint file `spec` names (see `check_spec`); a zoo model's is checksum verified."""
+    checked = check_spec(spec)
+    return checked if isinstance(checked, Path) else path(checked)
 
 
 def load(spec, policy=None, device="cpu"):
