@@ -31,6 +31,7 @@ from .attacks.base import correct_passes
 from .models.state import eval_mode
 from .record import PROTOCOLS, Record
 from .stats import diff_half_width, wilson_interval
+from .machine import device_name
 from .validate import RqlabError, check_choice, check_images, check_int
 
 
@@ -58,7 +59,7 @@ def as_tensors(data, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
 
 def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=None, n: int | None = None,
              batch_size: int = 256, seed: int = 0, passes: int = 1, sanity=False,
-             model_id: str | None = None, progress: bool = True, protocol: str = "quick",
+             model_id: str | None = None, progress: bool = True, protocol: str | None = None,
              options: dict | None = None) -> Record:
     """Clean and robust accuracy of `model` at precision `policy` under `threat`.
 
@@ -67,7 +68,8 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
     threat: the attack and its budget. policy: the defender's precision (default: the
         model's current one); a RandomPrecision is restarted from its own seed, so the
         record is reproducible. passes: stochastic forward passes per example (M).
-    protocol: "quick" (default) runs the one attack `threat` names. "standard" runs the
+    protocol: None (default) is "standard" when no threat is given, else "quick".
+        "quick" runs the one attack `threat` names. "standard" runs the
         standard protocol of METHODS section 8 at the threat's norm, eps and seed (its
         steps, step size and restarts are PGD's, EOT-PGD's and the expectation attack's;
         default threat: PGD-20 linf eps 0.1): see `evaluate_standard`. options: the
@@ -80,6 +82,8 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
     accuracy, worst-case accuracy and their 95% intervals, per-example outcomes, the
     sanity checks, `unreliable` reasons, and in `extra` the versions, device and wall time.
     """
+    if protocol is None:
+        protocol = "standard" if threat is None else "quick"
     check_choice(protocol, "protocol", PROTOCOLS)
     if protocol == "standard":
         return evaluate_standard(model, data, threat, policy=policy, n=n, batch_size=batch_size, seed=seed,
@@ -137,7 +141,8 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
         **_accuracies("robust", robust_hits, passes), per_example=per_example, sanity=checks,
         unreliable=_quick_reasons(policy, threat), extra={"model_config": model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None,
                "batch_size": batch_size, "rqlab_version": __version__, "torch_version": torch.__version__,
-               "device": str(device), "wall_time_s": round(time.perf_counter() - t0, 3)})
+               "device": str(device), "device_name": device_name(device),
+               "wall_time_s": round(time.perf_counter() - t0, 3)})
 
 
 # ---- the standard protocol (METHODS section 8) ------------------------------------------
@@ -323,7 +328,8 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
                                                          for k, v in REFERENCE_OPTIONS.items()}}),
                "white_box_robust_accuracy": white_acc, "zero_gradient_share": zero_grads / max(N, 1),
                "rqlab_version": __version__, "torch_version": torch.__version__,
-               "device": str(device), "wall_time_s": round(time.perf_counter() - t0, 3)})
+               "device": str(device), "device_name": device_name(device),
+               "wall_time_s": round(time.perf_counter() - t0, 3)})
 
 
 def _standard_options(options: dict | None) -> dict:
@@ -464,5 +470,5 @@ def format_record(rec: dict) -> str:
         lines.append(f"UNRELIABLE: {r}")
     for c in rec.sanity or ():
         lines.append(f"sanity {c['check']:<22} {'ok' if c['passed'] else 'FAILED'}: {c['detail']}")
-    lines.append(f"{rec['wall_time_s']:.1f}s on {rec['device']}")
+    lines.append(f"{rec['wall_time_s']:.1f}s on {rec.get('device_name') or rec['device']}")
     return "\n".join(lines)

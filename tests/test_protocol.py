@@ -5,6 +5,7 @@ precision at least as strong as AutoAttack 'rand'; records that round-trip throu
 AutoAttack runs with few iterations, targets and queries (options) to keep each test to
 seconds; the reference settings are the defaults."""
 import copy
+import json
 
 import pytest
 import torch
@@ -171,7 +172,10 @@ def test_protocol_arguments_are_checked(trained_smallcnn, fmnist_test):
     with pytest.raises(RqlabError, match="protocol='fast' is unknown|protocol="):
         evaluate(trained_smallcnn, fmnist_test, PGD, n=4, protocol="fast")
     with pytest.raises(RqlabError, match="needs a threat"):
-        evaluate(trained_smallcnn, fmnist_test, n=4)
+        evaluate(trained_smallcnn, fmnist_test, n=4, protocol="quick")
+    # no threat and no protocol: the standard protocol (PGD-20 linf 0.1 plus AutoAttack)
+    rec = evaluate(trained_smallcnn, fmnist_test, n=4, options=SMOKE, progress=False)
+    assert rec.protocol == "standard" and rec.threat["eps"] == 0.1 and rec.threat["steps"] == 20
     with pytest.raises(RqlabError, match=r"options \['iters'\] are unknown"):
         evaluate(trained_smallcnn, fmnist_test, PGD, n=4, protocol="standard", options={"iters": 3})
     with pytest.raises(RqlabError, match='protocol="standard"'):
@@ -188,6 +192,27 @@ def test_cli_standard_protocol_with_smoke_overrides():
     args = parser.parse_args(["eval", "--model", "x", "--protocol", "standard", "--aa-iters", "2",
                               "--square-queries", "10"])
     assert args.protocol == "standard" and args.aa_iters == 2 and args.square_queries == 10
-    bad = parser.parse_args(["eval", "--model", "x", "--aa-iters", "2"])
+    bad = parser.parse_args(["eval", "--model", "x", "--attack", "pgd", "--aa-iters", "2"])
     with pytest.raises(RqlabError, match="--protocol standard"):
         bad.run(bad)
+
+
+def test_cli_runs_the_standard_protocol_by_default(tmp_path, capsys):
+    """`rqlab eval` without --attack headlines the standard protocol; --attack alone is the
+    quick protocol's one attack; --attack X with --protocol standard is refused."""
+    from rqlab import zoo
+    from rqlab.cli import main
+
+    if "fmnist-q4-natural" not in zoo.names(trained_only=True):
+        pytest.skip("zoo model not built")
+    out = tmp_path / "rec.json"
+    assert main(["eval", "--model", "fmnist-q4-natural", "--n", "8", "--aa-iters", "2", "--aa-targets", "1",
+                 "--square-queries", "10", "--no-progress", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["protocol"] == "standard" and [a["name"] for a in rec["attacks"]] == ["autoattack", "pgd"]
+    assert "protocol standard" in capsys.readouterr().out
+    assert main(["eval", "--model", "fmnist-q4-natural", "--n", "8", "--attack", "fgsm", "--no-progress",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["protocol"] == "quick"
+    assert main(["eval", "--model", "fmnist-q4-natural", "--attack", "cw", "--protocol", "standard"]) == 2
+    assert "drop --attack, or add --protocol quick" in capsys.readouterr().err

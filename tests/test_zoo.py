@@ -92,15 +92,27 @@ def test_build_a_tiny_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     spec = RunSpec(policy="4", defense="fgsm-rs", train=TrainConfig(epochs=1, n_train=256, eval_n=100), eval_pgd=16)
     tiny = zoo.Recipe("tiny-q4-fgsm-rs", "test recipe", spec, ("4", "8"))
     monkeypatch.setitem(zoo.RECIPES, tiny.name, tiny)
-    assert main(["zoo", "build", tiny.name, "--device", "cpu", "--no-progress"]) == 0
+    small = ["--standard-n", "12", "--aa-iters", "2", "--aa-targets", "1", "--square-queries", "10"]
+    assert main(["zoo", "build", tiny.name, "--device", "cpu", "--no-progress", *small]) == 0
     card = json.loads((tmp_path / "store" / f"{tiny.name}.json").read_text())
+    s = card["standard"]  # the headline: the standard protocol, on the card's first precision
+    assert s["n"] == 12 and s["policy"] == card["eval"][0]["policy"] and set(s["attacks"]) == {"autoattack", "pgd"}
+    assert s["robust_accuracy"] <= min(s["attacks"].values()) and s["requested_options"] == {
+        "n_iter": 2, "n_target_classes": 1, "n_queries": 10}
+    record = json.loads((tmp_path / "store" / s["record"]).read_text())
+    assert record["protocol"] == "standard" and record["robust_accuracy"] == s["robust_accuracy"]
+    assert "cpu (" in s["device"] and s["sha256"] == card["sha256"]
     assert [r["precision"] for r in card["eval"]] == ["4", "8"] and card["eval"][1]["ptq"]
     assert card["calibrated_bits"] == [2, 3, 5, 6, 7, 8] and card["epochs"] == 1
     assert "robust_accuracy" in card["history"][0] and card["recipe"]["defense"] == "fgsm-rs"
     model = zoo.load(tiny.name)
     assert isinstance(quant.current(model), quant.Fixed) and quant.current(model).bits == 4
-    assert main(["zoo", "build", tiny.name]) == 0 and "already built" in capsys.readouterr().out
-    assert main(["zoo", "list"]) == 0 and tiny.name in capsys.readouterr().out
+    assert main(["zoo", "build", tiny.name, *small]) == 0
+    out = capsys.readouterr().out
+    assert "already built" in out and "already measured" in out  # neither retrained nor remeasured
+    assert main(["zoo", "list"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(tiny.name))
+    assert zoo.standard_cell(card) in line.split()
 
 
 @pytest.mark.parametrize("name", TRAINED or [pytest.param("none", marks=pytest.mark.skip("zoo not built"))])
@@ -114,6 +126,63 @@ def test_every_card_carries_its_audit_and_the_list_marks_failures(name):
     assert zoo.audit_cell(card).endswith("!") == bool(a["failed"])
     line = next(l for l in zoo.table().splitlines() if l.startswith(name + " "))
     assert zoo.audit_cell(card) in line
+
+
+def test_measure_writes_the_headline_and_resumes(tmp_path, monkeypatch):
+    """`zoo.measure` adds card["standard"] and the record beside it, changes nothing else,
+    skips a card measured the same way, and remeasures when the budget differs."""
+    name = "fmnist-q4-natural"
+    store_copy(name, tmp_path, monkeypatch)
+    before = zoo.card(name)
+    before.pop("standard", None)
+    small = {"n_iter": 2, "n_target_classes": 1, "n_queries": 10}
+    logs = []
+    s = zoo.measure(name, n=16, options=small, progress=False, log=logs.append)
+    after = zoo.card(name)
+    assert {k: v for k, v in after.items() if k != "standard"} == before and after["standard"] == s
+    assert s["n"] == 16 and s["robust_accuracy"] == min([s["robust_accuracy"], *s["attacks"].values()])
+    assert zoo.measure(name, n=16, options=small, progress=False, log=logs.append) == s
+    assert "already measured" in logs[-1]
+    s2 = zoo.measure(name, n=8, options=small, progress=False, log=logs.append)
+    assert s2["n"] == 8 and zoo.card(name)["standard"]["n"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.json", f"{name}.pt", f"{name}.standard.json"]
+    with pytest.raises(RqlabError, match="n=2000 is out of range"):
+        zoo.measure(name, n=2000)
+
+
+def test_the_list_sorts_by_the_headline(monkeypatch):
+    """Models with a standard-protocol figure come first, highest first; '!' marks a flagged one."""
+    cards = {"a": {"standard": {"robust_accuracy": 0.3, "unreliable": []}},
+             "b": {"standard": {"robust_accuracy": 0.6, "unreliable": ["black-box: ..."]}}, "c": {}}
+    for c in cards.values():
+        c.update(eval=[{"precision": "4", "clean_accuracy": 0.8, "robust_accuracy": 0.7}], training_time_s=60)
+    recipes = {n: zoo.Recipe(n, f"model {n}", zoo.recipe("fmnist-q4-pgd7").spec, ("4",)) for n in ("c", "a", "b")}
+    monkeypatch.setattr(zoo, "RECIPES", recipes)
+    monkeypatch.setattr(zoo, "card", lambda n: cards[n])
+    rows = [l.split()[0] for l in zoo.table().splitlines()[1:4]]
+    assert rows == ["b", "a", "c"]
+    assert "60.0%!" in zoo.table().splitlines()[1] and zoo.standard_cell(cards["c"]) == "-"
+
+
+MEASURED = [n for n in TRAINED if "standard" in zoo.card(n)]
+
+
+@pytest.mark.parametrize("name", MEASURED or [pytest.param("none", marks=pytest.mark.skip("no card measured"))])
+def test_every_measured_card_headlines_the_protocols_worst_case(name):
+    """A card's headline is the standard protocol's, at the reference budget on STANDARD_N
+    examples of the card's first precision; it is no higher than any of its attacks, nor
+    (beyond a few examples that float rounding may flip) than the card's own PGD-20 row,
+    which the protocol's PGD reruns on the same examples with the same seeds."""
+    c = zoo.card(name)
+    s = c["standard"]
+    assert s["n"] == zoo.STANDARD_N and s["requested_options"] == {} and s["sha256"] == c["sha256"]
+    assert s["protocol_options"]["n_iter"] == 100 and s["protocol_options"]["n_queries"] == 5000
+    assert s["policy"] == c["eval"][0]["policy"] and s["passes"] == c["eval"][0]["passes"]
+    assert s["robust_accuracy"] <= min(s["attacks"].values())
+    assert s["robust_accuracy"] <= c["eval"][0]["robust_accuracy"] + 0.01
+    record = json.loads((zoo.STORE / s["record"]).read_text())
+    assert record["robust_accuracy"] == s["robust_accuracy"] and len(record["per_example"]["robust"]) == s["n"]
+    assert [a["name"] for a in record["attacks"]] == list(s["attacks"])
 
 
 def test_audit_rewrites_only_the_card(tmp_path, monkeypatch, capsys):

@@ -1,8 +1,11 @@
 """`rqlab eval`: evaluate a checkpoint under an attack and write the record as JSON.
 
-    rqlab eval --checkpoint runs/x/checkpoint.pt --attack pgd --eps 0.1 --steps 20 --bits 4 \\
-               --n 1000 --json out.json
-    rqlab eval --checkpoint ... --random-bits 4-8 --calibrate 512 --attack eot-pgd --eot 10 --passes 5 --sanity
+    rqlab eval --model fmnist-q4-pgd7 --n 1000 --json out.json      # the standard protocol (default)
+    rqlab eval --model runs/x --attack pgd --eps 0.1 --steps 20 --bits 4 --n 1000   # one attack (quick)
+    rqlab eval --model ... --random-bits 4-8 --calibrate 512 --attack eot-pgd --eot 10 --passes 5 --sanity
+
+Without --attack and --protocol the standard protocol runs (the headline figure);
+--attack NAME alone runs that one attack (the quick protocol).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ def add_cli(subparsers) -> None:
                    help="a zoo model name (rqlab zoo list) or a checkpoint path / run directory (rqlab train --out)")
     p.add_argument("--data", default="fashion-mnist", help="dataset name (default fashion-mnist)")
     p.add_argument("--data-root", default=None, help="dataset directory (default: rqlab's data root)")
-    p.add_argument("--attack", default="pgd",
-                   help="fgsm | pgd | cw | eot-pgd | expectation | transfer | autoattack | square | bpda (default pgd)")
+    p.add_argument("--attack", default=None,
+                   help="one attack, the quick protocol: fgsm | pgd | cw | eot-pgd | expectation | transfer | "
+                        "autoattack | square | bpda (default: none, the standard protocol runs)")
     p.add_argument("--norm", default="linf", help="linf | l2 (default linf)")
     p.add_argument("--eps", type=float, default=0.1, help="radius in [0, 1] pixel units (default 0.1)")
     p.add_argument("--steps", type=int, default=20, help="attack steps (default 20)")
@@ -43,9 +47,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--protocol", default="quick", choices=("quick", "standard"),
-                   help="quick: the one --attack (default); standard: METHODS section 8 at --eps/--norm (AutoAttack "
-                        "standard + PGD, or for --random-bits the support ensemble + EOT-PGD + expectation)")
+    p.add_argument("--protocol", default=None, choices=("quick", "standard"),
+                   help="standard (the default without --attack): METHODS section 8 at --eps/--norm (AutoAttack "
+                        "standard + PGD; for --random-bits the support ensemble + EOT-PGD + expectation; for binary "
+                        "models Square and BPDA too); quick (the default with --attack): the one --attack "
+                        "(default pgd); docs/protocol.md")
     p.add_argument("--aa-iters", type=int, default=None,
                    help="standard protocol: AutoAttack iterations (default 100, the reference; fewer for smoke runs)")
     p.add_argument("--aa-targets", type=int, default=None, help="standard protocol: APGD-T/FAB-T targets (default 9)")
@@ -62,10 +68,11 @@ def threat_from_args(args):
     from ..attacks import ThreatModel
 
     options = {}
+    attack = args.attack or "pgd"
     if args.version is not None:
         options["version"] = args.version
     policy = quant.parse_policy(args.attack_bits, seed=args.seed) if args.attack_bits else None
-    return ThreatModel(args.attack, norm=args.norm, eps=args.eps, steps=args.steps, step_size=args.step_size,
+    return ThreatModel(attack, norm=args.norm, eps=args.eps, steps=args.steps, step_size=args.step_size,
                        restarts=args.restarts, eot=args.eot, seed=args.seed, policy=policy, options=options)
 
 
@@ -78,6 +85,11 @@ def run_cli(args) -> int:
 
     if args.bits and args.random_bits:
         raise RqlabError("give --bits or --random-bits, not both")
+    if args.protocol is None:
+        args.protocol = "quick" if args.attack else "standard"
+    elif args.protocol == "standard" and args.attack not in (None, "pgd"):
+        raise RqlabError(f"--attack {args.attack} picks the one attack of the quick protocol; the standard protocol "
+                         "runs its own attacks (and PGD at --steps): drop --attack, or add --protocol quick")
     threat = threat_from_args(args)  # fail on a bad threat before loading anything
     options = None
     if args.protocol == "standard":
@@ -86,8 +98,8 @@ def run_cli(args) -> int:
         if args.eot is not None:
             options["eot"] = args.eot
     elif any(v is not None for v in (args.aa_iters, args.aa_targets, args.square_queries)):
-        raise RqlabError("--aa-iters, --aa-targets and --square-queries set the standard protocol: add "
-                         "--protocol standard (with --attack autoattack use its own options)")
+        raise RqlabError("--aa-iters, --aa-targets and --square-queries set the standard protocol: drop --attack "
+                         "(or add --protocol standard); with --attack autoattack use its own options")
     spelling = args.random_bits or args.bits
     policy = quant.parse_policy(spelling, seed=args.seed) if spelling else None
     if args.random_bits and not isinstance(policy, quant.RandomPrecision):

@@ -5,6 +5,7 @@
     rqlab zoo build                     # train every CPU recipe not built yet (resumable)
     rqlab zoo build fmnist-q4-pgd7 --force
     rqlab zoo audit                     # re-run every card's sanity audit (weights untouched)
+    rqlab zoo measure                   # every card's headline: the standard protocol on 500 examples
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def add_cli(subparsers) -> None:
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--protocol", default="standard", choices=("quick", "standard"),
+                   help="standard (default): measure the card's headline with the standard protocol after "
+                        "training (as `rqlab zoo measure`); quick: PGD-20 and the audit only")
+    add_standard_flags(b)
     b.set_defaults(run=run_build)
     a = actions.add_parser("audit", help="re-run the sanity audit of built models into their cards",
                            description="The sanity checks of METHODS section 6 (Square and transfer from FP "
@@ -30,6 +35,34 @@ def add_cli(subparsers) -> None:
     a.add_argument("names", nargs="*", help="models to audit (default: every built model)")
     a.add_argument("--device", default="cpu", help="cpu | cuda")
     a.set_defaults(run=run_audit)
+    m = actions.add_parser("measure", help="measure each card's headline with the standard protocol (resumable)",
+                           description="The standard protocol of METHODS section 8 (AutoAttack standard + PGD-20; "
+                                       "for random precisions the support ensemble + EOT-PGD + expectation; for "
+                                       "binary ones Square and BPDA too) at each card's first precision, written "
+                                       "into the card; models already measured the same way are skipped.")
+    m.add_argument("names", nargs="*", help="models to measure (default: every built model)")
+    m.add_argument("--device", default="cpu", help="cpu | cuda")
+    m.add_argument("--force", action="store_true", help="remeasure cards already measured the same way")
+    m.add_argument("--no-progress", action="store_true")
+    add_standard_flags(m)
+    m.set_defaults(run=run_measure)
+
+
+def add_standard_flags(p) -> None:
+    """The standard protocol's size and budget (reference AutoAttack unless cut)."""
+    p.add_argument("--standard-n", type=int, default=None,
+                   help="test examples of the headline (default 500, the first of the card's subset)")
+    p.add_argument("--aa-iters", type=int, default=None,
+                   help="AutoAttack iterations (default 100, the reference; fewer only for smoke runs)")
+    p.add_argument("--aa-targets", type=int, default=None, help="APGD-T/FAB-T target classes (default 9)")
+    p.add_argument("--square-queries", type=int, default=None, help="Square's queries (default 5000)")
+
+
+def standard_options(args) -> dict | None:
+    """The standard protocol's options the flags set (None: the reference budget)."""
+    options = {k: v for k, v in (("n_iter", args.aa_iters), ("n_target_classes", args.aa_targets),
+                                 ("n_queries", args.square_queries)) if v is not None}
+    return options or None
 
 
 def run_list(args) -> int:
@@ -50,7 +83,16 @@ def run_build(args) -> int:
     from .. import zoo
 
     zoo.build_many(args.names, force=args.force, device=args.device, threads=args.threads,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, protocol=args.protocol, options=standard_options(args),
+                   standard_n=args.standard_n)
+    return 0
+
+
+def run_measure(args) -> int:
+    from .. import zoo
+
+    zoo.measure_many(args.names, n=args.standard_n, device=args.device, options=standard_options(args),
+                     force=args.force, progress=not args.no_progress)
     return 0
 
 

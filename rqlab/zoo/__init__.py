@@ -41,6 +41,7 @@ CLEAN_N, PGD_N = 1000, 500          # test examples of the card's measurements (
 CALIBRATE_BITS = tuple(range(2, 9))  # PTQ ranges stored with every model
 CALIBRATE_N = 1024
 AUDIT_N = 100                        # test examples of the card's sanity audit (METHODS section 6)
+STANDARD_N = 500                     # test examples of the card's headline (the standard protocol)
 
 
 @dataclass(frozen=True)
@@ -218,17 +219,26 @@ def _commit() -> str:
 
 
 def build(name: str, force: bool = False, device: str = "auto", threads: int | None = None,
-          progress: bool = True, log=print) -> dict:
-    """Train (or resume) recipe `name`, store its weights, measure it, write its card."""
+          progress: bool = True, log=print, protocol: str = "standard", options: dict | None = None,
+          standard_n: int | None = None) -> dict:
+    """Train (or resume) recipe `name`, store its weights, measure it, write its card.
+    protocol "standard" (default) then measures the card's headline (`measure`, with
+    `options` on `standard_n` examples); "quick" stops after PGD-20 and the audit."""
     from .. import checkpoint, data, experiment, quant
     from ..attacks import ThreatModel
     from ..evaluation import clean_accuracy, evaluate
+    from ..record import PROTOCOLS
     from ..training import resolve_device
+    from ..validate import check_choice
 
     r = recipe(name)
+    check_choice(protocol, "protocol", PROTOCOLS)
     ckpt_out, card_out = _paths(name)
     if card_out.is_file() and ckpt_out.is_file() and not force:
         log(f"{name}: already built ({card_out}); --force rebuilds it")
+        if protocol == "standard":
+            measure(name, n=standard_n, device=str(resolve_device(device)), options=options, progress=progress,
+                    log=log)
         return card(name)
     if threads:
         import torch
@@ -285,7 +295,9 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
     out["audit"] = audit_row(model, test, threat, quant.policy_from_dict(rows[0]["policy"]), rows[0]["passes"])
     checkpoint.save_json(card_out, out)
     log(f"{name}: stored {ckpt_out} and {card_out}")
-    return out
+    if protocol == "standard":
+        measure(name, n=standard_n, device=str(dev), options=options, force=True, progress=progress, log=log)
+    return card(name)
 
 
 def audit_row(model, data, threat, policy, passes: int = 1, cfg=None) -> dict:
@@ -331,6 +343,80 @@ def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
     return a
 
 
+# ---- the standard protocol's headline -------------------------------------------------------
+
+def measure(name: str, n: int | None = None, device: str = "cpu", options: dict | None = None,
+            force: bool = False, progress: bool = True, log=print) -> dict:
+    """The card's headline: the standard protocol (METHODS section 8) at the card's first
+    precision, on the first `n` (default STANDARD_N) examples of the card's test subset,
+    written into the card as card["standard"] (atomically; the weights are untouched) with
+    the full record (per-example outcomes of every attack) beside it in
+    store/NAME.standard.json. A card already measured with the same n, options and weights
+    is kept unless `force` (so a stopped `rqlab zoo measure` resumes where it stopped).
+    options: the protocol's settings (`evaluation.STANDARD_OPTIONS`; None = the reference
+    AutoAttack). Returns the card's "standard" entry."""
+    from .. import checkpoint, data, quant
+    from ..attacks import ThreatModel
+    from ..evaluation import evaluate
+    from ..machine import device_name
+    from ..validate import check_int
+
+    n = STANDARD_N if n is None else check_int(n, "n", 1, CLEAN_N)
+    c = card(name)
+    existing = c.get("standard")
+    if existing and not force and existing["n"] == n and existing["sha256"] == c["sha256"] \
+            and existing["requested_options"] == (options or {}):
+        log(f"{name}: standard protocol already measured on {n} examples; --force remeasures it")
+        return existing
+    model = load(name, device=device)
+    row = c["eval"][0]
+    test = data.load(recipe(name).spec.data, "test", n=CLEAN_N, seed=0)
+    t = c["threat"]
+    threat = ThreatModel("pgd", norm=t["norm"], eps=t["eps"], steps=t["steps"], step_size=t["step_size"],
+                         restarts=t["restarts"], seed=t["seed"])
+    rec = evaluate(model, test, threat, policy=quant.policy_from_dict(row["policy"]), n=n, passes=row["passes"],
+                   protocol="standard", options=options, model_id=name, progress=progress)
+    record_path = STORE / f"{name}.standard.json"
+    checkpoint.save_json(record_path, rec.to_dict())
+    entry = {"n": rec["n"], "policy": rec["policy"], "passes": rec["passes"],
+             "clean_accuracy": rec["clean_accuracy"], "robust_accuracy": rec["robust_accuracy"],
+             "robust_ci95": rec["robust_ci95"], "robust_worst_accuracy": rec["robust_worst_accuracy"],
+             "attacks": {a["name"]: a["robust_accuracy"] for a in rec.attacks},
+             "time_s": {a["name"]: a["time_s"] for a in rec.attacks}, "strongest": rec["strongest"],
+             "unreliable": list(rec.unreliable), "protocol_options": rec["protocol_options"],
+             "requested_options": options or {}, "wall_time_s": rec["wall_time_s"],
+             "device": device_name(next(model.parameters()).device), "commit": _commit(),
+             "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "sha256": c["sha256"], "record": record_path.name}
+    entry = json.loads(json.dumps(entry))  # as it reads back from the card (tuples -> lists)
+    c = card(name)  # re-read: written only with what is on disk now
+    c["standard"] = entry
+    checkpoint.save_json(_paths(name)[1], c)
+    log(f"{name}: standard protocol {100 * entry['robust_accuracy']:.1f}% "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in entry["attacks"].items())
+        + f" (n = {n}, {entry['wall_time_s'] / 60:.1f} min)" + ("  UNRELIABLE" if entry["unreliable"] else ""))
+    return entry
+
+
+def measure_many(which: list[str], n: int | None = None, device: str = "cpu", options: dict | None = None,
+                 force: bool = False, progress: bool = True, log=print) -> int:
+    """`measure` each named (default: every built) model in turn; returns how many."""
+    for w in which:
+        card(w)  # unknown or unbuilt names fail before any work
+    targets = which or names(trained_only=True)
+    for i, w in enumerate(targets, 1):
+        log(f"[{i}/{len(targets)}] {w}")
+        measure(w, n=n, device=device, options=options, force=force, progress=progress, log=log)
+    return len(targets)
+
+
+def headline(c: dict) -> tuple[float | None, bool]:
+    """(the card's headline robust accuracy, whether a flag says not to trust it): the
+    standard protocol's figure where measured, else None."""
+    s = c.get("standard")
+    return (s["robust_accuracy"], bool(s["unreliable"])) if s else (None, False)
+
+
 def _trained_bits(model) -> list[int]:
     """Bits whose activation ranges every quantized (not keep_fp) layer already has."""
     from .. import quant
@@ -346,25 +432,43 @@ def _is_ptq(p, trained) -> bool:
 # ---- listing ----------------------------------------------------------------------------
 
 def table() -> str:
-    """The zoo as a text table: one line per recipe with its measured numbers."""
-    lines = [f"{'name':<34}{'precision':>11}{'clean':>8}{'PGD-20':>8}{'audit':>8}  {'train time':>10}  summary"]
+    """The zoo as a text table, built models first, sorted by their headline (the standard
+    protocol's robust accuracy; "!" = a flag says not to trust it), with PGD-20 and the
+    audit beside it; recipes not built (or not yet measured) follow."""
+    lines = [f"{'name':<34}{'precision':>11}{'clean':>8}{'standard':>10}{'PGD-20':>8}{'audit':>8}  "
+             f"{'train time':>10}  summary"]
+    built, rest = [], []
     for n, r in RECIPES.items():
         try:
             c = card(n)
         except RqlabError:
-            lines.append(f"{n:<34}{'-':>11}{'-':>8}{'-':>8}{'-':>8}  {'-':>10}  {r.summary}"
-                         + (" [GPU recipe, not trained here]" if r.gpu else " [not built]"))
+            rest.append(f"{n:<34}{'-':>11}{'-':>8}{'-':>10}{'-':>8}{'-':>8}  {'-':>10}  {r.summary}"
+                        + (" [GPU recipe, not trained here]" if r.gpu else " [not built]"))
             continue
+        built.append((headline(c)[0], n, c))
+    built.sort(key=lambda t: (t[0] is None, -(t[0] or 0.0), t[1]))
+    for _, n, c in built:
         first = c["eval"][0]
-        lines.append(f"{n:<34}{first['precision']:>11}{100 * first['clean_accuracy']:>7.1f}%"
+        lines.append(f"{n:<34}{first['precision']:>11}{100 * first['clean_accuracy']:>7.1f}%{standard_cell(c):>10}"
                      f"{100 * first['robust_accuracy']:>7.1f}%{audit_cell(c):>8}  {c['training_time_s'] / 60:>8.1f}m  "
-                     f"{r.summary}")
+                     f"{RECIPES[n].summary}")
         for row in c["eval"][1:]:
-            lines.append(f"{'':<34}{row['precision']:>11}{100 * row['clean_accuracy']:>7.1f}%"
+            lines.append(f"{'':<34}{row['precision']:>11}{100 * row['clean_accuracy']:>7.1f}%{'':>10}"
                          f"{100 * row['robust_accuracy']:>7.1f}%" + ("  (PTQ)" if row.get("ptq") else ""))
+    lines += rest
+    lines.append(f"standard: the headline, robust accuracy under the standard protocol (AutoAttack standard + PGD-20; "
+                 f"adaptive attacks for random and binary precisions; worst case per example) on {STANDARD_N} "
+                 "examples at the first precision; '!' = flagged unreliable; '-' = not measured yet "
+                 "(`rqlab zoo measure NAME`)")
     lines.append(f"audit: the lowest accuracy of PGD-20, Square and transfer from FP on {AUDIT_N} examples, at the "
                  "first precision; '!' = a sanity check failed (see `rqlab zoo show NAME`)")
     return "\n".join(lines)
+
+
+def standard_cell(c: dict) -> str:
+    """'48.2%' (or '48.2%!' when flagged unreliable) for a card's headline; '-' if not measured."""
+    value, flagged = headline(c)
+    return "-" if value is None else f"{100 * value:.1f}%" + ("!" if flagged else "")
 
 
 def audit_cell(c: dict) -> str:
@@ -387,7 +491,8 @@ def show(name: str) -> str:
 
 
 def build_many(which: list[str], force: bool = False, device: str = "auto", threads: int | None = None,
-               progress: bool = True) -> int:
+               progress: bool = True, protocol: str = "standard", options: dict | None = None,
+               standard_n: int | None = None) -> int:
     """Build recipes in order (CPU recipes only unless named); returns the number built."""
     targets = which or [n for n, r in RECIPES.items() if not r.gpu]
     for n in targets:
@@ -395,6 +500,7 @@ def build_many(which: list[str], force: bool = False, device: str = "auto", thre
     t0 = time.perf_counter()
     for i, n in enumerate(targets, 1):
         print(f"[{i}/{len(targets)}] {n}", flush=True)
-        build(n, force=force, device=device, threads=threads, progress=progress)
+        build(n, force=force, device=device, threads=threads, progress=progress, protocol=protocol,
+              options=options, standard_n=standard_n)
     print(f"built {len(targets)} model(s) in {(time.perf_counter() - t0) / 60:.1f} min")
     return len(targets)

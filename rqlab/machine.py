@@ -1,0 +1,28 @@
+"""The machine a figure was measured on, named beside it (CPU models vary between machines)."""
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC ...", "Intel(R) Xeon(R) ..."), from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_name(device) -> str:
+    """'cpu (AMD EPYC 9R14, 2 threads)' or 'cuda (NVIDIA H200)': the device with its model."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({cpu_model()}, {torch.get_num_threads()} threads)"
