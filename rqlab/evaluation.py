@@ -349,6 +349,19 @@ def _standard_options(options: dict | None) -> dict:
     return o
 
 
+# The reasons a record gives not to trust its robust figure, each with its page in docs/flags/.
+FLAGS = {"black-box": "a black-box attack beats the white-box ones beyond the noise (gradient masking)",
+         "zero-gradients": "most examples have an exactly zero input gradient",
+         "random-forward": "a random forward pass attacked without averaging over its randomness"}
+
+
+def flag(code: str, text: str) -> str:
+    """An `unreliable` reason: 'CODE: TEXT (see docs/flags/CODE.md)'."""
+    if code not in FLAGS:
+        raise RqlabError(f"flag {code!r} is unknown: known: {', '.join(FLAGS)}")
+    return f"{code}: {text} (see docs/flags/{code}.md)"
+
+
 def _standard_reasons(entries: list[dict], white_acc: float, robust_acc: float, zero_share: float,
                       n: int) -> list[str]:
     """Why not to trust a standard-protocol record (RobustBench / AutoAttack flags)."""
@@ -361,18 +374,18 @@ def _standard_reasons(entries: list[dict], white_acc: float, robust_acc: float, 
         gap = best_white["robust_accuracy"] - e["robust_accuracy"]
         noise = diff_half_width(best_white["robust_accuracy"], e["robust_accuracy"], n)
         if gap > noise:
-            reasons.append(f"black-box: {e['name']} leaves {100 * e['robust_accuracy']:.1f}%, below the best "
-                           f"white-box attack ({best_white['name']}, {100 * best_white['robust_accuracy']:.1f}%) by "
-                           f"{100 * gap:.1f} points, more than the noise ({100 * noise:.1f}): gradient masking")
+            reasons.append(flag("black-box", f"{e['name']} leaves {100 * e['robust_accuracy']:.1f}%, below the best "
+                                f"white-box attack ({best_white['name']}, {100 * best_white['robust_accuracy']:.1f}%) "
+                                f"by {100 * gap:.1f} points, more than the noise ({100 * noise:.1f}): gradient masking"))
     gap = white_acc - robust_acc
     noise = diff_half_width(white_acc, robust_acc, n)
     if gap > noise:
-        reasons.append(f"black-box: Square fools {100 * gap:.1f}% of the examples that every white-box attack "
-                       f"failed on ({100 * white_acc:.1f}% -> {100 * robust_acc:.1f}%), more than the noise "
-                       f"({100 * noise:.1f}): the gradients mislead the white-box attacks")
+        reasons.append(flag("black-box", f"Square fools {100 * gap:.1f}% of the examples that every white-box "
+                            f"attack failed on ({100 * white_acc:.1f}% -> {100 * robust_acc:.1f}%), more than the "
+                            f"noise ({100 * noise:.1f}): the gradients mislead the white-box attacks"))
     if zero_share > ZERO_GRAD_SHARE:
-        reasons.append(f"zero gradients: {100 * zero_share:.0f}% of the examples have an exactly zero input "
-                       f"gradient (limit {100 * ZERO_GRAD_SHARE:.0f}%): gradient attacks cannot move them")
+        reasons.append(flag("zero-gradients", f"{100 * zero_share:.0f}% of the examples have an exactly zero "
+                            f"input gradient (limit {100 * ZERO_GRAD_SHARE:.0f}%): gradient attacks cannot move them"))
     return reasons
 
 
@@ -381,8 +394,9 @@ def _quick_reasons(policy, threat: ThreatModel) -> tuple:
     adaptive = (threat.attack in ADAPTIVE or threat.eot_samples > 1
                 or (threat.attack == "autoattack" and threat.option("version") == "rand"))
     if isinstance(policy, quant.RandomPrecision) and not adaptive:
-        return (f"random forward: the policy {policy} draws a precision per forward pass but {threat.attack} "
-                "averages over none (no adaptive attack ran): use eot_pgd, expectation or protocol='standard'",)
+        return (flag("random-forward", f"the policy {policy} draws a precision per forward pass but "
+                     f"{threat.attack} averages over none (no adaptive attack ran): use eot_pgd, expectation or "
+                     "protocol='standard'"),)
     return ()
 
 

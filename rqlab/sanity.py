@@ -71,7 +71,8 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threa
                zero_gradient(model, x, y, cfg), random_forward(model, x, threat)]
     for r in results:
         if not r["passed"]:
-            warnings.warn(f"sanity check {r['check']} failed: {r['detail']}", SanityWarning, stacklevel=3)
+            warnings.warn(f"sanity check {r['check']} failed: {r['detail']} (see docs/flags/sanity-"
+                          f"{r['check'].replace('_', '-')}.md)", SanityWarning, stacklevel=3)
     return results
 
 

@@ -103,7 +103,7 @@ def test_standard_beats_pgd20_where_gradients_are_masked_and_says_so(step_model,
     square = next(s for s in rec.attacks[0]["stages"] if s["attack"] == "square")
     assert square["fooled_first"] > 0  # the black box finds what the gradient attacks miss
     assert any(r.startswith("black-box") for r in rec.unreliable), rec.unreliable
-    assert any(r.startswith("zero gradients") for r in rec.unreliable) and rec["zero_gradient_share"] == 1.0
+    assert any(r.startswith("zero-gradients") for r in rec.unreliable) and rec["zero_gradient_share"] == 1.0
 
 
 def test_binary_policies_add_square_and_bpda_when_registered():
@@ -161,7 +161,7 @@ def test_random_precision_ensemble_at_least_as_strong_as_autoattack_rand(rpi_mod
 def test_quick_records_of_random_policies_without_an_adaptive_attack_are_flagged(rpi_model, fmnist_test):
     rpi = quant.RandomPrecision((4, 8))
     fgsm = evaluate(rpi_model, fmnist_test, ThreatModel("fgsm", eps=0.03), policy=rpi, n=8, progress=False)
-    assert len(fgsm.unreliable) == 1 and fgsm.unreliable[0].startswith("random forward")
+    assert len(fgsm.unreliable) == 1 and fgsm.unreliable[0].startswith("random-forward")
     eot = evaluate(rpi_model, fmnist_test, ThreatModel("eot_pgd", eps=0.03, steps=1, eot=2), policy=rpi, n=8,
                    progress=False)
     assert eot.unreliable == ()
@@ -216,3 +216,24 @@ def test_cli_runs_the_standard_protocol_by_default(tmp_path, capsys):
     assert json.loads(out.read_text())["protocol"] == "quick"
     assert main(["eval", "--model", "fmnist-q4-natural", "--attack", "cw", "--protocol", "standard"]) == 2
     assert "drop --attack, or add --protocol quick" in capsys.readouterr().err
+
+
+def test_every_flag_points_to_its_page():
+    """Each `unreliable` reason and each sanity warning names a page in docs/flags/ that exists."""
+    import re
+    from pathlib import Path
+
+    from rqlab import sanity
+    from rqlab.evaluation import FLAGS, flag
+
+    root = Path(__file__).resolve().parents[1]
+    for code in FLAGS:
+        page = re.search(r"see (docs/flags/[\w-]+\.md)", flag(code, "text")).group(1)
+        assert (root / page).is_file() and code in (root / page).read_text()
+    with pytest.raises(RqlabError, match="flag 'masking' is unknown"):
+        flag("masking", "text")
+    checks = re.findall(r"^    (\w+)  ", sanity.__doc__, flags=re.M)
+    assert {"eps_monotone", "large_eps", "whitebox_vs_blackbox", "zero_gradient", "random_forward"} <= set(checks)
+    for check in checks:
+        page = root / "docs" / "flags" / f"sanity-{check.replace('_', '-')}.md"
+        assert page.is_file() and f"`{check}`" in page.read_text(), page

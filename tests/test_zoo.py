@@ -153,7 +153,7 @@ def test_measure_writes_the_headline_and_resumes(tmp_path, monkeypatch):
 def test_the_list_sorts_by_the_headline(monkeypatch):
     """Models with a standard-protocol figure come first, highest first; '!' marks a flagged one."""
     cards = {"a": {"standard": {"robust_accuracy": 0.3, "unreliable": []}},
-             "b": {"standard": {"robust_accuracy": 0.6, "unreliable": ["black-box: ..."]}}, "c": {}}
+             "b": {"standard": {"robust_accuracy": 0.6, "unreliable": ["black-box: ... (see docs/flags/black-box.md)"]}}, "c": {}}
     for c in cards.values():
         c.update(eval=[{"precision": "4", "clean_accuracy": 0.8, "robust_accuracy": 0.7}], training_time_s=60)
     recipes = {n: zoo.Recipe(n, f"model {n}", zoo.recipe("fmnist-q4-pgd7").spec, ("4",)) for n in ("c", "a", "b")}
