@@ -127,6 +127,11 @@ def test_batch_records_ok_and_failed_runs(first_batch):
     assert (out / "beta" / "beta.html").is_file() and not (out / "beta" / "results.json").exists()
     index = (out / "index.html").read_text()
     assert "RuntimeError: asked to fail" in index and 'class="failed"' in index and 'class="ok"' in index
+    # the zoo's headline figures (the standard protocol, from the cards) are in the report
+    from rqlab import zoo
+    assert summary["zoo"] == json.loads(json.dumps(zoo.headlines()))
+    for row in summary["zoo"]:
+        assert row["name"] in index and (row["standard"] is None or f"{100 * row['standard']:.1f}%" in index)
 
 
 def test_index_links_stay_inside_and_html_needs_no_network(first_batch):

@@ -28,6 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from .. import zoo
 from ..extras import require
 from ..checkpoint import atomic_write_bytes, save_json
 from ..validate import RqlabError, check_int
@@ -96,6 +97,7 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
         "only": only, "jobs": jobs, "started": started.isoformat(timespec="seconds"),
         "wall_time_s": round(time.perf_counter() - t0, 2), "n_runs": len(records),
         "n_failed": sum(r["status"] != "ok" for r in records), "runs": records,
+        "zoo": zoo.headlines(),  # the cards' headline figures (standard protocol), measured by `rqlab zoo measure`
     }
     save_json(out / "summary.json", summary)
     atomic_write_bytes(out / "index.html", index_html(summary).encode())

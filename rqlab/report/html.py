@@ -55,6 +55,7 @@ def index_html(summary: dict) -> str:
 {rows}
 </tbody>
 </table>
+{_zoo_table(summary.get("zoo") or [])}
 <p class="small">Machine-readable: <a href="summary.json">summary.json</a>.</p>
 </body>
 </html>
@@ -100,3 +101,34 @@ def _fmt(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return str(value)
+
+
+def _zoo_table(rows: list[dict]) -> str:
+    """The zoo's headline figures: the standard protocol's robust accuracy per model."""
+    if not rows:
+        return ""
+    e = html.escape
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    body = []
+    for r in rows:
+        ci = f' <span class="small">[{pct(r["standard_ci95"][0])}, {pct(r["standard_ci95"][1])}], ' \
+             f'n = {r["standard_n"]}, strongest {e(str(r["strongest"]))}</span>' if r["standard"] is not None else \
+             ' <span class="small">not measured yet: rqlab zoo measure</span>'
+        flags = "".join(f'<br><span class="failed small">{e(f)}</span>' for f in r["unreliable"])
+        body.append(f'<tr><td class="kv">{e(r["name"])}</td><td>{e(r["summary"])}</td><td>{e(r["precision"])}</td>'
+                    f'<td>{pct(r["clean_accuracy"])}</td><td><b>{pct(r["standard"])}</b>{ci}{flags}</td>'
+                    f'<td>{pct(r["pgd20"])}</td></tr>')
+    devices = sorted({r["device"] for r in rows if r["device"]})
+    return f"""<h2>The zoo: headline robust accuracy</h2>
+<p class="small">Robust accuracy under the standard protocol (AutoAttack standard + PGD-20; for random
+precisions the support ensemble + EOT-PGD + expectation; Square and BPDA for binary ones; worst case per
+example; docs/protocol.md), from the zoo's cards, with PGD-20 beside it. Measured on
+{e(", ".join(devices) or "-")}.</p>
+<table>
+<thead><tr><th>model</th><th>summary</th><th>precision</th><th>clean</th><th>standard protocol [95% CI]</th>
+<th>PGD-20</th></tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody>
+</table>
+"""

@@ -417,6 +417,22 @@ def headline(c: dict) -> tuple[float | None, bool]:
     return (s["robust_accuracy"], bool(s["unreliable"])) if s else (None, False)
 
 
+def headlines() -> list[dict]:
+    """Every built model's headline, as `rqlab zoo list` sorts them (the report's zoo table):
+    name, summary, precision, clean accuracy, the standard protocol's robust accuracy with
+    its interval, n, flags and device (None where not measured yet), and PGD-20 beside it."""
+    rows = []
+    for n in names(trained_only=True):
+        c = card(n)
+        first, s = c["eval"][0], c.get("standard") or {}
+        rows.append({"name": n, "summary": RECIPES[n].summary, "precision": first["precision"],
+                     "clean_accuracy": first["clean_accuracy"], "standard": s.get("robust_accuracy"),
+                     "standard_ci95": s.get("robust_ci95"), "standard_n": s.get("n"),
+                     "strongest": s.get("strongest"), "unreliable": s.get("unreliable", []),
+                     "device": s.get("device"), "pgd20": first["robust_accuracy"]})
+    return sorted(rows, key=lambda r: (r["standard"] is None, -(r["standard"] or 0.0), r["name"]))
+
+
 def _trained_bits(model) -> list[int]:
     """Bits whose activation ranges every quantized (not keep_fp) layer already has."""
     from .. import quant
