@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/findings.py                 # every section (about 30 min on 2 CPU cores)
     .venv/bin/python scripts/findings.py --section b     # one section: a, b, c, d or t (transfer, behind b)
+    .venv/bin/python scripts/findings.py --section B     # (b) under the standard protocol, same-model control
     .venv/bin/python scripts/findings.py --n 200         # fewer test examples, faster
 
 Each section writes its numbers to docs/findings/<section>.json (atomically) and prints
@@ -128,6 +129,79 @@ def section_b(test, n: int, aa_n: int, passes: int = 5) -> dict:
     return {"rows": rows, "n": n, "passes": passes}
 
 
+def standard_record(name: str, policy, test, n: int, passes: int):
+    """The standard protocol's record of zoo model `name` at `policy` on the first n test
+    examples (the card's subset): the card's own record when it is this one (`rqlab zoo
+    measure`), else measured here and kept in docs/findings/b_standard/ (so a stopped run
+    resumes). Reference budget: AutoAttack standard, 100 iterations, Square 5,000 queries."""
+    from rqlab.record import Record
+
+    c = zoo.card(name)
+    s = c.get("standard")
+    if s and s["n"] == n and s["policy"] == policy.to_dict() and s["passes"] == passes and not s["requested_options"]:
+        return Record.from_json((zoo.STORE / s["record"]).read_text())
+    path = OUT / "b_standard" / f"{name}__{str(policy).replace('(', '').replace(')', '')}__n{n}.json"
+    if path.is_file():
+        return Record.from_json(path.read_text())
+    print(f"  standard protocol: {name} at {policy}, n = {n} ...", file=sys.stderr, flush=True)
+    rec = evaluate(zoo.load(name), test, PGD20, policy=policy, n=n, passes=passes, protocol="standard",
+                   model_id=name, progress=False)
+    checkpoint.save_json(path, rec.to_dict())
+    return rec
+
+
+def robust_scores(rec) -> list[float]:
+    """Per-example robust score: 1/0, or the share of passes robust for a random policy."""
+    pe = rec["per_example"]
+    return [h / rec["passes"] for h in pe["robust_hits"]] if "robust_hits" in pe else pe["robust"]
+
+
+def section_b_standard(test, n: int, passes: int = 5) -> dict:
+    """(b) under the standard protocol, with the control it lacked: each random-precision
+    model against the same model at a fixed precision, same images, same AutoAttack."""
+    from rqlab.stats import paired_difference
+
+    rpi = quant.RandomPrecision(RPI, seed=0)
+    pairs = {"PGD-7 AT at 8 bits (fmnist-q8-pgd7)": "fmnist-q8-pgd7", "RPT 4..8 (fmnist-rpt-pgd7)": "fmnist-rpt-pgd7"}
+    # the two records the cards lack first; the cards' own (q8 at 8, RPT under RPI) come
+    # from `rqlab zoo measure` when it has run, else they are measured here
+    standard_record("fmnist-q8-pgd7", rpi, test, n, passes)
+    standard_record("fmnist-rpt-pgd7", quant.Fixed(8), test, n, 1)
+    rows = []
+    for label, name in pairs.items():
+        fixed = standard_record(name, quant.Fixed(8), test, n, 1)
+        rand = standard_record(name, rpi, test, n, passes)
+        diff, (lo, hi) = paired_difference(robust_scores(rand), robust_scores(fixed))
+        row = {"config": label, "model": name, "n": n, "passes": passes, "difference": diff, "difference_ci95": [lo, hi]}
+        for key, rec in (("fixed8", fixed), ("rpi", rand)):
+            row[key] = {"clean": rec["clean_accuracy"], "robust": rec["robust_accuracy"], "ci95": rec["robust_ci95"],
+                        "worst": rec["robust_worst_accuracy"], "strongest": rec["strongest"],
+                        "attacks": {a["name"]: a["robust_accuracy"] for a in rec.attacks},
+                        "unreliable": list(rec.unreliable), "wall_time_s": rec["wall_time_s"],
+                        "device": rec.get("device_name") or rec["device"]}
+        rows.append(row)
+    fp = zoo.card("fmnist-fp-pgd7").get("standard")
+    print(f"\n### (b) The standard protocol, the same model at a fixed 8 bits and under RPI 4..8, n = {n} "
+          f"(RPI scored over {passes} passes, mean)")
+    print("\n| model | precision | clean | standard protocol [95% CI] | AutoAttack | PGD-20 / EOT-PGD / expectation "
+          "| RPI - fixed, same images [95% CI] |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        for key, prec in (("fixed8", "8 (fixed)"), ("rpi", "RPI 4..8")):
+            v = r[key]
+            others = " / ".join(pct(v["attacks"][k]) if k in v["attacks"] else "-"
+                                for k in ("pgd", "eot_pgd", "expectation"))
+            last = (f"{100 * r['difference']:+.1f} [{100 * r['difference_ci95'][0]:+.1f}, "
+                    f"{100 * r['difference_ci95'][1]:+.1f}]") if key == "rpi" else ""
+            print(f"| {r['model']} | {prec} | {pct(v['clean'])} | {pct(v['robust'])} [{pct(v['ci95'][0])}, "
+                  f"{pct(v['ci95'][1])}] | {pct(v['attacks']['autoattack'])} | {others} | {last} |")
+    if fp:
+        print(f"| fmnist-fp-pgd7 | FP | {pct(fp['clean_accuracy'])} | {pct(fp['robust_accuracy'])} "
+              f"[{pct(fp['robust_ci95'][0])}, {pct(fp['robust_ci95'][1])}] | {pct(fp['attacks']['autoattack'])} | "
+              f"{pct(fp['attacks']['pgd'])} / - / - | |")
+    return {"rows": rows, "n": n, "passes": passes, "fp_pgd7_card": fp}
+
+
 def section_c(test, n: int) -> dict:
     """Lipschitz-guided bit selection against uniform, random and reverse at equal budgets."""
     model = zoo.load("fmnist-fp-pgd7")
@@ -193,7 +267,8 @@ def section_t(test, n: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", default="abcdt", help="any of a, b, c, d, t (default: all)")
+    p.add_argument("--section", default="abBcdt",
+                   help="any of a, b, B (b under the standard protocol), c, d, t (default: all)")
     p.add_argument("--n", type=int, default=500, help="test examples (default 500)")
     p.add_argument("--aa-n", type=int, default=100, help="test examples for AutoAttack rand (default 100)")
     p.add_argument("--threads", type=int, default=None)
@@ -204,10 +279,11 @@ def main(argv=None) -> int:
     for s in args.section:
         t0 = time.perf_counter()
         result = {"a": lambda: section_a(test, args.n), "b": lambda: section_b(test, args.n, args.aa_n),
+                  "B": lambda: section_b_standard(test, args.n),
                   "c": lambda: section_c(test, args.n), "d": section_d, "t": lambda: section_t(test, args.n)}[s]()
         result["seconds"] = time.perf_counter() - t0
         result["torch"] = torch.__version__
-        checkpoint.save_json(OUT / f"{s}.json", result)
+        checkpoint.save_json(OUT / f"{ {'B': 'b_standard'}.get(s, s)}.json", result)
         print(f"\n(section {s}: {result['seconds'] / 60:.1f} min)", flush=True)
     return 0
 

@@ -29,6 +29,22 @@ def test_wilson_interval_known_values():
         wilson_interval(11, 10)
 
 
+def test_paired_difference_known_values():
+    """Two evaluations of the same 100 examples that differ on 10 (a wins 8, b wins 2):
+    mean +0.06, sd of the differences 0.2778 by hand, 95% half-width 1.96 * 0.2778 / 10."""
+    from rqlab.stats import diff_half_width, paired_difference
+
+    a = [1] * 60 + [1] * 8 + [0] * 2 + [0] * 30
+    b = [1] * 60 + [0] * 8 + [1] * 2 + [0] * 30
+    mean, (lo, hi) = paired_difference(a, b)
+    sd = ((8 * (1 - 0.06) ** 2 + 2 * (1 + 0.06) ** 2 + 90 * 0.06 ** 2) / 99) ** 0.5
+    assert mean == pytest.approx(0.06) and hi - mean == pytest.approx(1.96 * sd / 10) and mean - lo == pytest.approx(hi - mean)
+    assert hi - lo < 2 * diff_half_width(0.68, 0.62, 100)  # pairing removes the shared noise
+    assert paired_difference([1, 0.4], [1, 0.4])[0] == 0
+    with pytest.raises(RqlabError, match="same, non-zero number"):
+        paired_difference([1, 0], [1])
+
+
 def test_record_is_complete_consistent_and_json(trained_smallcnn, fmnist_test):
     x, y = fmnist_test
     rec = evaluate(trained_smallcnn, (x, y), FGSM, n=60, batch_size=25, progress=False, model_id="m0")
