@@ -112,7 +112,7 @@ def test_build_a_tiny_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     assert "already built" in out and "already measured" in out  # neither retrained nor remeasured
     assert main(["zoo", "list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(tiny.name))
-    assert zoo.standard_cell(card) in line.split()
+    assert zoo.standard_cell(card) in line
 
 
 @pytest.mark.parametrize("name", TRAINED or [pytest.param("none", marks=pytest.mark.skip("zoo not built"))])
@@ -152,8 +152,9 @@ def test_measure_writes_the_headline_and_resumes(tmp_path, monkeypatch):
 
 def test_the_list_sorts_by_the_headline(monkeypatch):
     """Models with a standard-protocol figure come first, highest first; '!' marks a flagged one."""
-    cards = {"a": {"standard": {"robust_accuracy": 0.3, "unreliable": []}},
-             "b": {"standard": {"robust_accuracy": 0.6, "unreliable": ["black-box: ... (see docs/flags/black-box.md)"]}}, "c": {}}
+    cards = {"a": {"standard": {"robust_accuracy": 0.3, "robust_ci95": [0.26, 0.34], "unreliable": []}},
+             "b": {"standard": {"robust_accuracy": 0.6, "robust_ci95": [0.55, 0.65],
+                                "unreliable": ["black-box: ... (see docs/flags/black-box.md)"]}}, "c": {}}
     for c in cards.values():
         c.update(eval=[{"precision": "4", "clean_accuracy": 0.8, "robust_accuracy": 0.7}], training_time_s=60)
     recipes = {n: zoo.Recipe(n, f"model {n}", zoo.recipe("fmnist-q4-pgd7").spec, ("4",)) for n in ("c", "a", "b")}
@@ -161,7 +162,7 @@ def test_the_list_sorts_by_the_headline(monkeypatch):
     monkeypatch.setattr(zoo, "card", lambda n: cards[n])
     rows = [l.split()[0] for l in zoo.table().splitlines()[1:4]]
     assert rows == ["b", "a", "c"]
-    assert "60.0%!" in zoo.table().splitlines()[1] and zoo.standard_cell(cards["c"]) == "-"
+    assert "60.0%! [55.0, 65.0]" in zoo.table().splitlines()[1] and zoo.standard_cell(cards["c"]) == "-"
 
 
 MEASURED = [n for n in TRAINED if "standard" in zoo.card(n)]

@@ -451,25 +451,25 @@ def table() -> str:
     """The zoo as a text table, built models first, sorted by their headline (the standard
     protocol's robust accuracy; "!" = a flag says not to trust it), with PGD-20 and the
     audit beside it; recipes not built (or not yet measured) follow."""
-    lines = [f"{'name':<34}{'precision':>11}{'clean':>8}{'standard':>10}{'PGD-20':>8}{'audit':>8}  "
+    lines = [f"{'name':<34}{'precision':>11}{'clean':>8}{'standard [95% CI]':>22}{'PGD-20':>8}{'audit':>8}  "
              f"{'train time':>10}  summary"]
     built, rest = [], []
     for n, r in RECIPES.items():
         try:
             c = card(n)
         except RqlabError:
-            rest.append(f"{n:<34}{'-':>11}{'-':>8}{'-':>10}{'-':>8}{'-':>8}  {'-':>10}  {r.summary}"
+            rest.append(f"{n:<34}{'-':>11}{'-':>8}{'-':>22}{'-':>8}{'-':>8}  {'-':>10}  {r.summary}"
                         + (" [GPU recipe, not trained here]" if r.gpu else " [not built]"))
             continue
         built.append((headline(c)[0], n, c))
     built.sort(key=lambda t: (t[0] is None, -(t[0] or 0.0), t[1]))
     for _, n, c in built:
         first = c["eval"][0]
-        lines.append(f"{n:<34}{first['precision']:>11}{100 * first['clean_accuracy']:>7.1f}%{standard_cell(c):>10}"
+        lines.append(f"{n:<34}{first['precision']:>11}{100 * first['clean_accuracy']:>7.1f}%{standard_cell(c):>22}"
                      f"{100 * first['robust_accuracy']:>7.1f}%{audit_cell(c):>8}  {c['training_time_s'] / 60:>8.1f}m  "
                      f"{RECIPES[n].summary}")
         for row in c["eval"][1:]:
-            lines.append(f"{'':<34}{row['precision']:>11}{100 * row['clean_accuracy']:>7.1f}%{'':>10}"
+            lines.append(f"{'':<34}{row['precision']:>11}{100 * row['clean_accuracy']:>7.1f}%{'':>22}"
                          f"{100 * row['robust_accuracy']:>7.1f}%" + ("  (PTQ)" if row.get("ptq") else ""))
     lines += rest
     lines.append(f"standard: the headline, robust accuracy under the standard protocol (AutoAttack standard + PGD-20; "
@@ -482,9 +482,13 @@ def table() -> str:
 
 
 def standard_cell(c: dict) -> str:
-    """'48.2%' (or '48.2%!' when flagged unreliable) for a card's headline; '-' if not measured."""
+    """'48.2% [43.9, 52.6]' (with '!' after the figure when flagged unreliable) for a card's
+    headline and its 95% interval; '-' if not measured."""
     value, flagged = headline(c)
-    return "-" if value is None else f"{100 * value:.1f}%" + ("!" if flagged else "")
+    if value is None:
+        return "-"
+    lo, hi = c["standard"]["robust_ci95"]
+    return f"{100 * value:.1f}%" + ("!" if flagged else "") + f" [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def audit_cell(c: dict) -> str:
