@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .. import attacks, quant
 from ..attacks import ThreatModel
-from ..evaluation import as_tensors, _accuracies, _progress
+from ..evaluation import _accuracies, _jsonable, _progress, as_tensors
 from ..models.state import eval_mode
 from ..quant.layers import SwitchableBatchNorm2d
 from ..record import Record
@@ -189,7 +189,7 @@ def evaluate_engine(model: nn.Module, engine: Engine, data, threat: ThreatModel 
         policy=quant.Fixed(TWIN_BITS).to_dict(), threat=threat.to_dict(), n=N, passes=1, seed=seed,
         **_accuracies("clean", engine_clean, 1), **_accuracies("robust", robust, 1),
         per_example={"clean": engine_clean.int().tolist(), "robust": robust.int().tolist()}, protocol="engine",
-        attacks=tuple(entries), unreliable=(), extra=extra)
+        attacks=tuple(_jsonable(e) for e in entries), unreliable=(), extra=_jsonable(extra))
 
 
 def format_engine_record(rec) -> str:

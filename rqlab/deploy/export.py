@@ -126,12 +126,12 @@ def _layer_running(model: nn.Module, dummy: torch.Tensor, op: str, bn_bits: int)
     for path, mod in model.named_modules():
         if path:
             hooks.append(mod.register_forward_pre_hook(lambda m, a, p=path: stack.append((p, type(m).__name__))))
-            hooks.append(mod.register_forward_hook(lambda m, a, o: stack.pop()))
+            hooks.append(mod.register_forward_hook(lambda m, a, o: stack.pop() and None))  # None: keep the output
     try:
         with fp_graph(model, bn_bits), torch.no_grad(), Spy():
             model(dummy)
     except Exception:
-        pass
+        pass  # the spy only looks for the operator; the export error is the one to report
     finally:
         for h in hooks:
             h.remove()
