@@ -172,6 +172,9 @@ def evaluate_engine(model: nn.Module, engine: Engine, data, threat: ThreatModel 
     extra = {"engine": engine.describe(), "bound": BOUND,
              "strongest": min(entries, key=lambda e: e["robust_accuracy"])["name"],
              "agreement": {s: agreement(engine_logits, torch.cat(logits[s])) for s in sources},
+             # rqlab's own fake quantization against FP, for scale: how much the twin itself changes
+             "twin_vs_fp": agreement(torch.cat(logits["fake_quant"]), torch.cat(logits["fp"])) if "fp" in sources
+             else None,
              "engine_queries": engine.queries - queries0}
     for s, policy in sources.items():
         extra[s] = {"policy": policy.to_dict(), "attack": f"{threat.attack}-{threat.steps} white-box",
