@@ -238,7 +238,7 @@ def test_06_deployed_int8(kernel, smoke, tmp_path, monkeypatch):
         r = m["robust"]
         assert all(unit(v) for v in r.values())
         assert r["engine_worst"] <= min(r["transfer_fake_quant"], r["transfer_fp"], r["square"]) + 1e-9
-        assert all(unit(a["flip_rate"]) for a in m["agreement"].values())
+        assert all(unit(a["flip_rate"]) for a in m["agreement"].values()) and "all_int8" in m["agreement"]
         assert f"{100 * r['engine_worst']:.1f}%" in res["reading"]  # text from the numbers
     assert "upper bound" in res["reading"]
     widgets = [o for c in nb.cells for o in c.get("outputs", [])

@@ -91,7 +91,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
     """Build each model's int8 engine and evaluate it (`deploy.evaluate_engine`).
 
     Returns {"models": {label: {"spec", "clean" ({"fp", "fake_quant", "engine"}), "agreement"
-    ({"fake_quant", "fp", "twin_vs_fp"}: flip rate, max / mean logit difference), "robust"
+    ({"fake_quant", "fp", "twin_vs_fp", and "all_int8": the engine that quantizes every
+    layer against the twin, unless quantize_edges}: flip rate, max / mean logit difference), "robust"
     and "robust_ci95" ({key of ROBUST: value}), "strongest", "verdict", "engine_queries"}},
     "engine" (the settings of the first engine), "threat", "square_queries", "n_examples",
     "bits", "bound", "reading"}; `.objects["engines"]` holds the engines (for the explorer).
@@ -112,6 +113,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
                                      square_queries=params.square_queries, seed=params.seed, model_id=label,
                                      progress=False)
         out[label] = _summary(rec, inputs.specs[label])
+        if not params.quantize_edges:  # for scale: a plain deployment also quantizes the first and last layer
+            out[label]["agreement"]["all_int8"] = _all_int8_agreement(net, calib_x, params, source, inputs)
         settings = settings or rec["engine"]
         log(f"{label}: engine clean {100 * rec.clean_accuracy:.1f}%, flips vs fake-quant "
             f"{100 * rec['agreement']['fake_quant']['flip_rate']:.1f}%; robust: fake-quant white-box "
@@ -121,6 +124,22 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
                "n_examples": params.n_examples, "bits": list(params.bits), "bound": deploy.evaluate.BOUND}
     results["reading"] = _reading(results)
     return Results(results, models=inputs.models, objects={"engines": engines})
+
+
+def _all_int8_agreement(net, calib_x, params: Params, source: dict, inputs: common.Inputs) -> dict:
+    """Agreement with the fake-quant twin of the engine that quantizes every layer."""
+    import dataclasses
+
+    import torch
+
+    from .. import deploy, quant
+
+    engine = deploy.int8_engine(net, calib_x, dataclasses.replace(params.config(), quantize_edges=True),
+                                calibration_source=source)
+    with torch.no_grad(), quant.using(net, quant.Fixed(deploy.TWIN_BITS)):
+        twin = net(inputs.x)
+    with torch.no_grad():
+        return deploy.agreement(engine(inputs.x).to(twin.device), twin)
 
 
 def _summary(rec, spec: str) -> dict:
@@ -154,6 +173,9 @@ def _reading(results: dict) -> str:
     for label, m in results["models"].items():
         ag = m["agreement"]
         twin = f", fake-quant vs FP {pct(ag['twin_vs_fp']['flip_rate'])}" if ag["twin_vs_fp"] else ""
+        if ag.get("all_int8"):
+            twin += (f"; an engine that also quantizes the first and last layer flips "
+                     f"{pct(ag['all_int8']['flip_rate'])} against the twin")
         lines.append(
             f"{label}: the int8 engine classifies {pct(m['clean']['engine'])} of the clean images (fake-quant 8 bit "
             f"{pct(m['clean']['fake_quant'])}, FP {pct(m['clean']['fp'])}); it changes the prediction of "
@@ -197,20 +219,26 @@ def plot_robust(results: dict):
 
 def plot_flips(results: dict):
     """Prediction flip rate on the clean images: engine vs fake-quant twin, engine vs FP,
-    and the twin vs FP (rqlab's own 8-bit fake quantization, for scale)."""
+    the engine that quantizes every layer (first and last too) vs the twin, and the twin
+    vs FP (rqlab's own 8-bit fake quantization, for scale)."""
     plt = require("matplotlib.pyplot", "notebooks")
     import numpy as np
 
     models = list(results["models"])
-    keys = (("fake_quant", "engine vs fake-quant 8 bit"), ("fp", "engine vs FP"), ("twin_vs_fp", "fake-quant 8 bit vs FP"))
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.4 * len(models)), 3.2))
+    keys = [("fake_quant", "engine vs fake-quant 8 bit"), ("fp", "engine vs FP"),
+            ("all_int8", "engine, every layer int8, vs fake-quant 8 bit"), ("twin_vs_fp", "fake-quant 8 bit vs FP")]
+    keys = [k for k in keys if any(results["models"][m]["agreement"].get(k[0]) for m in models)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.6 * len(models)), 3.4))
     w = 0.8 / len(keys)
+    top = 0.0
     for i, (key, label) in enumerate(keys):
-        vals = [results["models"][m]["agreement"][key] for m in models]
-        ax.bar(np.arange(len(models)) + i * w, [100 * v["flip_rate"] if v else 0 for v in vals], w, label=label,
-               color=f"C{i}")
-    ax.set_xticks(np.arange(len(models)) + w, models)
-    ax.set(ylabel="predictions changed (%)", title=f"prediction flips on {results['n_examples']} clean test images")
+        vals = [100 * (results["models"][m]["agreement"].get(key) or {}).get("flip_rate", 0.0) for m in models]
+        bars = ax.bar(np.arange(len(models)) + i * w, vals, w, label=label, color=f"C{i}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        top = max(top, *vals)
+    ax.set_xticks(np.arange(len(models)) + w * (len(keys) - 1) / 2, models)
+    ax.set(ylabel="predictions changed (%)", ylim=(0, max(1.0, 1.3 * top)),
+           title=f"prediction flips on {results['n_examples']} clean test images")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
