@@ -5,6 +5,7 @@ numpy, tqdm); the extras bring the rest, and a missing one is named when it is n
     notebooks    jupyterlab, ipywidgets, matplotlib, seaborn    notebooks, explorers, plots
     report       papermill, nbconvert, nbformat, pyyaml         `rqlab report`
     autoattack   pyautoattack (AutoAttack's reference code)     attack "autoattack"
+    deploy       onnx, onnxruntime                              rqlab.deploy (int8 engine), `rqlab deploy`
     test         pytest, hypothesis, import-linter, ...          the test suite
 
     >>> papermill = require("papermill", "report")   # the module, or an ImportError naming the extra

@@ -10,7 +10,8 @@ Naming, the same in records, training histories, zoo cards, sweeps and studies:
 (correct in every pass), `*_ci95` (Wilson 95% intervals, `rqlab.stats`), and
 `per_example` outcomes. Random defenses are scored over `passes` forward passes
 (METHODS section 6). `protocol` says which protocol made the record ("quick": the one
-threat given; later "standard"); `sanity` holds the METHODS section 6 checks; `extra`
+threat given; "standard": METHODS section 8; "engine": a deployed engine,
+`rqlab.deploy`); `sanity` holds the METHODS section 6 checks; `extra`
 holds the provenance (versions, device, wall time, checkpoint checksum, data).
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .validate import RqlabError
 
 RECORD_FORMAT = "rqlab-record"
 RECORD_VERSION = 1
-PROTOCOLS = ("quick", "standard")
+PROTOCOLS = ("quick", "standard")               # what rqlab.evaluate runs
+RECORD_PROTOCOLS = PROTOCOLS + ("engine",)      # engine: rqlab.deploy.evaluate_engine (an ONNX Runtime engine)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,8 @@ class Record:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        if self.protocol not in PROTOCOLS:
-            raise RqlabError(f"protocol={self.protocol!r} is unknown: choose one of {', '.join(PROTOCOLS)}")
+        if self.protocol not in RECORD_PROTOCOLS:
+            raise RqlabError(f"protocol={self.protocol!r} is unknown: choose one of {', '.join(RECORD_PROTOCOLS)}")
         for kind in ("clean", "robust"):
             for suffix in ("", "_worst"):
                 acc = getattr(self, f"{kind}{suffix}_accuracy")
@@ -139,4 +141,4 @@ class Record:
 
 _FIELDS = tuple(f.name for f in fields(Record))
 
-__all__ = ["Record", "RECORD_FORMAT", "RECORD_VERSION", "PROTOCOLS"]
+__all__ = ["Record", "RECORD_FORMAT", "RECORD_VERSION", "PROTOCOLS", "RECORD_PROTOCOLS"]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 CONFIG = ROOT / "reports" / "default.yaml"
 STEMS = ["01_precision_transferability", "02_lipschitz_error_amplification", "03_bit_selection",
-         "04_odgq_training_curves", "05_double_win_quant"]
+         "04_odgq_training_curves", "05_double_win_quant", "06_deployed_int8"]
 TINY = "notebook-tiny-v1"  # change to retrain the cached stand-ins
 
 # The model parameters of each notebook and the stand-in that replaces a zoo model not built yet.

@@ -1,4 +1,4 @@
-"""The five notebooks (notebooks/*.ipynb), run end to end by papermill with the smoke
+"""The six notebooks (notebooks/*.ipynb), run end to end by papermill with the smoke
 settings of reports/default.yaml, and checked through the results.json each writes:
 shapes, ranges and relations that hold at any sample size (budgets met,
 the knapsack's objective no worse than any other allocation's, one curve point per epoch,
@@ -225,6 +225,27 @@ def test_05_double_win_quant(kernel, smoke, tiny, tmp_path, monkeypatch):
     assert "instead of the reference 100" in text, "a reduced AutoAttack is said so"
 
 
+def test_06_deployed_int8(kernel, smoke, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    stem = STEMS[5]
+    params = {**smoke[stem], "interactive": True}  # zoo models (committed in rqlab/zoo/store); the explorer runs too
+    res, nb = execute(stem, params, tmp_path, monkeypatch)
+    check_report_contract(nb, tmp_path)
+    assert list(res["models"]) == params["model"] and res["square_queries"] == params["square_queries"]
+    assert res["engine"]["format"] == "QDQ" and res["engine"]["calibration_images"] == params["calib_n"]
+    for m in res["models"].values():
+        assert m["n"] == params["n_examples"] and all(unit(v) for v in m["clean"].values())
+        r = m["robust"]
+        assert all(unit(v) for v in r.values())
+        assert r["engine_worst"] <= min(r["transfer_fake_quant"], r["transfer_fp"], r["square"]) + 1e-9
+        assert all(unit(a["flip_rate"]) for a in m["agreement"].values()) and "all_int8" in m["agreement"]
+        assert f"{100 * r['engine_worst']:.1f}%" in res["reading"]  # text from the numbers
+    assert "upper bound" in res["reading"]
+    widgets = [o for c in nb.cells for o in c.get("outputs", [])
+               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widgets, "interactive=True displays the explorer"
+
+
 # ---- bad parameters stop in the first code cell ------------------------------------------------
 
 BAD = [
@@ -233,6 +254,7 @@ BAD = [
     ("03_bit_selection", {"bits": [1, 4]}, "binary layers have no activation range"),
     ("04_odgq_training_curves", {"live": False, "bits": [2]}, "set live=True"),
     ("05_double_win_quant", {"model": "no/such/checkpoint.pt"}, "is not an existing checkpoint file"),
+    ("06_deployed_int8", {"bits": [4, 8]}, "the engine is int8"),
 ]
 
 

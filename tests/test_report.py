@@ -242,7 +242,8 @@ EXTRA = {"01_precision_transferability": "eot = 10\npasses = 5\n",
          "02_lipschitz_error_amplification": "beta = 0.001\nbetas = [0.0]\ntrain_n = 1000\nepochs = 2\n",
          "03_bit_selection": "budgets = [3.0]\nrandom_seeds = 3\niters = 300\n",
          "04_odgq_training_curves": "epochs = 10\nlive = False\ntrain_n = 2000\n",
-         "05_double_win_quant": "eot = 10\npasses = 5\naa_n_iter = 25\naa_n_examples = 100\n"}
+         "05_double_win_quant": "eot = 10\npasses = 5\naa_n_iter = 25\naa_n_examples = 100\n",
+         "06_deployed_int8": "model = [\"fmnist-fp-pgd7\"]\nsquare_queries = 1000\ncalib_n = 1024\n"}
 
 
 def test_default_config_plans_against_the_notebook_contract(tmp_path):
@@ -254,7 +255,7 @@ def test_default_config_plans_against_the_notebook_contract(tmp_path):
     assert set(cfg.profiles) == {"smoke", "quick", "full"} and cfg.default_profile == "quick"
     stems = [e.notebook for e in cfg.runs]
     assert stems == ["01_precision_transferability", "02_lipschitz_error_amplification", "03_bit_selection",
-                     "04_odgq_training_curves", "05_double_win_quant"]
+                     "04_odgq_training_curves", "05_double_win_quant", "06_deployed_int8"]
     for stem in stems:
         cell = nbformat.v4.new_code_cell(COMMON + EXTRA.get(stem, ""))
         cell.metadata["tags"] = ["parameters"]
@@ -265,6 +266,6 @@ def test_default_config_plans_against_the_notebook_contract(tmp_path):
                                               "01_precision_transferability__model=fmnist-q4-pgd7",
                                               "01_precision_transferability__model=fmnist-q8-pgd7",
                                               "02_lipschitz_error_amplification__beta=0.001"]
-    assert len(smoke) == 8 and all(r.params["interactive"] is False for r in smoke)
+    assert len(smoke) == 9 and all(r.params["interactive"] is False for r in smoke)
     assert all(r.params["n_examples"] < f.params["n_examples"] for r, f in zip(smoke, full))
     assert all(r.params["steps"] < f.params["steps"] for r, f in zip(smoke, full))

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from nbsetup import defaults
-from rqlab.studies import amplification, bit_selection, common, double_win, odgq_curves, transferability
+from rqlab.studies import amplification, bit_selection, common, deployed, double_win, odgq_curves, transferability
 from rqlab.validate import RqlabError
 
 STUDIES = {
@@ -18,6 +18,7 @@ STUDIES = {
     "03_bit_selection": bit_selection,
     "04_odgq_training_curves": odgq_curves,
     "05_double_win_quant": double_win,
+    "06_deployed_int8": deployed,
 }
 
 # (study, bad parameters, the message's start): the field, the value, what is allowed
@@ -52,6 +53,11 @@ BAD = [
     (double_win, {"eot": 0}, "eot=0 is out of range"),
     (double_win, {"aa_n_iter": 0}, "aa_n_iter=0 is out of range"),
     (double_win, {"aa_n_examples": 0}, "aa_n_examples=0 is out of range"),
+    (deployed, {"bits": [4]}, "bits=[4]: the engine is int8"),
+    (deployed, {"square_queries": 0}, "square_queries=0 is out of range"),
+    (deployed, {"activations": "int4"}, "activations='int4'"),
+    (deployed, {"quantize_edges": "no"}, "quantize_edges='no' must be True or False"),
+    (deployed, {"calib_n": 60001}, "calib_n=60001 is out of range"),
 ]
 
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from rqlab import __version__
-from rqlab.cli import bitselect as bitselect_cmd, eval as eval_cmd, report as report_cmd, train as train_cmd, zoo as zoo_cmd
+from rqlab.cli import bitselect as bitselect_cmd, deploy as deploy_cmd, eval as eval_cmd, report as report_cmd, train as train_cmd, zoo as zoo_cmd
 from rqlab.validate import RqlabError
 
 
@@ -58,7 +58,7 @@ def add_data_parser(subparsers) -> None:
 
 # One function per subcommand: it adds the subcommand's parser and sets `run`.
 SUBCOMMANDS = [add_data_parser, train_cmd.add_cli, eval_cmd.add_cli, bitselect_cmd.add_cli, report_cmd.add_cli,
-               zoo_cmd.add_cli]
+               zoo_cmd.add_cli, deploy_cmd.add_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

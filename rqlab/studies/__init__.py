@@ -10,6 +10,7 @@ models and test images, checked against the parameters), `run(params, inputs) ->
     bit_selection     03: Lipschitz-guided per-layer bits against uniform, random, reverse
     odgq_curves       04: training curves of natural, FGSM-RS, PGD-7 AT and ODG-Q
     double_win        05: FP vs RPI vs RPI+RPT under the paper's protocol and adaptive attacks
+    deployed          06: the int8 ONNX Runtime engine against its fake-quant twin (rqlab.deploy)
     params, common    the parameter checks (zoo names, checkpoint paths, supported bits)
                       and what the studies share (base Params, Results, write_results)
 
