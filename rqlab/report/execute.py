@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..extras import require
-from ..checkpoint import atomic_write_bytes, file_mode
+from ..checkpoint import atomic_write_bytes, file_mode, temp_prefix
 from ..validate import RqlabError
 
 KERNEL = "python3"
@@ -89,7 +89,7 @@ def execute_notebook(source: str, output: str, params: dict, cwd: str, cell_prog
     papermill = require("papermill", "report")
 
     out = Path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".ipynb", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out.stem), suffix=".ipynb", dir=out.parent)
     os.close(fd)
     t0 = time.perf_counter()
     error = trace = None
