@@ -96,9 +96,16 @@ def spec_from_args(args):
         if key in config and config[key] != value:
             raise RqlabError(f"--set {item} repeats the defense setting {key!r} with another value")
         config[key] = value
-    train = replace(DEFAULT_TRAIN, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
-    return RunSpec(model=args.model, data=args.data, policy=args.bits, defense=args.defense, defense_config=config,
-                   eps=args.eps, train=train, eval_pgd=args.eval_pgd)
+    try:
+        train = replace(DEFAULT_TRAIN, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+        return RunSpec(model=args.model, data=args.data, policy=args.bits, defense=args.defense,
+                       defense_config=config, eps=args.eps, train=train, eval_pgd=args.eval_pgd)
+    except RqlabError as err:  # "eval_n=0 ..." -> "--eval-n=0 ...": the flag the user typed
+        text = str(err)
+        for key in TRAIN_FLAGS + ("eval_pgd",):
+            if text.startswith(f"{key}=") and getattr(args, key) is not None:
+                raise RqlabError(f"--{key.replace('_', '-')}{text[len(key):]}") from None
+        raise
 
 
 def parse_setting(item: str):

@@ -86,6 +86,7 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
     list only complete runs: the earlier batch's rows until a run is redone, then the new one.
     """
     jobs = check_int(jobs, "--jobs", lo=1)
+    check_output_dir(out, "--out")
     cfg = load_config(config, notebooks_dir=notebooks_dir)
     profile = cfg.default_profile if profile is None else profile
     runs = plan(cfg, profile, only)
@@ -170,7 +171,10 @@ def _sweep(out: Path) -> None:
     sweep_temp(out)
     for folder in sorted(out.iterdir()):
         m = _STAGING.match(folder.name)
-        if m is None or not folder.is_dir() or not (folder / MARKER).is_file():
+        if not folder.is_dir() or not (folder / MARKER).is_file():
+            continue
+        if m is None:  # a run folder of an earlier batch
+            sweep_temp(folder)
             continue
         final = out / m.group(1)
         if m.group(2) == "old" and not final.exists():
