@@ -380,3 +380,42 @@ def test_rerun_only_and_kill_keep_every_finished_run(tmp_path, kill):
     assert sorted(p.name for p in out.iterdir()) == ["alpha__scale=2", "alpha__scale=3", "index.html",
                                                      "summary.json"]
     assert not list(out.rglob(".alpha.*.ipynb")) and not list(out.rglob("*.tmp"))
+
+
+# ---- issue 18: notebook and zoo outputs checked first; the last good checkpoint ------------
+
+def test_a_notebooks_output_dir_is_checked_when_its_parameters_are(workdir):
+    from rqlab.studies import transferability
+
+    for bad, message in (("afile.txt", "is an existing file"), ("afile.txt/out", "afile.txt is a file")):
+        with pytest.raises(RqlabError, match=f"output_dir='{bad}' .*{message}"):
+            transferability.Params(output_dir=bad)
+    assert transferability.Params(output_dir="new/out").output_dir == "new/out"
+    assert not (workdir / "new").exists()  # checked, not created
+
+
+def test_zoo_build_checks_its_runs_folder_before_training(workdir, capsys):
+    (workdir / "runs").write_text("a file where runs/zoo should go\n")
+    code, out, err = run_cli(capsys, ["zoo", "build", "fmnist-fp-natural"])
+    assert_one_line_answer(code, out, err, 2, "zoo runs folder", "is a file")
+    code, out, err = run_cli(capsys, ["zoo", "build", "no-such-recipe"])
+    assert_one_line_answer(code, out, err, 2, "zoo model 'no-such-recipe' is unknown")
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(tmp_path):
+    spec = RunSpec(policy=4, train=replace(TINY, epochs=2))
+    model, _ = train(spec, tmp_path, progress=False, log=None)
+    assert checkpoint.load(tmp_path / "checkpoint.prev.pt")["epoch"] == 1
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 2
+    with open(tmp_path / "checkpoint.pt", "r+b") as f:  # the newest is truncated
+        f.truncate(1000)
+    lines = []
+    again, history = train(spec, tmp_path, progress=False, log=lines.append)
+    assert any(line.startswith(f"warning: {tmp_path / 'checkpoint.pt'} is not usable") and "checkpoint.prev.pt" in
+               line for line in lines), lines
+    assert f"resuming {tmp_path / 'checkpoint.prev.pt'} after epoch 1/2" in lines
+    assert len(history) == 2 and checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 2
+    for key, value in model.state_dict().items():  # epoch 2 trained again: the same weights
+        assert torch.equal(value, again.state_dict()[key]), key
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "history.json",
+                                                          "spec.json"]

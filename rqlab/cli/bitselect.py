@@ -12,6 +12,8 @@ layer (usable as quant.PerLayer), their BitOPs, the budget, method and sensitivi
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..validate import RqlabError
 
 
@@ -94,6 +96,7 @@ def run_cli(args) -> int:
     check_int(args.seed, "--seed", 0)
     if args.json:  # before the work, not after it
         checkpoint.check_output_file(args.json, "--json")
+        checkpoint.sweep_temp(Path(args.json).parent)  # temp files of a killed earlier write
     if not str(args.budget).strip().lower().startswith("uniform:"):
         budget = parse_budget(args.budget, None, kind)
         if kind == "avg_bits" and budget < options[0] - 1e-9:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 from ..validate import RqlabError, check_int
 
@@ -93,6 +94,7 @@ def run_cli(args) -> int:
     check_int(args.passes, "--passes", lo=1)
     if args.json:  # before the evaluation, not after it
         checkpoint.check_output_file(args.json, "--json")
+        checkpoint.sweep_temp(Path(args.json).parent)  # temp files of a killed earlier write
     threat = threat_from_args(args)  # fail on a bad threat before loading anything
     options = None
     if args.protocol == "standard":
