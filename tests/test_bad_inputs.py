@@ -419,3 +419,82 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(tmp_path):
         assert torch.equal(value, again.state_dict()[key]), key
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "history.json",
                                                           "spec.json"]
+
+
+# ---- issue 18's matrix: the Python API answers bad values with RqlabError naming them ----------
+
+X4 = torch.rand(4, 1, 28, 28)
+Y4 = torch.tensor([0, 1, 2, 3])
+PGD2 = ThreatModel("pgd", eps=0.1, steps=2)
+
+API_CASES = [  # (id, call(model), regex the RqlabError must match)
+    ("nan input", lambda m: pgd(m, X4.masked_fill(X4 > 0.9, float("nan")), Y4, PGD2), r"x contains NaN"),
+    ("inf input", lambda m: pgd(m, X4.masked_fill(X4 > 0.9, float("inf")), Y4, PGD2), r"x has values in .*\[0, 1\]"),
+    ("normalised input", lambda m: pgd(m, X4 * 4 - 2, Y4, PGD2), r"x has values in .*do not pass mean/std"),
+    ("uint8 input to an attack", lambda m: pgd(m, (X4 * 255).byte(), Y4, PGD2), r"x has dtype torch.uint8"),
+    ("wrong shape", lambda m: pgd(m, X4[:, :, :20], Y4, PGD2), r"x has shape \(4, 1, 20, 28\).*\(B, 1, 28, 28\)"),
+    ("3-d input", lambda m: pgd(m, X4[:, 0], Y4, PGD2), r"x has shape \(4, 28, 28\)"),
+    ("label out of range", lambda m: pgd(m, X4, Y4 + 7, PGD2), r"y has labels in \[7, 10\]: use 0..9"),
+    ("negative label", lambda m: pgd(m, X4, Y4 - 1, PGD2), r"y has labels in \[-1, 2\]"),
+    ("float labels", lambda m: pgd(m, X4, Y4.float(), PGD2), r"y must be a 1-D integer tensor"),
+    ("mismatched lengths", lambda m: pgd(m, X4, Y4[:3], PGD2), r"y has 3 labels but x has 4 images"),
+    ("evaluate: mismatched lengths", lambda m: evaluate(m, (X4, Y4[:3]), PGD2, progress=False),
+     r"data has 4 images but 3 labels"),
+    ("evaluate: n larger than the data", lambda m: evaluate(m, (X4, Y4), PGD2, n=5, progress=False),
+     r"n=5 is more than the 4 examples"),
+    ("evaluate: passes 0", lambda m: evaluate(m, (X4, Y4), PGD2, passes=0, progress=False), r"passes=0"),
+    ("data.load: n larger than the split", lambda m: data.load("fashion-mnist", "test", n=10**6),
+     r"n=1000000 is out of range: use an integer in \[1, 10000\]"),
+    ("data.load: unknown split", lambda m: data.load("fashion-mnist", "valid"), r"split='valid'"),
+    ("eps out of range", lambda m: ThreatModel("pgd", eps=1.5), r"eps=1.5"),
+    ("eps nan", lambda m: ThreatModel("pgd", eps=float("nan")), r"eps=nan"),
+    ("unknown attack", lambda m: ThreatModel("pgd2"), r"attack='pgd2'"),
+    ("bits out of range", lambda m: quant.Fixed(33), r"bits=33 is not allowed"),
+    ("bits set out of range", lambda m: quant.RandomPrecision((4, 17)), r"choices=17|bits=17|choices"),
+    ("bits set repeated", lambda m: quant.RandomPrecision((4, 4)), r"repeats a bit-width"),
+    ("bits set empty", lambda m: quant.RandomPrecision(()), r"choices is empty"),
+    ("bad policy spelling", lambda m: quant.parse_policy("4-2"), r"4-2"),
+]
+
+
+@pytest.mark.parametrize("call, match", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_the_python_api_names_the_bad_value(runs, call, match):
+    model = zoo.load(runs / "fp")
+    with pytest.raises(RqlabError, match=match):
+        call(model)
+
+
+def test_an_unsorted_bits_set_is_the_sorted_one():
+    assert quant.RandomPrecision((8, 4, 6)) == quant.RandomPrecision((4, 6, 8))
+
+
+REPORT_CONFIGS = [  # (id, change to a valid config, what the error names)
+    ("typo'd top-level key", {"profile": {"quick": {}}}, "profile"),
+    ("typo'd run key", {"runs": [{"notebok": "alpha"}]}, "notebok"),
+    ("wrong type", {"runs": [{"notebook": "alpha", "params": {"scale": "big"}}]}, "scale"),
+    ("unknown notebook", {"runs": [{"notebook": "gamma"}]}, "gamma"),
+    ("parameter the notebook lacks", {"runs": [{"notebook": "alpha", "params": {"sclae": 2.0}}]}, "sclae"),
+]
+
+
+@pytest.mark.parametrize("change, needle", [c[1:] for c in REPORT_CONFIGS], ids=[c[0] for c in REPORT_CONFIGS])
+def test_a_bad_report_config_fails_before_anything_runs(workdir, capsys, change, needle):
+    (workdir / "nb").mkdir()
+    write_notebook(workdir / "nb" / "alpha.ipynb")
+    config = {"notebooks_dir": "nb", "default_profile": "quick", "profiles": {"quick": {}},
+              "runs": [{"notebook": "alpha"}], **change}
+    (workdir / "c.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(capsys, ["report", "--config", "c.yaml", "--out", "out"])
+    assert_one_line_answer(code, out, err, 2, needle)
+    assert not (workdir / "out").exists()
+
+
+def test_an_unknown_report_profile_names_the_choices(workdir, capsys):
+    (workdir / "nb").mkdir()
+    write_notebook(workdir / "nb" / "alpha.ipynb")
+    config = {"notebooks_dir": "nb", "default_profile": "quick", "profiles": {"quick": {}},
+              "runs": [{"notebook": "alpha"}]}
+    (workdir / "c.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(capsys, ["report", "--config", "c.yaml", "--out", "out", "--profile", "ful"])
+    assert_one_line_answer(code, out, err, 2, "ful", "quick")
+    assert not (workdir / "out").exists()
