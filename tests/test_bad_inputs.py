@@ -498,3 +498,58 @@ def test_an_unknown_report_profile_names_the_choices(workdir, capsys):
     code, out, err = run_cli(capsys, ["report", "--config", "c.yaml", "--out", "out", "--profile", "ful"])
     assert_one_line_answer(code, out, err, 2, "ful", "quick")
     assert not (workdir / "out").exists()
+
+
+# ---- issue 18's property tests: any generated value validates or raises RqlabError -------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from rqlab.report import config as report_config  # noqa: E402
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=8))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                      st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+                      max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(attack=st.one_of(st.sampled_from(["pgd", "fgsm", "eot-pgd", "autoattack", "square", "cw"]), SCALARS),
+       norm=st.one_of(st.sampled_from(["linf", "l2"]), SCALARS),
+       eps=st.one_of(st.floats(-1, 200), SCALARS), steps=st.one_of(st.integers(-3, 50), SCALARS),
+       step_size=st.one_of(st.floats(-1, 2), SCALARS), restarts=st.one_of(st.integers(-2, 5), SCALARS),
+       eot=st.one_of(st.integers(-2, 20), SCALARS), seed=st.one_of(st.integers(-5, 10**9), SCALARS),
+       options=st.one_of(st.dictionaries(st.sampled_from(["version", "n_queries", "batch_size", "base", "x"]),
+                                         VALUES, max_size=3), VALUES))
+def test_any_threat_model_validates_or_raises_rqlab_error(attack, norm, eps, steps, step_size, restarts, eot, seed,
+                                                          options):
+    try:
+        ThreatModel(attack, norm=norm, eps=eps, steps=steps, step_size=step_size, restarts=restarts, eot=eot,
+                    seed=seed, options=options)
+    except RqlabError:
+        pass
+
+
+RUN = st.fixed_dictionaries({"notebook": st.one_of(st.just("alpha"), SCALARS)},
+                            optional={"name": VALUES, "params": VALUES, "grid": VALUES, "profiles": VALUES,
+                                      "nottebook": VALUES})
+CONFIG = st.fixed_dictionaries(
+    {"runs": st.one_of(st.lists(RUN, max_size=3), VALUES)},
+    optional={"notebooks_dir": st.one_of(st.just("nb"), VALUES), "default_profile": st.one_of(st.just("quick"), VALUES),
+              "profiles": st.one_of(st.just({"quick": {"scale": 2.0}}), VALUES), "params": VALUES, "profile": VALUES})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=CONFIG, profile=st.one_of(st.none(), st.sampled_from(["quick", "full"])),
+       only=st.one_of(st.none(), st.sampled_from(["alpha", "beta", "alpha,", ""])))
+def test_any_report_config_validates_or_raises_rqlab_error(tmp_path_factory, config, profile, only):
+    folder = tmp_path_factory.getbasetemp() / "property-config"
+    if not (folder / "nb" / "alpha.ipynb").is_file():
+        (folder / "nb").mkdir(parents=True, exist_ok=True)
+        write_notebook(folder / "nb" / "alpha.ipynb")
+    (folder / "c.yaml").write_text(yaml.safe_dump(config))
+    try:
+        report_config.plan(report_config.load_config(folder / "c.yaml"), profile, only)
+    except RqlabError:
+        pass
