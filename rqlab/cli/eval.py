@@ -3,6 +3,11 @@
     rqlab eval --checkpoint runs/x/checkpoint.pt --attack pgd --eps 0.1 --steps 20 --bits 4 \\
                --n 1000 --json out.json
     rqlab eval --checkpoint ... --random-bits 4-8 --calibrate 512 --attack eot-pgd --eot 10 --passes 5 --sanity
+    rqlab eval --checkpoint runs/x --bits 3 --sanity --strict    # exit code 3 if a sanity check failed
+
+--json is checked before the evaluation starts. Precisions the checkpoint has no activation
+ranges for are calibrated on 512 training images (a warning; the record's extra.calibration
+says so), and a random policy attacked without averaging is warned about before the run.
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--profile", default=None,
                    help="a profile of the config, e.g. smoke | quick | full (default: its default_profile)")
     p.add_argument("--only", default=None, metavar="NAMES",
-                   help="comma-separated notebook stems or run-ids to run (default: all)")
+                   help="comma-separated notebook stems or run-ids to run (default: all); the other runs "
+                        "already in OUT are kept and stay in the index")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="notebooks run in parallel (default 1)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"report folder (default {DEFAULT_OUT})")
     p.add_argument("--show-input", action="store_true", help="show code cells in the HTML (default: outputs only)")
