@@ -276,6 +276,24 @@ def test_ctrl_c_in_training_says_which_checkpoint_is_kept_and_resume_finishes(wo
     assert not stale.exists() and len(json.loads((workdir / "run" / "history.json").read_text())) == 3
 
 
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(workdir):
+    argv = ["train", "--n-train", "1024", "--eval-n", "64", "--epochs", "3", "--no-progress", "--bits", "4"]
+    proc = spawn(argv + ["--out", "killed"], workdir)
+    wait_for(lambda: (workdir / "killed" / "history.json").is_file(), proc)  # epoch 1 saved
+    time.sleep(0.5)  # into epoch 2
+    kill_tree(proc, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    for out in ("killed", "whole"):  # resume the killed run; train another without a break
+        proc = spawn(argv + ["--out", out], workdir)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    killed, whole = (checkpoint.load(workdir / out / "checkpoint.pt") for out in ("killed", "whole"))
+    assert killed["epoch"] == whole["epoch"] == 3
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(value, killed["state_dict"][key]), key
+    assert not [p.name for p in (workdir / "killed").iterdir() if p.name.endswith(".tmp")]  # swept at the restart
+
+
 def test_sweep_removes_only_temp_files_of_dead_writers(tmp_path):
     dead = [".checkpoint.pt.999999999.abcd1234.tmp", ".alpha.999999999.x_y1z2w3.ipynb"]
     alive = [f".history.json.{os.getpid()}.abcd1234.tmp", f".alpha.{os.getppid()}.abcd1234.ipynb"]

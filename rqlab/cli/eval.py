@@ -119,7 +119,7 @@ def run_cli(args) -> int:
     calibration = None
     bits = set((policy or quant.current(model)).support()) | set(threat.policy.support() if threat.policy else ())
     n_calib, missing = args.calibrate, missing_ranges(model, bits | activation_bits(policy or quant.current(model)))
-    if not n_calib and missing and getattr(model.config, "sbn_bits", None) is None:
+    if not n_calib and missing and getattr(getattr(model, "config", None), "sbn_bits", None) is None:
         n_calib, bits = AUTO_CALIBRATE, missing
         warnings.warn(f"the checkpoint has no activation ranges for {', '.join(map(str, missing))} bits: "
                       f"calibrating them on {AUTO_CALIBRATE} training images (post-training quantization, "
