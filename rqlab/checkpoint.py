@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -49,7 +50,7 @@ def atomic_write(path, write) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, file_mode())  # mkstemp makes 0600 files; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
@@ -72,6 +73,91 @@ def atomic_write(path, write) -> Path:
     except OSError:
         pass
     return path
+
+
+def temp_prefix(name: str) -> str:
+    """The hidden temp-file prefix of rqlab's atomic writes: `.NAME.PID.` (the writer's pid
+    tells `sweep_temp` whether the file is still being written)."""
+    return f".{name}.{os.getpid()}."
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.(tmp|ipynb)$")
+
+
+def sweep_temp(folder) -> list[Path]:
+    """Remove the temp files that killed rqlab writers left in `folder` (not recursive).
+
+    Only files of rqlab's own naming (`.NAME.PID.XXXXXXXX.tmp` from `atomic_write`,
+    `.STEM.PID.XXXXXXXX.ipynb` from the report's notebook runs) whose writer process is
+    gone are removed; returns them.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = _TEMP.match(path.name)
+        if m is None or not path.is_file() or _alive(int(m.group(1))):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def check_output_dir(path, field: str) -> Path:
+    """A folder that `field` will write into: it exists as a folder, or can be created.
+
+    Nothing is created; raises RqlabError naming `field`, the path and the fix (an existing
+    file in the way, a parent that is a file, a place where no file can be written).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RqlabError(f"{field}={str(path)!r} is an existing file, not a folder: give a folder path "
+                         "(or move the file away)")
+    _check_creatable(path if path.is_dir() else path.parent, path, field)
+    return path
+
+
+def check_output_file(path, field: str) -> Path:
+    """A file that `field` will write (atomically): not a folder, in a folder that exists or
+    can be created and is writable. Nothing is created; RqlabError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise RqlabError(f"{field}={str(path)!r} is a folder: give a file path such as "
+                         f"{str(path / 'record.json')!r}")
+    _check_creatable(path.parent, path, field)
+    return path
+
+
+def _check_creatable(folder: Path, target: Path, field: str) -> None:
+    existing = folder.absolute()
+    while not existing.exists():  # the nearest existing ancestor must be a writable folder
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RqlabError(f"{field}={str(target)!r} cannot be created: {existing} is a file, not a folder; "
+                         "choose another path")
+    try:  # os.access says yes to root on read-only mounts: try a real file
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix("probe"), suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RqlabError(f"{field}={str(target)!r} cannot be written: {existing} is not writable "
+                         f"({e.strerror}); choose another path") from None
 
 
 def file_mode() -> int:

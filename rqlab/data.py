@@ -234,14 +234,14 @@ def _torchvision_dataset(info: DatasetInfo, split: str, root: Path, download: bo
 
 
 def _missing_message(info: DatasetInfo, split: str, root: Path, download: bool, err) -> str:
-    places = [f"{info.path(root, split)} (the data root: --root DIR, else $RQLAB_DATA, else {DEFAULT_ROOT})"]
+    places = [f"{info.path(root, split)} (the data root: --data-root DIR or root=, else $RQLAB_DATA, else {DEFAULT_ROOT})"]
     if info.name == "fashion-mnist":
         places.append(f"{DEBIAN_FASHION_MNIST} (Debian package dataset-fashion-mnist)")
         fixes = ["`rqlab data fetch fashion-mnist` (as root it installs that package, else it downloads)",
                  "`apt-get install dataset-fashion-mnist`"]
     else:
         fixes = [f"`rqlab data fetch {info.name}` when online"]
-    fixes.append(f"point --root DIR or RQLAB_DATA at a directory that holds {info.location.format(split=split)}")
+    fixes.append(f"point --data-root DIR (root= in Python) or RQLAB_DATA at a directory that holds {info.location.format(split=split)}")
     tried = f"download failed: {err}" if download else f"torchvision: {err}"
     return (f"{info.name} ({split} split) not found. Looked in:\n  " + "\n  ".join(places)
             + f"\n({tried})\nFix: " + ", or ".join(fixes))

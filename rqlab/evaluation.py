@@ -51,9 +51,11 @@ def as_tensors(data, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if n > len(x):
             raise RqlabError(f"n={n} is more than the {len(x)} examples available")
         x, y = x[:n], y[:n]
-    x = x.float() / 255 if x.dtype == torch.uint8 else check_images(x, field="data.x")
+    x = x.float() / 255 if x.dtype == torch.uint8 else check_images(x, field="data.x").float()  # float64 too
     if len(y) != len(x):
         raise RqlabError(f"data has {len(x)} images but {len(y)} labels")
+    if len(x) == 0:
+        raise RqlabError("data has no examples: give at least one image and label")
     return x, y.long()
 
 
@@ -482,6 +484,10 @@ def format_record(rec: dict) -> str:
                      f"{pct(a['robust_worst_accuracy']):>12}  {a['time_s']:.1f}s")
     for r in rec.unreliable:
         lines.append(f"UNRELIABLE: {r}")
+    failed = [c for c in rec.sanity or () if not c["passed"]]
+    if failed:
+        lines.append(f"SANITY: {len(failed)} of {len(rec.sanity)} checks FAILED "
+                     f"({', '.join(c['check'] for c in failed)}): the robust accuracy above is not to be trusted")
     for c in rec.sanity or ():
         lines.append(f"sanity {c['check']:<22} {'ok' if c['passed'] else 'FAILED'}: {c['detail']}")
     lines.append(f"{rec['wall_time_s']:.1f}s on {rec.get('device_name') or rec['device']}")

@@ -6,8 +6,10 @@
 
 `fit` runs SGD (momentum 0.9, weight decay 5e-4, METHODS section 2) under a learning-rate
 schedule, evaluates clean test accuracy after every epoch, and (with `out`) writes an
-atomic checkpoint plus history.json after every epoch. An interrupted run resumes from
-its last checkpoint and ends with exactly the weights of an uninterrupted run (CPU).
+atomic checkpoint plus history.json after every epoch; the previous epoch's checkpoint is
+kept beside it (checkpoint.prev.pt), and resuming falls back to it, with a warning, when
+checkpoint.pt is unreadable. An interrupted run resumes from its last checkpoint and ends
+with exactly the weights of an uninterrupted run (CPU).
 
 Defenses change the loop through `Hooks` (precision per step, the training batch, the
 loss), never by copying it. The precision the model trains at is the policy applied to
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -255,9 +259,10 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
 
     ckpt_path = Path(out) / "checkpoint.pt" if out is not None else None
     start_epoch, history = 0, []
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        start_epoch, history = _resume(ckpt_path, model, optimizer, cfg, hooks, policy, steps)
-        log(f"resuming {ckpt_path} after epoch {start_epoch}/{cfg.epochs}")
+    if resume and ckpt_path is not None and (ckpt_path.exists() or previous_checkpoint(ckpt_path).exists()):
+        used, ckpt = _load_newest(ckpt_path, log)
+        start_epoch, history = _resume(used, ckpt, model, optimizer, cfg, hooks, policy, steps)
+        log(f"resuming {used} after epoch {start_epoch}/{cfg.epochs}")
 
     for epoch in range(start_epoch, cfg.epochs):
         # -- train one epoch --
@@ -353,8 +358,46 @@ def _model_config(model: nn.Module) -> dict | None:
     return config.to_dict() if config is not None else None
 
 
+def previous_checkpoint(path) -> Path:
+    """Where the last good checkpoint is kept beside the newest: checkpoint.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _keep_previous(path: Path) -> None:
+    """Make checkpoint.prev.pt the current checkpoint.pt before the newest replaces it: a
+    hard link (no copy, and checkpoint.pt exists at every moment), else an atomic copy."""
+    if not path.is_file():
+        return
+    prev = previous_checkpoint(path)
+    link = path.with_name(f"{checkpoint.temp_prefix(prev.name)}link.tmp")
+    try:
+        os.link(path, link)
+        os.replace(link, prev)
+    except OSError:  # no hard links here
+        if link.exists():
+            link.unlink()
+        with open(path, "rb") as src:
+            checkpoint.atomic_write(prev, lambda f: shutil.copyfileobj(src, f))
+
+
+def _load_newest(path: Path, log) -> tuple[Path, dict]:
+    """The newest readable checkpoint: checkpoint.pt, else (truncated, corrupt or missing)
+    checkpoint.prev.pt with a warning. Returns (the file used, its payload)."""
+    prev = previous_checkpoint(path)
+    try:
+        return path, checkpoint.load(path)
+    except RqlabError as e:
+        if not prev.is_file():
+            raise
+        log(f"warning: {path} is not usable ({str(e).splitlines()[0][:200]}); resuming from the last good "
+            f"checkpoint {prev} instead (the epochs after it are trained again)")
+        return prev, checkpoint.load(prev)
+
+
 def _save(path: Path, model, optimizer, cfg, hooks, policy, history, steps, meta=None) -> None:
     epoch = history[-1]["epoch"]
+    _keep_previous(path)
     checkpoint.save(path, {
         "model": _model_config(model),
         "state_dict": model.state_dict(),
@@ -379,9 +422,9 @@ def _diff(label: str, old: dict | None, new: dict | None, free=()) -> list[str]:
             for k in sorted(set(old) | set(new)) if k not in free and old.get(k) != new.get(k)]
 
 
-def _resume(path: Path, model, optimizer, cfg, hooks, policy, steps) -> tuple[int, list[dict]]:
-    """Load a run's checkpoint into model/optimizer/hooks/RNGs; return (epochs done, history)."""
-    ckpt = checkpoint.load(path)
+def _resume(path: Path, ckpt: dict, model, optimizer, cfg, hooks, policy, steps) -> tuple[int, list[dict]]:
+    """Load a run's checkpoint (read from `path`) into model/optimizer/hooks/RNGs; return
+    (epochs done, history)."""
     diffs = (_diff("train_config", ckpt.get("train_config"), cfg.to_dict(), RESUME_FREE_FIELDS)
              + _diff("model", ckpt.get("model"), _model_config(model))
              + _diff("policy", ckpt.get("policy"), policy.to_dict())

@@ -39,6 +39,9 @@ def check_bits(value, field: str = "bits") -> int:
 
 def check_bits_set(values: Iterable, field: str = "bits") -> tuple[int, ...]:
     """A non-empty, duplicate-free tuple of valid bit-widths, sorted."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise RqlabError(f"{field}={values!r} must be a collection of bit-widths such as (4, 6, 8) or range(4, 9), "
+                         f"each {BITS_HELP}; for a single precision use quant.Fixed")
     values = tuple(values)
     if not values:
         raise RqlabError(f"{field} is empty: give at least one bit-width ({BITS_HELP})")
@@ -106,6 +109,8 @@ def check_images(x, input_shape: Sequence[int] | None = None, field: str = "x"):
             f"{field} has shape {tuple(x.shape)}: this model takes (B, {', '.join(map(str, input_shape))})")
     if x.dim() != 4:
         raise RqlabError(f"{field} has shape {tuple(x.shape)}: use (B, C, H, W)")
+    if x.numel() == 0:  # an empty batch is valid: there is nothing to check
+        return x
     if torch.isnan(x).any():
         raise RqlabError(f"{field} contains NaN: inputs must be finite values in [0, 1]")
     lo, hi = torch.aminmax(x.detach())

@@ -105,7 +105,7 @@ def test_missing_data_names_every_place_looked_at(monkeypatch, tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "empty" / "FashionMNIST" / "raw") in msg and str(nowhere) in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "rqlab data fetch fashion-mnist" in msg
-    assert "RQLAB_DATA" in msg and "--root" in msg
+    assert "RQLAB_DATA" in msg and "--data-root" in msg
     with pytest.raises(RqlabError) as err:
         data.load("cifar10", "test", root=tmp_path / "empty")
     assert str(tmp_path / "empty" / "cifar-10-batches-py") in str(err.value)

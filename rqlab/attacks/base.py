@@ -22,7 +22,8 @@ ScoreFn = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]  # x_adv
 
 
 def check_batch(model: nn.Module, x, y, threat=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate an attack's inputs; returns (x, y) detached, y as int64 on x's device."""
+    """Validate an attack's inputs; returns (x, y) detached, y as int64 on x's device, and x
+    (float64 or float32) in the dtype of the model's weights."""
     if threat is not None and not isinstance(threat, ThreatModel):
         raise RqlabError(f"threat must be a ThreatModel, got {type(threat).__name__}")
     check_images(x, getattr(model, "input_shape", None), "x")
@@ -35,6 +36,9 @@ def check_batch(model: nn.Module, x, y, threat=None) -> tuple[torch.Tensor, torc
     if len(y) and (y.min() < 0 or (n_cls is not None and y.max() >= n_cls)):
         raise RqlabError(f"y has labels in [{y.min().item()}, {y.max().item()}]: use 0..{n_cls - 1}"
                          if n_cls else f"y has a negative label {y.min().item()}")
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None and x.dtype != weight.dtype and x.dtype in (torch.float64, torch.float32):
+        x = x.to(weight.dtype)  # e.g. float64 images for a float32 model: x_adv comes back in the model's dtype
     return x.detach(), y.detach().to(device=x.device, dtype=torch.long)
 
 

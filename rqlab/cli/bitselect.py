@@ -12,6 +12,8 @@ layer (usable as quant.PerLayer), their BitOPs, the budget, method and sensitivi
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..validate import RqlabError
 
 
@@ -86,12 +88,15 @@ def run_cli(args) -> int:
     from ..validate import check_choice, check_int
 
     # fail on bad options before loading anything
-    kind = check_choice(args.kind, "kind", bitselect.KINDS)
-    method = check_choice(args.method, "method", bitselect.METHODS)
-    options = bitselect.check_bits_options(parse_bits(args.bits), "bits")
-    check_int(args.calibrate, "calibrate", 0)
-    check_int(args.iters, "iters", 1)
-    check_int(args.seed, "seed", 0)
+    kind = check_choice(args.kind, "--kind", bitselect.KINDS)
+    method = check_choice(args.method, "--method", bitselect.METHODS)
+    options = bitselect.check_bits_options(parse_bits(args.bits), "--bits")
+    check_int(args.calibrate, "--calibrate", 0, data.dataset_info(args.data).sizes["train"])
+    check_int(args.iters, "--iters", 1)
+    check_int(args.seed, "--seed", 0)
+    if args.json:  # before the work, not after it
+        checkpoint.check_output_file(args.json, "--json")
+        checkpoint.sweep_temp(Path(args.json).parent)  # temp files of a killed earlier write
     if not str(args.budget).strip().lower().startswith("uniform:"):
         budget = parse_budget(args.budget, None, kind)
         if kind == "avg_bits" and budget < options[0] - 1e-9:
@@ -99,8 +104,8 @@ def run_cli(args) -> int:
                              f"(every layer at {options[0]} bits): raise the budget or add lower bits options")
     threat = ThreatModel("pgd", eps=args.eps, steps=args.steps, seed=args.seed) if args.evaluate else None
     if args.evaluate:
-        check_int(args.n, "n", 1)
-        check_int(args.random_seeds, "random_seeds", 1)
+        check_int(args.n, "--n", 1, data.dataset_info(args.data).sizes["test"])
+        check_int(args.random_seeds, "--random-seeds", 1)
 
     device = resolve_device(args.device)
     model = load(args.model, device=device)

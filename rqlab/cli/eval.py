@@ -3,14 +3,24 @@
     rqlab eval --model fmnist-q4-pgd7 --n 1000 --json out.json      # the standard protocol (default)
     rqlab eval --model runs/x --attack pgd --eps 0.1 --steps 20 --bits 4 --n 1000   # one attack (quick)
     rqlab eval --model ... --random-bits 4-8 --calibrate 512 --attack eot-pgd --eot 10 --passes 5 --sanity
+    rqlab eval --model runs/x --bits 3 --attack pgd --sanity --strict   # exit code 3 if a sanity check failed
 
 Without --attack and --protocol the standard protocol runs (the headline figure);
---attack NAME alone runs that one attack (the quick protocol).
+--attack NAME alone runs that one attack (the quick protocol). --json is checked before
+the evaluation starts. Precisions the checkpoint has no activation ranges for are
+calibrated on 512 training images (a warning; the record's extra.calibration says so),
+and a random policy attacked without averaging is warned about before the run.
 """
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
 
-from ..validate import RqlabError
+from ..validate import RqlabError, check_int
+
+STRICT_EXIT = 3        # --strict: the evaluation ran, but a sanity check failed or the record is unreliable
+AUTO_CALIBRATE = 512   # training images that calibrate the precisions a checkpoint has no ranges for
 
 
 def add_cli(subparsers) -> None:
@@ -42,7 +52,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--passes", type=int, default=1, help="stochastic forward passes per example (default 1)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="post-training quantization: calibrate activation ranges of the precisions used on N "
-                        "training images first (needed for precisions the checkpoint was not trained at)")
+                        "training images first (default 0: only the precisions the checkpoint has no ranges "
+                        f"for are calibrated, on {AUTO_CALIBRATE} images, with a warning and a note in the record)")
     p.add_argument("--n", type=int, default=1000, help="test examples (default 1000)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -58,6 +69,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--square-queries", type=int, default=None,
                    help="standard protocol: Square's queries (default 5000, the reference)")
     p.add_argument("--sanity", action="store_true", help="run the sanity checks and add them to the record")
+    p.add_argument("--strict", action="store_true",
+                   help=f"exit with code {STRICT_EXIT} when a sanity check failed or the record is marked unreliable")
     p.add_argument("--json", default=None, help="write the record here (atomically)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_cli)
@@ -79,7 +92,7 @@ def threat_from_args(args):
 def run_cli(args) -> int:
     """`rqlab eval`: load, evaluate, print the table, write the JSON record. Returns 0."""
     from .. import checkpoint, data, quant
-    from ..evaluation import evaluate, format_record
+    from ..evaluation import _quick_reasons as quick_reasons, evaluate, format_record
     from ..zoo import load, weights_file
     from ..training import resolve_device
 
@@ -90,6 +103,14 @@ def run_cli(args) -> int:
     elif args.protocol == "standard" and args.attack not in (None, "pgd"):
         raise RqlabError(f"--attack {args.attack} picks the one attack of the quick protocol; the standard protocol "
                          "runs its own attacks (and PGD at --steps): drop --attack, or add --protocol quick")
+    sizes = data.dataset_info(args.data).sizes  # flags named as flags, not as data.load's `n`
+    check_int(args.n, "--n", lo=1, hi=sizes["test"])
+    check_int(args.calibrate, "--calibrate", lo=0, hi=sizes["train"])
+    check_int(args.batch_size, "--batch-size", lo=1)
+    check_int(args.passes, "--passes", lo=1)
+    if args.json:  # before the evaluation, not after it
+        checkpoint.check_output_file(args.json, "--json")
+        checkpoint.sweep_temp(Path(args.json).parent)  # temp files of a killed earlier write
     threat = threat_from_args(args)  # fail on a bad threat before loading anything
     options = None
     if args.protocol == "standard":
@@ -107,12 +128,22 @@ def run_cli(args) -> int:
     device = resolve_device(args.device)
     model = load(args.model, device=device)
     calibration = None
-    if args.calibrate:
-        bits = set((policy or quant.current(model)).support()) | set(threat.policy.support() if threat.policy else ())
-        calib = data.load(args.data, split="train", n=args.calibrate, seed=args.seed, root=args.data_root)
+    bits = set((policy or quant.current(model)).support()) | set(threat.policy.support() if threat.policy else ())
+    n_calib, missing = args.calibrate, missing_ranges(model, bits | activation_bits(policy or quant.current(model)))
+    if not n_calib and missing and getattr(getattr(model, "config", None), "sbn_bits", None) is None:
+        n_calib, bits = AUTO_CALIBRATE, missing
+        warnings.warn(f"the checkpoint has no activation ranges for {', '.join(map(str, missing))} bits: "
+                      f"calibrating them on {AUTO_CALIBRATE} training images (post-training quantization, "
+                      "noted in the record; --calibrate N sets N and recalibrates every precision used)")
+    if n_calib:
+        calib = data.load(args.data, split="train", n=n_calib, seed=args.seed, root=args.data_root)
         x = calib.x.float().div(255).to(device)
         quant.calibrate(model, [x[i:i + 256] for i in range(0, len(x), 256)], bits=sorted(bits))
-        calibration = {"n": args.calibrate, "bits": sorted(bits), "split": "train", "seed": args.seed}
+        calibration = {"n": n_calib, "bits": sorted(bits), "split": "train", "seed": args.seed,
+                       "automatic": not args.calibrate}
+    if args.protocol == "quick":  # say it before the work, not only in the table after it
+        for reason in quick_reasons(policy or quant.current(model), threat):
+            warnings.warn(f"unreliable: {reason}")
     test_set = data.load(args.data, split="test", n=args.n, seed=args.seed, root=args.data_root)
     record = evaluate(model, test_set, threat, policy=policy, batch_size=args.batch_size, seed=args.seed,
                       passes=args.passes, sanity=args.sanity, model_id=str(args.model),
@@ -123,7 +154,30 @@ def run_cli(args) -> int:
     if args.json:
         write_record(args.json, record)
         print(f"record: {args.json}")
+    failed = record.failed_checks
+    if args.strict and (failed or record.unreliable):
+        print(f"rqlab: --strict: {'sanity check ' + ', '.join(failed) + ' failed' if failed else 'unreliable'}"
+              f" (exit code {STRICT_EXIT})", file=sys.stderr)
+        return STRICT_EXIT
     return 0
+
+
+def activation_bits(policy) -> set[int]:
+    """The activation bit-widths a policy uses (w32a4: 4; per layer: every layer's)."""
+    if hasattr(policy, "a_bits"):
+        return {policy.a_bits}
+    if hasattr(policy, "layer_bits"):
+        return {policy.layer_bits(name)[1] for name in policy.bits} | {policy.default}
+    return set(policy.support())
+
+
+def missing_ranges(model, bits) -> list[int]:
+    """The bit-widths in `bits` (2..16) that some quantized layer has no activation range for."""
+    from .. import quant
+
+    need = {b for b in bits if 1 < b < 32}
+    have = [set(layer.act.calibrated_bits()) for _, layer in quant.quant_layers(model)]
+    return sorted(b for b in need if any(b not in h for h in have))
 
 
 def write_record(path, record) -> None:

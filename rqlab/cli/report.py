@@ -7,7 +7,9 @@ HTML report (one self-contained page per run, plus an index).
 
 The config's schema, the notebooks' contract and the output layout are described in
 rqlab/report/. Exit code 0 when every notebook ran, 1 when one failed (the index and
-summary.json are written anyway), 2 for a bad config or option (nothing has run).
+summary.json are written anyway), 2 for a bad config or option (nothing has run), 130
+when interrupted (Ctrl-C, SIGTERM: the index then lists the runs that finished). With
+--only, the other runs of an earlier batch in OUT are kept and listed.
 torch and papermill are imported inside run_cli, so registering the parser costs nothing.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--profile", default=None,
                    help="a profile of the config, e.g. smoke | quick | full (default: its default_profile)")
     p.add_argument("--only", default=None, metavar="NAMES",
-                   help="comma-separated notebook stems or run-ids to run (default: all)")
+                   help="comma-separated notebook stems or run-ids to run (default: all); the other runs "
+                        "already in OUT are kept and stay in the index")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="notebooks run in parallel (default 1)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"report folder (default {DEFAULT_OUT})")
     p.add_argument("--show-input", action="store_true", help="show code cells in the HTML (default: outputs only)")
@@ -42,8 +45,12 @@ def run_cli(args) -> int:
 
     summary = report.run_report(args.config, profile=args.profile, only=args.only, jobs=args.jobs,
                                 out=args.out, show_input=args.show_input, cell_progress=args.cell_progress)
-    n, failed = summary["n_runs"], summary["n_failed"]
-    print(f"{n - failed}/{n} runs ok ({summary['profile']} profile, {summary['wall_time_s']:.0f} s)"
-          + (f"; failed: {', '.join(r['run_id'] for r in summary['runs'] if r['status'] != 'ok')}" if failed else ""))
+    batch = set(summary["batch"])
+    rows = [r for r in summary["runs"] if r["run_id"] in batch]
+    failed = [r["run_id"] for r in rows if r["status"] != "ok" or r.get("rerun_error")]
+    kept = summary["n_runs"] - len(rows)
+    print(f"{len(rows) - len(failed)}/{len(rows)} runs ok ({summary['profile']} profile, "
+          f"{summary['wall_time_s']:.0f} s)" + (f"; failed: {', '.join(failed)}" if failed else "")
+          + (f"; {kept} earlier runs kept in the index" if kept else ""))
     print(f"report: {Path(args.out).resolve() / 'index.html'}")
     return 1 if failed else 0

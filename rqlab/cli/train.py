@@ -17,10 +17,11 @@ costs nothing.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
-from ..validate import RqlabError
+from ..validate import RqlabError, check_int
 
 
 def add_cli(subparsers) -> None:
@@ -95,9 +96,16 @@ def spec_from_args(args):
         if key in config and config[key] != value:
             raise RqlabError(f"--set {item} repeats the defense setting {key!r} with another value")
         config[key] = value
-    train = replace(DEFAULT_TRAIN, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
-    return RunSpec(model=args.model, data=args.data, policy=args.bits, defense=args.defense, defense_config=config,
-                   eps=args.eps, train=train, eval_pgd=args.eval_pgd)
+    try:
+        train = replace(DEFAULT_TRAIN, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+        return RunSpec(model=args.model, data=args.data, policy=args.bits, defense=args.defense,
+                       defense_config=config, eps=args.eps, train=train, eval_pgd=args.eval_pgd)
+    except RqlabError as err:  # "eval_n=0 ..." -> "--eval-n=0 ...": the flag the user typed
+        text = str(err)
+        for key in TRAIN_FLAGS + ("eval_pgd",):
+            if text.startswith(f"{key}=") and getattr(args, key) is not None:
+                raise RqlabError(f"--{key.replace('_', '-')}{text[len(key):]}") from None
+        raise
 
 
 def parse_setting(item: str):
@@ -121,6 +129,20 @@ def default_out(spec) -> Path:
     return Path(f"runs/{spec.model}-{spec.data}-{spec.defense}-{bits}-s{spec.seed}")
 
 
+def kept_checkpoint(out: Path, spec) -> str:
+    """What an interrupted run leaves in `out`, and how to go on: one line."""
+    import json
+
+    try:
+        done = len(json.loads((out / "history.json").read_text()))
+    except (OSError, ValueError):
+        done = 0
+    if not done or not (out / "checkpoint.pt").is_file():
+        return f"no epoch finished, no checkpoint kept in {out}; run `{spec.command(out)}` to start again"
+    return (f"{out / 'checkpoint.pt'} is kept (epoch {done}/{spec.train.epochs} finished); "
+            f"run `{spec.command(out)}` to resume from it")
+
+
 def run_cli(args) -> int:
     """Train the spec the arguments give, print the final clean test accuracy. Returns 0.
 
@@ -131,13 +153,23 @@ def run_cli(args) -> int:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    from .. import experiment, quant
+    from .. import checkpoint, data, experiment, quant
 
     out = Path(args.out) if args.out else default_out(spec)
+    checkpoint.check_output_dir(out, "--out")  # before any work, not at the first save
+    sizes = data.dataset_info(spec.data).sizes
+    for flag, n, split in (("--n-train", spec.train.n_train, "train"), ("--eval-n", spec.train.eval_n, "test")):
+        if n is not None:  # named as the flag, not as data.load's `n`
+            check_int(n, flag, lo=1, hi=sizes[split])
+    checkpoint.sweep_temp(out)  # temp files of a killed earlier run
     print(f"{spec.command(out)}")
     t0 = time.perf_counter()
-    model, history = experiment.train(spec, out, data_root=args.data_root, resume=not args.no_resume,
-                                      progress=not args.no_progress)
+    try:
+        model, history = experiment.train(spec, out, data_root=args.data_root, resume=not args.no_resume,
+                                          progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"rqlab: interrupted: {kept_checkpoint(out, spec)}", file=sys.stderr)
+        return 130
     n_params = sum(p.numel() for p in model.parameters())
     last = history[-1]
     print(f"{spec.model}: {n_params / 1e6:.3f} M parameters, {quant.macs(model) / 1e6:.2f} M MACs/example, "

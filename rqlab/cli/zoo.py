@@ -81,6 +81,12 @@ def run_show(args) -> int:
 
 def run_build(args) -> int:
     from .. import zoo
+    from ..checkpoint import check_output_dir
+
+    for n in args.names:
+        zoo.recipe(n)  # unknown names fail before any work
+    check_output_dir(zoo.RUNS, "zoo runs folder (in the working directory)")
+    check_output_dir(zoo.STORE, "zoo store")
 
     zoo.build_many(args.names, force=args.force, device=args.device, threads=args.threads,
                    progress=not args.no_progress, protocol=args.protocol, options=standard_options(args),
@@ -98,9 +104,11 @@ def run_measure(args) -> int:
 
 def run_audit(args) -> int:
     from .. import zoo
+    from ..checkpoint import check_output_dir
 
     for n in args.names:
         zoo.recipe(n)  # unknown names fail before any work
+    check_output_dir(zoo.STORE, "zoo store")  # the cards are rewritten there
     for n in args.names or zoo.names(trained_only=True):
         zoo.audit(n, device=args.device)
     return 0

@@ -13,16 +13,25 @@ Output (OUT, default reports/out)
     <run-id>/*.json             what the notebook wrote
     <run-id>/.rqlab-report      marker: the report owns this folder
 
-Every file is written atomically (temp file in the same folder, then rename). A rerun
-into the same OUT deletes a run's folder before running it and, after the batch, the
-marked folders of runs that are not in this batch; it refuses to touch a run folder
-without the marker. A failing notebook does not stop the batch.
+Every file is written atomically (temp file in the same folder, then rename), and every
+run is written into a hidden staging folder OUT/.<run-id>.new, renamed to OUT/<run-id>
+only when complete, so a rerun keeps the earlier results until the new ones are whole.
+index.html and summary.json are rewritten after every finished run and list complete
+runs only ("in progress" while the batch runs); a kill leaves them agreeing with the
+folders, and the next start removes what the killed batch left (temp files, staging
+folders). `--only` reruns the named runs and keeps the others (the index lists them
+all); a whole batch removes, after it, the marked folders of runs that are not in it.
+A rerun that fails where the earlier run was ok keeps the earlier results (the row
+notes the failure; the failed run is in OUT/.<run-id>.failed). The report refuses to
+touch a run folder without the marker. A failing notebook does not stop the batch.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -30,7 +39,7 @@ from pathlib import Path
 
 from .. import zoo
 from ..extras import require
-from ..checkpoint import atomic_write_bytes, save_json
+from ..checkpoint import atomic_write_bytes, check_output_dir, save_json, sweep_temp
 from ..validate import RqlabError, check_int
 from .config import DEFAULT_CONFIG, Run, load_config, plan
 from .execute import check_kernel, execute_notebook, export_html, main_figure, read_results
@@ -73,9 +82,12 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
     """Validate, run every notebook of the batch, write OUT/index.html and OUT/summary.json.
 
     Returns the summary (as in summary.json). Failed notebooks are recorded, not raised;
-    RqlabError is raised only for bad input, before anything runs.
+    RqlabError is raised only for bad input, before anything runs. The index and summary
+    are rewritten after every finished run (marked in progress until the batch ends) and
+    list only complete runs: the earlier batch's rows until a run is redone, then the new one.
     """
     jobs = check_int(jobs, "--jobs", lo=1)
+    check_output_dir(out, "--out")
     cfg = load_config(config, notebooks_dir=notebooks_dir)
     profile = cfg.default_profile if profile is None else profile
     runs = plan(cfg, profile, only)
@@ -83,30 +95,53 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
     _check_out(out, runs)
     check_kernel()
     env = environment()
+    out.mkdir(parents=True, exist_ok=True)
+    _sweep(out)
 
     started = datetime.datetime.now().astimezone()
     t0 = time.perf_counter()
-    records = _run_all(runs, out, cfg.notebooks_dir.resolve(), jobs, show_input, cell_progress, progress)
-    keep = {r.run_id for r in runs}
-    for folder in out.iterdir():  # folders of earlier batches: only those the report marked
-        if folder.is_dir() and folder.name not in keep and (folder / MARKER).is_file():
-            shutil.rmtree(folder)
+    previous = _previous_rows(out)  # complete runs of earlier batches, by run-id
+    done: dict[str, dict] = {}
 
-    summary = {
-        "format": SUMMARY_FORMAT, "version": 1, "environment": env, "config": str(cfg.path), "profile": profile,
-        "only": only, "jobs": jobs, "started": started.isoformat(timespec="seconds"),
-        "wall_time_s": round(time.perf_counter() - t0, 2), "n_runs": len(records),
-        "n_failed": sum(r["status"] != "ok" for r in records), "runs": records,
-        "zoo": zoo.headlines(),  # the cards' headline figures (standard protocol), measured by `rqlab zoo measure`
-    }
-    save_json(out / "summary.json", summary)
-    atomic_write_bytes(out / "index.html", index_html(summary).encode())
-    return summary
+    zoo_rows = zoo.headlines()
+
+    def publish(in_progress: bool) -> dict:
+        planned = [r.run_id for r in runs]
+        order = list(previous) + [i for i in planned if i not in previous]
+        if not in_progress and only is None:  # a whole batch: the index is this batch's runs
+            order = planned
+        rows = [done.get(i) or previous[i] for i in order if i in done or i in previous]
+        summary = {
+            "format": SUMMARY_FORMAT, "version": 1, "environment": env, "config": str(cfg.path), "profile": profile,
+            "only": only, "jobs": jobs, "started": started.isoformat(timespec="seconds"),
+            "wall_time_s": round(time.perf_counter() - t0, 2), "in_progress": in_progress,
+            "batch": planned, "n_runs": len(rows), "n_failed": sum(r["status"] != "ok" for r in rows), "runs": rows,
+            "zoo": zoo_rows,  # the cards' headline figures (standard protocol), measured by `rqlab zoo measure`
+        }
+        save_json(out / "summary.json", summary)
+        atomic_write_bytes(out / "index.html", index_html(summary).encode())
+        return summary
+
+    def finish(run: Run, record: dict) -> None:
+        done[run.run_id] = record
+        publish(True)
+
+    publish(True)
+    try:
+        _run_all(runs, out, cfg.notebooks_dir.resolve(), jobs, show_input, cell_progress, progress, previous, finish)
+    except BaseException:  # interrupted: the index lists the complete runs, no longer in progress
+        publish(False)
+        raise
+    if only is None:  # folders of earlier batches: only those the report marked
+        keep = {r.run_id for r in runs}
+        for folder in out.iterdir():
+            if folder.is_dir() and folder.name not in keep and (folder / MARKER).is_file():
+                shutil.rmtree(folder)
+    return publish(False)
 
 
 def _check_out(out: Path, runs: list[Run]) -> None:
-    if out.exists() and not out.is_dir():
-        raise RqlabError(f"--out={out} is a file: give a folder")
+    check_output_dir(out, "--out")
     for run in runs:
         folder = out / run.run_id
         if folder.exists() and not (folder / MARKER).is_file():
@@ -114,9 +149,47 @@ def _check_out(out: Path, runs: list[Run]) -> None:
                              "move it away or choose another --out")
 
 
+def _previous_rows(out: Path) -> dict[str, dict]:
+    """The rows of OUT/summary.json whose run folder is still there (the report's): {run-id: row}."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        rows = summary["runs"] if summary.get("format") == SUMMARY_FORMAT else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {r["run_id"]: r for r in rows if isinstance(r, dict) and "run_id" in r
+            and (out / str(r["run_id"]) / MARKER).is_file()}
+
+
+def _staging(out: Path, run_id: str, kind: str = "new") -> Path:
+    """Where a run is written before it is complete (`new`), and where its old folder waits
+    while the new one is renamed in (`old`): hidden folders beside OUT/<run-id>."""
+    return out / f".{run_id}.{kind}"
+
+
+_STAGING = re.compile(r"^\.(.+)\.(new|old)$")
+
+
+def _sweep(out: Path) -> None:
+    """Clean what a killed batch left: temp files, half-written runs (.<run-id>.new), and a
+    swap cut short (.<run-id>.old without <run-id>: it is put back)."""
+    sweep_temp(out)
+    for folder in sorted(out.iterdir()):
+        m = _STAGING.match(folder.name)
+        if not folder.is_dir() or not (folder / MARKER).is_file():
+            continue
+        if m is None:  # a run folder of an earlier batch
+            sweep_temp(folder)
+            continue
+        final = out / m.group(1)
+        if m.group(2) == "old" and not final.exists():
+            os.rename(folder, final)
+        else:
+            shutil.rmtree(folder)
+
+
 def _prepare(out: Path, run: Run) -> Path:
-    """A fresh run folder with the marker (the old one, ours by `_check_out`, is deleted)."""
-    folder = out / run.run_id
+    """A fresh staging folder for the run, with the marker (OUT/<run-id> stays as it is)."""
+    folder = _staging(out, run.run_id)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -124,23 +197,47 @@ def _prepare(out: Path, run: Run) -> Path:
     return folder
 
 
+def _swap(out: Path, run_id: str) -> None:
+    """Rename the complete staging folder to OUT/<run-id>, the old folder out of the way first."""
+    final, new, old = out / run_id, _staging(out, run_id), _staging(out, run_id, "old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def _run_all(runs, out: Path, notebooks_dir: Path, jobs: int, show_input: bool, cell_progress: bool,
-             progress: bool) -> list[dict]:
-    """Run the batch (in `jobs` worker processes when > 1); returns the records in run order."""
+             progress: bool, previous: dict, on_finish) -> None:
+    """Run the batch (in `jobs` worker processes when > 1), each run in its staging folder;
+    a finished run is swapped in and passed to on_finish(run, record). A run that fails
+    where an earlier batch's run was ok keeps the earlier results (the row says so)."""
     from tqdm.auto import tqdm
 
-    def arguments(run):  # of execute_notebook, after making the run's folder
+    def arguments(run):  # of execute_notebook, after making the run's staging folder
         folder = _prepare(out, run)
         return (str(notebooks_dir / f"{run.notebook}.ipynb"), str(folder / f"{run.notebook}.ipynb"),
                 {**run.params, "output_dir": str(folder)}, str(notebooks_dir), cell_progress)
 
-    records = {}
     bar = tqdm(total=len(runs), desc="report", unit="run", disable=not progress)
 
     def finish(run, outcome):
-        rec = records[run.run_id] = _record(run, out, outcome, show_input)
-        if rec["status"] != "ok":
-            bar.write(f"failed: {run.run_id}: {rec['error']}")
+        rec = _record(run, out, outcome, show_input)
+        old = previous.get(run.run_id)
+        if rec["status"] != "ok" and old is not None and old["status"] == "ok":
+            kept = _staging(out, run.run_id, "failed")
+            if kept.exists():
+                shutil.rmtree(kept)
+            os.rename(_staging(out, run.run_id), kept)
+            rec = {**old, "rerun_error": f"{rec['error']} (the earlier results are kept; the failed run is in "
+                                         f"{kept.name}/)"}
+        else:
+            _swap(out, run.run_id)
+        if rec["status"] != "ok" or rec.get("rerun_error"):
+            bar.write(f"failed: {run.run_id}: {rec.get('rerun_error') or rec['error']}")
+        on_finish(run, rec)
         bar.update()
 
     try:
@@ -167,26 +264,30 @@ def _run_all(runs, out: Path, notebooks_dir: Path, jobs: int, show_input: bool, 
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
-    return [records[r.run_id] for r in runs if r.run_id in records]
+        for run in runs:  # an interrupted run leaves no half-written folder
+            if _staging(out, run.run_id).exists():
+                shutil.rmtree(_staging(out, run.run_id), ignore_errors=True)
 
 
 def _record(run: Run, out: Path, outcome: dict, show_input: bool) -> dict:
-    """Export HTML and thumbnail of a finished run and collect its row of the report."""
+    """Export HTML and thumbnail of a finished run (in its staging folder) and collect its
+    row of the report (links to OUT/<run-id>/, where the folder is swapped in)."""
     nbformat = require("nbformat", "report")
 
-    folder = out / run.run_id
+    folder = _staging(out, run.run_id)
     ipynb, html_path, png = folder / f"{run.notebook}.ipynb", folder / f"{run.notebook}.html", folder / "figure.png"
+    link = lambda path: f"{run.run_id}/{path.name}"  # noqa: E731
     error, trace = outcome["error"], outcome["traceback"]
     files = {"notebook": None, "html": None, "figure": None}
     if ipynb.is_file():
-        files["notebook"] = ipynb.relative_to(out).as_posix()
+        files["notebook"] = link(ipynb)
         try:
             export_html(ipynb, html_path, show_input)
-            files["html"] = html_path.relative_to(out).as_posix()
+            files["html"] = link(html_path)
             figure = main_figure(nbformat.read(ipynb, as_version=4))
             if figure:
                 atomic_write_bytes(png, figure)
-                files["figure"] = png.relative_to(out).as_posix()
+                files["figure"] = link(png)
         except Exception as e:  # a broken export fails this run only
             error = error or f"HTML export failed: {type(e).__name__}: {e}"
     numbers, result_files, warnings = read_results(folder)

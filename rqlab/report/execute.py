@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..extras import require
-from ..checkpoint import atomic_write_bytes, file_mode
+from ..checkpoint import atomic_write_bytes, file_mode, temp_prefix
 from ..validate import RqlabError
 
 KERNEL = "python3"
@@ -89,7 +89,7 @@ def execute_notebook(source: str, output: str, params: dict, cwd: str, cell_prog
     papermill = require("papermill", "report")
 
     out = Path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".ipynb", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out.stem), suffix=".ipynb", dir=out.parent)
     os.close(fd)
     t0 = time.perf_counter()
     error = trace = None
@@ -98,7 +98,8 @@ def execute_notebook(source: str, output: str, params: dict, cwd: str, cell_prog
             papermill.execute_notebook(
                 source, tmp, parameters=params, kernel_name=KERNEL, language="python", progress_bar=cell_progress,
                 cwd=cwd,
-                extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no "TCP without encryption" noise
+                extra_arguments=["--IPKernelApp.log_level=CRITICAL"])  # no "TCP without encryption" noise, no
+                # kernel-side traceback when the report is killed mid-cell (cell errors come as messages)
     except papermill.PapermillExecutionError as e:
         error = f"{e.ename}: {_ANSI.sub('', str(e.evalue))} (cell In [{e.exec_count}])"
         trace = _ANSI.sub("", "\n".join(e.traceback))

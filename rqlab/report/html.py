@@ -35,6 +35,9 @@ def index_html(summary: dict) -> str:
             ("torch", env["torch"]), ("python", env["python"]), ("profile", summary["profile"]),
             ("config", summary["config"]), ("runs", f"{n} ({failed} failed)" if failed else f"{n}, all ok"),
             ("wall time", f"{summary['wall_time_s']:.0f} s"), ("date", summary["started"])]
+    if summary.get("in_progress"):
+        head.insert(0, ("status", "IN PROGRESS: a batch is running (or was killed); the rows below are the "
+                                  "runs complete so far"))
     rows = "\n".join(_index_row(r) for r in summary["runs"])
     env_rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in head)
     return f"""<!DOCTYPE html>
@@ -74,6 +77,8 @@ def _index_row(r: dict) -> str:
         run += f'<pre class="error">{e(r["error"])}</pre>'
         if r["traceback"]:
             run += f"<details><summary>traceback</summary><pre>{e(r['traceback'])}</pre></details>"
+    if r.get("rerun_error"):
+        run += f'<pre class="error">rerun failed: {e(r["rerun_error"])}</pre>'
     figure = ""
     if "figure" in href:
         img = f'<img class="thumb" src="{href["figure"]}" alt="main figure of {e(r["run_id"])}">'

@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import check_output_dir
 from ..validate import RqlabError, check_choice, check_float, check_int
 from . import params as P
 
@@ -72,6 +73,7 @@ class StudyParams:
         resolve_device(self.device)
         if not isinstance(self.output_dir, (str, Path)) or not str(self.output_dir).strip():
             raise RqlabError(f"output_dir={self.output_dir!r} must be a folder path (results.json goes there)")
+        check_output_dir(self.output_dir, "output_dir")  # before the notebook's work, not at its end
         check_bool(self.interactive, "interactive")
 
     @property
