@@ -31,7 +31,7 @@ from rqlab.validate import RqlabError
 ROOT = Path(__file__).resolve().parents[1]
 TINY = replace(DEFAULT_TRAIN, epochs=1, n_train=128, eval_n=64)
 TRAIN = ["train", "--n-train", "128", "--eval-n", "64", "--epochs", "1", "--no-progress"]
-EVAL = ["eval", "--n", "4", "--steps", "2", "--no-progress"]
+EVAL = ["eval", "--attack", "pgd", "--n", "4", "--steps", "2", "--no-progress"]  # the quick protocol: one attack
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
