@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     C.setup(args)
     info = C.machine()
     C.print_machine(info)
-    names = args.models.split(",") if args.models else zoo.names()
+    names = args.models.split(",") if args.models else [
+        n for n in zoo.names(trained_only=True) if n.startswith("fmnist-")]  # the images are Fashion-MNIST
     x, y = C.images((1, 28, 28), args.n)
     threat = ThreatModel("pgd", eps=0.1, steps=20, seed=0)
     bf16 = base.bf16_supported("cpu")

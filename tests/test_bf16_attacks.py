@@ -71,3 +71,15 @@ def test_arithmetic_rejects_unknown_values_and_unsupported_hardware(monkeypatch)
     with attacks.arithmetic("bf16"), pytest.raises(RqlabError, match="AVX512-BF16"):
         base.arithmetic_in_use("cpu")
     assert base.ARITHMETIC == "fp32"
+
+
+@needs_bf16
+def test_binary_policies_keep_fp32(fmnist_test):
+    """The binary zoo model failed the bf16 strength check: its attacks stay fp32."""
+    m = zoo.load("fmnist-odgq-bin")
+    x, y = fmnist_test[0][:16], fmnist_test[1][:16]
+    with attacks.arithmetic("bf16"):
+        g = base.input_grad(m, x, y)
+        rec = evaluate(m, (x, y), ThreatModel("pgd", eps=0.1, steps=1), progress=False)
+    assert torch.equal(g, base.input_grad(m, x, y))
+    assert rec.extra["attack_settings"]["arithmetic"] == "fp32"

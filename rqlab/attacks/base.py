@@ -33,7 +33,7 @@ ACTIVE_SET = False
 # Attack arithmetic: "fp32", or "bf16" (the attack's forward and backward under bf16
 # autocast; quantizer grids, restarts' scores, the active set's fooled test and every
 # final score stay fp32), or "auto" (bf16 where the hardware has it: CUDA, or a CPU
-# with AVX512-BF16 / AMX; fp32 elsewhere).
+# with AVX512-BF16 / AMX; fp32 elsewhere). Binary policies always run in fp32.
 ARITHMETICS = ("fp32", "bf16", "auto")
 ARITHMETIC = "fp32"
 
@@ -87,10 +87,16 @@ def bf16_supported(device) -> bool:
         return False
 
 
-def arithmetic_in_use(device) -> str:
-    """"fp32" or "bf16": what attacks on `device` compute in under the current setting.
+def _binary(policy) -> bool:
+    return policy is not None and 1 in policy.support()
+
+
+def arithmetic_in_use(device, policy=None) -> str:
+    """"fp32" or "bf16": what attacks on `device` against a model at `policy` compute in
+    under the current setting. Binary policies (1 bit in the support) always get fp32:
+    bf16 attacks on the binary zoo model failed the strength check (docs/performance.md).
     RqlabError for "bf16" where the hardware has no bf16 arithmetic."""
-    if ARITHMETIC == "fp32":
+    if ARITHMETIC == "fp32" or _binary(policy):
         return "fp32"
     if bf16_supported(device):
         return "bf16"
@@ -100,14 +106,16 @@ def arithmetic_in_use(device) -> str:
     return "fp32"
 
 
-def settings(device) -> dict:
-    """How attacks on `device` compute now, for records: {"arithmetic", "active_set"}
-    (active_set: whether deterministic models get the active set; random ones never do)."""
-    return {"arithmetic": arithmetic_in_use(device), "active_set": ACTIVE_SET}
+def settings(device, policy=None) -> dict:
+    """How attacks on `device` against `policy` compute now, for records: {"arithmetic",
+    "active_set"} (active_set: whether deterministic models get the active set; random
+    ones never do)."""
+    return {"arithmetic": arithmetic_in_use(device, policy), "active_set": ACTIVE_SET}
 
 
-def _autocast(device):
-    if arithmetic_in_use(device) == "bf16":
+def _autocast(device, model=None):
+    policy = quant.current(model) if isinstance(model, nn.Module) else None
+    if ARITHMETIC != "fp32" and arithmetic_in_use(device, policy) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -150,7 +158,7 @@ def input_grad(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     Under `arithmetic("bf16")` the forward and backward run under bf16 autocast (the
     loss is taken in fp32 from the logits; the gradient comes back fp32)."""
     grad = torch.zeros_like(x)
-    amp = _autocast(x.device)
+    amp = _autocast(x.device, forward)
     for _ in range(samples):
         xg = x.detach().requires_grad_(True)
         with amp:
