@@ -113,11 +113,10 @@ def settings(device, policy=None) -> dict:
     return {"arithmetic": arithmetic_in_use(device, policy), "active_set": ACTIVE_SET}
 
 
-def _autocast(device, model=None):
+def _bf16(device, model=None) -> bool:
+    """Whether an attack's pass through `model` on `device` runs under bf16 autocast."""
     policy = quant.current(model) if isinstance(model, nn.Module) else None
-    if ARITHMETIC != "fp32" and arithmetic_in_use(device, policy) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return arithmetic_in_use(device, policy) == "bf16"
 
 
 def check_batch(model: nn.Module, x, y, threat=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,10 +157,10 @@ def input_grad(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     Under `arithmetic("bf16")` the forward and backward run under bf16 autocast (the
     loss is taken in fp32 from the logits; the gradient comes back fp32)."""
     grad = torch.zeros_like(x)
-    amp = _autocast(x.device, forward)
+    bf16 = ARITHMETIC != "fp32" and _bf16(x.device, forward)
     for _ in range(samples):
         xg = x.detach().requires_grad_(True)
-        with amp:
+        with (torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
             out = forward(xg)
         loss = loss_fn(out.float(), y).sum()
         grad += torch.autograd.grad(loss, xg)[0]
