@@ -11,6 +11,8 @@ PY=.venv/bin/python
 RES=benchmarks/results
 mkdir -p "$RES"
 $PY benchmarks/attack_throughput.py --json "$RES/attack_throughput.json" "$@"
+$PY benchmarks/eval_throughput.py --json "$RES/eval_throughput.json" "$@"
+$PY benchmarks/attack_strength.py --json "$RES/attack_strength.json" "$@"
 $PY benchmarks/quant_overhead.py --json "$RES/quant_overhead.json" "$@"
 $PY benchmarks/transfer_eot.py --json "$RES/transfer_eot.json" "$@"
 $PY benchmarks/training_cost.py --json "$RES/training_cost.json" "$@"

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from . import attacks, quant
 from .attacks import ThreatModel
-from .attacks.base import correct_passes
+from .attacks.base import correct_passes, settings as attack_settings
 from .models.state import eval_mode
 from .record import PROTOCOLS, Record
 from .stats import diff_half_width, wilson_interval
@@ -143,6 +143,7 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
         **_accuracies("robust", robust_hits, passes), per_example=per_example, sanity=checks,
         unreliable=_quick_reasons(policy, threat), extra={"model_config": model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None,
                "batch_size": batch_size, "rqlab_version": __version__, "torch_version": torch.__version__,
+               "attack_settings": attack_settings(device, policy),  # arithmetic (fp32/bf16), active set
                "device": str(device), "device_name": device_name(device),
                "wall_time_s": round(time.perf_counter() - t0, 3)})
 
@@ -330,6 +331,7 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
                                                          for k, v in REFERENCE_OPTIONS.items()}}),
                "white_box_robust_accuracy": white_acc, "zero_gradient_share": zero_grads / max(N, 1),
                "rqlab_version": __version__, "torch_version": torch.__version__,
+               "attack_settings": attack_settings(device, policy),  # arithmetic (fp32/bf16), active set
                "device": str(device), "device_name": device_name(device),
                "wall_time_s": round(time.perf_counter() - t0, 3)})
 

@@ -236,8 +236,8 @@ def test_uncalibrated_precision_is_calibrated_with_a_warning_and_recorded(runs, 
 def test_autoattack_on_a_random_policy_warns_before_it_runs_and_flags_the_record(runs, workdir, capsys):
     code, out, err = run_cli(capsys, EVAL + ["--checkpoint", runs / "q4", "--random-bits", "4-8", "--calibrate", "64",
                                              "--attack", "autoattack", "--json", "r.json"])
-    assert_one_line_answer(code, out, err, 0, "rqlab: warning: unreliable: random forward")
-    assert json.loads((workdir / "r.json").read_text())["unreliable"][0].startswith("random forward")
+    assert_one_line_answer(code, out, err, 0, "rqlab: warning: unreliable: random-forward")
+    assert json.loads((workdir / "r.json").read_text())["unreliable"][0].startswith("random-forward")
     assert "UNRELIABLE" in out
 
 

@@ -12,9 +12,13 @@ Binary and STE-quantized networks: `bpda` (PGD with the quantizers' backward rep
 a smooth surrogate, `quant.surrogate_backward`) beside Square and AutoAttack.
 
 Attacks run on the model as its precision policy configures it (or at `threat.policy`),
-in eval mode and with parameter gradients off; both are restored afterwards.
+in eval mode and with parameter gradients off; both are restored afterwards. `with
+attacks.active_set():` lets the gradient attacks drop examples of a deterministic model
+once fooled (`base.iterate`); `with attacks.arithmetic("bf16"):` runs their forward and backward in
+bf16 (every final score stays fp32; docs/performance.md).
 """
 from .autoattack import autoattack, autoattack_stages
+from .base import active_set, arithmetic
 from .bpda import bpda
 from .cw import cw
 from .eot_pgd import eot_pgd
@@ -32,5 +36,5 @@ def run(model, x, y, threat: ThreatModel):
     return get(threat.attack)(model, x, y, threat)
 
 
-__all__ = ["ThreatModel", "NORMS", "get", "names", "canonical", "options", "run", "fgsm", "pgd", "cw",
+__all__ = ["ThreatModel", "NORMS", "active_set", "arithmetic", "get", "names", "canonical", "options", "run", "fgsm", "pgd", "cw",
            "eot_pgd", "expectation", "transfer", "autoattack", "autoattack_stages", "square", "bpda"]

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .. import quant
 from ..models.state import prepared
 from ..validate import check_choice, check_float
-from .base import ce_loss, check_batch, input_grad, iterate, margin_loss, score
+from .base import active_for, ce_loss, check_batch, input_grad, iterate, margin_loss, score
 from .threat import ThreatModel
 
 LOSSES = {"ce": ce_loss, "margin": margin_loss}
@@ -54,9 +54,10 @@ def bpda(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel
     x, y = check_batch(model, x, y, threat)
     loss_fn = LOSSES[threat.option("loss")]
 
-    def grad_fn(xa):
+    def grad_fn(xa, ya=y, logits=False):
         with quant.surrogate_backward(threat.option("surrogate"), threat.option("k")):
-            return input_grad(model, xa, y, loss_fn, threat.eot_samples)
+            return input_grad(model, xa, ya, loss_fn, threat.eot_samples, logits=logits)
 
-    with prepared(model, threat.policy):
-        return iterate(x, threat, grad_fn=grad_fn, score_fn=lambda xa: score(model, xa, y, loss_fn))
+    with prepared(model, threat.policy):  # active set (deterministic models): as `pgd`
+        return iterate(x, threat, grad_fn=grad_fn, score_fn=lambda xa: score(model, xa, y, loss_fn),
+                       active=active_for(model, y, lambda xa, ya: grad_fn(xa, ya, logits=True)))

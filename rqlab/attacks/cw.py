@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..models.state import prepared
-from .base import check_batch, input_grad, iterate, margin_loss, score
+from .base import active_for, check_batch, input_grad, iterate, margin_loss, score
 from .threat import ThreatModel
 
 OPTIONS: dict = {}
@@ -17,7 +17,8 @@ OPTIONS: dict = {}
 
 def cw(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
     """PGD ascent on the margin max_{j != y} z_j - z_y of the logits z (not clamped, so
-    examples already misclassified keep being pushed: no early stop).
+    examples already misclassified keep being pushed: no early stop; on a deterministic
+    model the active set of `pgd` applies).
 
     Distance: linf (the usual CW-linf) or l2, `threat.norm`. Arguments as `pgd`: eps,
     steps (default 20), step_size (default: ThreatModel rule), restarts (default 1,
@@ -35,4 +36,6 @@ def cw(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) 
     with prepared(model, threat.policy):
         return iterate(x, threat,
                        grad_fn=lambda xa: input_grad(model, xa, y, margin_loss, threat.eot_samples),
-                       score_fn=lambda xa: score(model, xa, y, margin_loss))
+                       score_fn=lambda xa: score(model, xa, y, margin_loss),
+                       active=active_for(model, y, lambda xa, ya: input_grad(model, xa, ya, margin_loss,
+                                                                             threat.eot_samples, logits=True)))

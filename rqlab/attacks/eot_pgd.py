@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .. import quant
 from ..models.state import prepared
-from .base import ce_loss, check_batch, expected_score, input_grad, iterate, precision_support
+from .base import active_for, ce_loss, check_batch, expected_score, input_grad, iterate, precision_support
 from .threat import ThreatModel
 
 OPTIONS: dict = {}
@@ -29,7 +29,8 @@ def eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatMo
 
     Policy attacked: `threat.policy` if given, else the model's current policy
     (`quant.current(model)`). A non-random policy is used as it is for all K samples
-    (K forward passes: EOT over any other randomness of the forward pass).
+    (K forward passes: EOT over any other randomness of the forward pass); when nothing
+    else is random (`base.deterministic`) the active set of `pgd` applies.
     Distance: linf or l2. Other arguments as `pgd` (eps, steps, step_size, restarts,
     seed). Restarts keep, per example, the higher misclassification rate over the
     support, then the higher expected loss.
@@ -45,11 +46,15 @@ def eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatMo
     rng = random.Random(threat.seed)
 
     with prepared(model), quant.switching(model, support) as switch:  # switch(p) = using(model, p), cheaper
-        def grad_fn(xa):
+        def grad_fn(xa, ya=y, logits=False):
             g = torch.zeros_like(xa)
             for p in (rng.choice(support) for _ in range(threat.eot_samples)):
                 switch(p)
-                g += input_grad(model, xa, y, ce_loss)
-            return g / threat.eot_samples
+                g_p, out = input_grad(model, xa, ya, ce_loss, logits=True)
+                g += g_p
+            return (g / threat.eot_samples, out) if logits else g / threat.eot_samples
 
-        return iterate(x, threat, grad_fn, lambda xa: expected_score(model, xa, y, support, switch=switch))
+        # a deterministic policy (one precision, nothing else random): the active set of `pgd`
+        active = active_for(model, y, lambda xa, ya: grad_fn(xa, ya, logits=True)) if len(support) == 1 else None
+        return iterate(x, threat, grad_fn, lambda xa: expected_score(model, xa, y, support, switch=switch),
+                       active=active)

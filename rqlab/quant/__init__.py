@@ -12,7 +12,7 @@ precision policies, post-training quantization and BitOPs (METHODS section 1).
 """
 from .bitops import bitops, format_summary, layer_macs, macs, summary
 from .functional import (STE_MODES, SURROGATE_K_DEFAULT, SURROGATE_KINDS, WEIGHT_SCHEMES, affine_qparams,
-                         binarize_activation, binarize_weight, fake_quantize, grid_step, quantize_per_channel,
+                         binarize_activation, binarize_weight, fake_quantize, fused, grid_step, quantize_per_channel,
                          quantize_range, quantize_symmetric, quantize_weight, quantize_with_qparams, range_qparams,
                          surrogate, surrogate_backward)
 from .layers import ActQuant, QuantConv2d, QuantLinear, SwitchableBatchNorm2d, batch_norm, frozen_weights

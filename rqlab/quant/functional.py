@@ -47,6 +47,10 @@ WEIGHT_SCHEMES = ("per_channel", "per_tensor_symmetric")
 _EPS = 1e-8
 # The vectorised CPU path of `fake_quantize`; False uses torch's native kernels there too.
 CPU_VECTORISED = True
+# Fused CPU path (`fused()`): the vectorised formula compiled by torch.compile into one
+# pass over the tensor. Off by default (docs/performance.md has what it measured).
+FUSED = False
+_fused_kernel = None  # the compiled formula, built on first use; False once it has failed
 SURROGATE_KINDS = ("tanh", "identity")
 SURROGATE_K_DEFAULT = 1.0  # tanh(x) matches sign's range [-1, 1] and the STE's slope 1 at 0
 # (kind, k) inside `surrogate_backward`, else None: the STE backward.
@@ -136,6 +140,57 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, axis, with_mask=False)[0]
 
 
+@contextlib.contextmanager
+def fused(on: bool = True) -> Iterator[bool]:
+    """Inside the block, CPU fake quantization (values and clipped-STE mask) runs as one
+    `torch.compile`d kernel instead of a chain of vectorised passes: the same formula, the
+    same values up to float rounding of the compiler's code. Where compilation is not
+    available (no C++ compiler, a platform torch.compile does not support) the first call
+    warns once and the vectorised path runs, as without the block.
+
+        >>> with quant.fused():
+        ...     history = train.fit(model, ...)
+    """
+    global FUSED
+    old, FUSED = FUSED, bool(on)
+    try:
+        yield FUSED
+    finally:
+        FUSED = old
+
+
+def _fq_formula(x, s, z, qmin: int, qmax: int):
+    t = torch.mul(x, torch.reciprocal(s)).round().add(z)
+    mask = t.ge(qmin).logical_and(t.le(qmax))
+    return t.clamp(qmin, qmax).nan_to_num(nan=float(qmin)).sub(z).mul(s), mask
+
+
+def _fused_fq(x, s, z, qmin: int, qmax: int):
+    """(q, mask) from the compiled formula, or None where compilation is unavailable."""
+    global _fused_kernel
+    if _fused_kernel is None:
+        try:
+            _fused_kernel = torch.compile(_fq_formula, dynamic=True)
+        except Exception as e:  # noqa: BLE001 - any failure means: not available here
+            _fused_failed(e)
+    if not _fused_kernel:
+        return None
+    try:
+        return _fused_kernel(x, s, z, qmin, qmax)
+    except Exception as e:  # noqa: BLE001 - the compiler fails on the first call (no cc, ...)
+        _fused_failed(e)
+        return None
+
+
+def _fused_failed(err: Exception) -> None:
+    global _fused_kernel
+    import warnings
+
+    _fused_kernel = False
+    warnings.warn(f"quant.fused: torch.compile is not available here ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else ''}); using the vectorised path", stacklevel=3)
+
+
 def _fake_quantize_cpu(x, scale, zero_point, qmin: int, qmax: int, axis, with_mask: bool):
     """The native kernels' formula, step by step (each step one vectorised pass):
         t = zero_point + nearbyint(x * (1 / scale))       (float; round half to even)
@@ -148,6 +203,10 @@ def _fake_quantize_cpu(x, scale, zero_point, qmin: int, qmax: int, axis, with_ma
     shape = (-1,) + (1,) * (x.dim() - axis - 1) if axis is not None else (1,)
     s = scale.view(shape)
     z = zero_point.view(shape).to(x.dtype)
+    if FUSED:
+        out = _fused_fq(x.detach(), s, z, qmin, qmax)
+        if out is not None:
+            return out[0], (out[1] if with_mask else None)
     t = torch.mul(x.detach(), torch.reciprocal(s)).round_().add_(z)
     mask = t.ge(qmin).logical_and_(t.le(qmax)) if with_mask else None
     q = t.clamp_(qmin, qmax).nan_to_num_(nan=float(qmin)).sub_(z).mul_(s)
