@@ -131,8 +131,9 @@ def test_strip_nproc():
 
 # ---- a rank that dies, and resuming on 1 or 2 ranks ----------------------------------------
 
-TRAIN = ["train", "--n-train", "512", "--eval-n", "64", "--batch-size", "32", "--defense", "pgd-at",
-         "--epochs", "3", "--device", "cpu", "--no-progress"]
+# RPT with PGD-7 over {4, 8}: switchable BN (DDP's unused parameters) and a precision per step
+TRAIN = ["train", "--n-train", "512", "--eval-n", "64", "--batch-size", "32", "--defense", "rpt-pgd-at",
+         "--bits", "4,8", "--epochs", "3", "--device", "cpu", "--no-progress"]
 
 
 def _children(pid: int) -> list[int]:
@@ -191,7 +192,8 @@ def test_killed_rank_stops_the_run_and_it_resumes_on_one_or_two_ranks(tmp_path):
     assert f"resuming {two / 'checkpoint.pt'} after epoch {done}/3" in run.stdout
     history2 = json.loads((two / "history.json").read_text())
     assert [r["epoch"] for r in history2] == [1, 2, 3] and history2[:done] == first
-    assert history2[-1]["clean_accuracy"] > 0.5  # it kept learning (10 classes)
+    assert history2[-1]["clean_accuracy"] > 0.3  # it kept learning (10 classes)
+    assert sum(history2[-1]["rpt_bits_drawn"].values()) == 512 // 32  # every step drew one precision
 
 
 def test_eval_nproc_writes_the_single_process_record(tmp_path):
