@@ -196,10 +196,8 @@ def launch(argv: list[str], nproc: int, extra: list[str] | None = None) -> int:
     nproc = check_int(nproc, "nproc", 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *(extra or []), "-m", "rqlab", "--", *argv]  # "--": torchrun leaves ARGV alone
-    env = dict(os.environ)
-    # torchrun sets OMP_NUM_THREADS=1 per worker unless told; keep the user's choice
-    print("rqlab: " + " ".join(cmd[1:]), flush=True)
-    code = subprocess.run(cmd, env=env).returncode
+    print("rqlab: torchrun " + " ".join(cmd[3:]), flush=True)  # torchrun = python -m torch.distributed.run
+    code = subprocess.run(cmd).returncode
     if code != 0:
         raise RqlabError(f"a rank of the {nproc} processes failed (torchrun exit code {code}); torchrun stopped "
                          "the others: its error is printed above. Run the same command again to resume from "

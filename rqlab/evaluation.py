@@ -134,6 +134,8 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
                 clean_hits, robust_hits = group.all_sum(clean_hits), group.all_sum(robust_hits)
             checks = None
             if sanity and (group is None or group.is_main):
+                torch.manual_seed(seed)  # the checks' draws: those of no batch, on any rank
+                _restart_draws(policy, "sanity")
                 cfg = sanity if isinstance(sanity, sanity_mod.SanityConfig) else sanity_mod.SanityConfig()
                 k = min(cfg.n, len(x))
                 checks = sanity_mod.run_checks(model, x[:k].to(device), y[:k].to(device), threat, passes,
@@ -166,11 +168,11 @@ def _world(group) -> dict:
     return {"world_size": group.world} if group is not None else {}
 
 
-def _restart_draws(policy, i: int) -> None:
-    """Batch i of a random policy draws from its generator restarted at (seed, i): the same
-    precisions whichever rank runs it, and whatever ran before."""
+def _restart_draws(policy, key) -> None:
+    """Batch `key` (or the sanity checks) of a random policy draws from its generator
+    restarted at (seed, key): the same precisions whichever rank runs it, whatever ran before."""
     if isinstance(policy, quant.RandomPrecision):
-        policy.set_state(random.Random(policy.seed * 1_000_003 + i).getstate())
+        policy.set_state(random.Random(f"{policy.seed}/{key}").getstate())
 
 
 # ---- the standard protocol (METHODS section 8) ------------------------------------------
@@ -333,6 +335,8 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
                 zero_grads = sum(p[2] for p in parts)
             checks = None
             if sanity and (group is None or group.is_main):
+                torch.manual_seed(seed)  # the checks' draws: those of no batch, on any rank
+                _restart_draws(policy, "sanity")
                 cfg = sanity if isinstance(sanity, sanity_mod.SanityConfig) else sanity_mod.SanityConfig()
                 k = min(cfg.n, N)
                 checks = sanity_mod.run_checks(model, x[:k].to(device), y[:k].to(device), base_threat, passes,

@@ -16,6 +16,7 @@ from rqlab import checkpoint, data, distributed, quant, zoo
 from rqlab.attacks import ThreatModel
 from rqlab.defenses import build
 from rqlab.evaluation import evaluate
+from rqlab.sanity import SanityConfig
 from rqlab.training import TrainConfig, fit
 
 N_TRAIN, BATCH, STEPS = 48, 16, 3   # 3 SGD steps of a global batch of 16 (8 per rank on 2 ranks)
@@ -61,15 +62,16 @@ def train_tiny(defense: str, group, attack_seed: int = 0) -> nn.Module:
 
 
 def evaluations(distributed_: bool) -> dict:
-    """Records of the RPT zoo model under random precision over {4, 8} (PGD with 2 passes,
-    EOT-PGD, the expectation attack) and of the 4-bit one under the standard protocol
+    """Records of the RPT zoo model under random precision over {4, 8} (PGD with 2 passes
+    and the sanity checks on 4 examples, EOT-PGD, the expectation attack) and of the 4-bit one under the standard protocol
     (AutoAttack standard on a smoke budget, and PGD)."""
     test = data.load("fashion-mnist", "test", n=N_EVAL, seed=0)
     rpt, q4 = zoo.load("fmnist-rpt-pgd7"), zoo.load("fmnist-q4-pgd7")
     random = quant.RandomPrecision((4, 8), seed=0)
     kw = dict(batch_size=EVAL_BATCH, progress=False, distributed=distributed_)
     return {
-        "pgd": evaluate(rpt, test, ThreatModel("pgd", eps=0.1, steps=2), policy=random, passes=2, **kw),
+        "pgd": evaluate(rpt, test, ThreatModel("pgd", eps=0.1, steps=2), policy=random, passes=2,
+                        sanity=SanityConfig(n=4, square_queries=5), **kw),
         "eot_pgd": evaluate(rpt, test, ThreatModel("eot_pgd", eps=0.1, steps=2, eot=2), policy=random, **kw),
         "expectation": evaluate(rpt, test, ThreatModel("expectation", eps=0.1, steps=2), policy=random, **kw),
         "standard": evaluate(q4, test, ThreatModel("pgd", eps=0.1, steps=2), protocol="standard",

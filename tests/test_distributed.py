@@ -92,6 +92,8 @@ def test_sharded_evaluation_record_equals_the_single_process_one(two_ranks, name
     assert two["extra"]["world_size"] == 2 and "world_size" not in one["extra"]
     assert two["n"] == dist_worker.N_EVAL == len(two["per_example"]["robust"])
     assert _comparable(two) == _comparable(one)
+    if name == "pgd":  # the sanity checks ran on rank 0 and every rank returned them
+        assert len(two["sanity"]) >= 3
     if name == "standard":  # AutoAttack (its 4 attacks) and PGD, each per example
         assert [a["name"] for a in two["attacks"]] == ["autoattack", "pgd"]
         assert [s["attack"] for s in two["attacks"][0]["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
