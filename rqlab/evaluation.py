@@ -12,7 +12,11 @@ Definitions
       example only if it is correct in all M passes. The attack runs once per batch;
       its adversarial examples are then scored M times. For M = 1 both coincide.
       A RandomPrecision model draws one precision per forward call, i.e. per batch:
-      each batch sees M draws, shared by its examples.
+      each batch sees M draws, shared by its examples. Batch i draws from the policy's
+      generator restarted at (seed, i), so its draws do not depend on other batches.
+    * distributed=True (under torchrun): rank r runs batches r, r + world, ... and the
+      per-example outcomes are summed over the ranks; batch i keeps its attack seed
+      (threat.seed + i) and its draws, so the record equals the single-process one.
     * 95% intervals are Wilson score intervals over the n examples; for the mean over
       passes, k is the (fractional) mean number of correct examples.
 """
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import time
 
 import torch
 import torch.nn as nn
 
-from . import attacks, quant
+from . import attacks, distributed as dist, quant
 from .attacks import ThreatModel
 from .attacks.base import correct_passes, settings as attack_settings
 from .models.state import eval_mode
@@ -62,7 +67,7 @@ def as_tensors(data, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=None, n: int | None = None,
              batch_size: int = 256, seed: int = 0, passes: int = 1, sanity=False,
              model_id: str | None = None, progress: bool = True, protocol: str | None = None,
-             options: dict | None = None) -> Record:
+             options: dict | None = None, distributed: bool = False) -> Record:
     """Clean and robust accuracy of `model` at precision `policy` under `threat`.
 
     model: an rqlab model (inputs in [0, 1]); left in its original mode and policy.
@@ -83,6 +88,8 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
     Returns a `rqlab.record.Record`: model, policy, threat, n, passes, seed, clean/robust
     accuracy, worst-case accuracy and their 95% intervals, per-example outcomes, the
     sanity checks, `unreliable` reasons, and in `extra` the versions, device and wall time.
+    distributed: under torchrun, shard the batches over the ranks (module docstring);
+        every rank returns the same record, with extra["world_size"].
     """
     if protocol is None:
         protocol = "standard" if threat is None else "quick"
@@ -90,7 +97,7 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
     if protocol == "standard":
         return evaluate_standard(model, data, threat, policy=policy, n=n, batch_size=batch_size, seed=seed,
                                  passes=passes, sanity=sanity, model_id=model_id, progress=progress,
-                                 options=options)
+                                 options=options, distributed=distributed)
     if options is not None:
         raise RqlabError('options are the standard protocol\'s settings: give them with protocol="standard" '
                          "(a quick run's attack settings go in threat.options)")
@@ -106,6 +113,8 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
     x, y = as_tensors(data, n)
     policy = fresh_policy(policy if policy is not None else quant.current(model))
     device = next(model.parameters()).device
+    group = _group(distributed)
+    progress = progress and (group is None or group.is_main)
     attack = attacks.get(threat.attack)
     clean_hits = torch.zeros(len(x), dtype=torch.long)
     robust_hits = torch.zeros(len(x), dtype=torch.long)
@@ -116,7 +125,9 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
             eval_mode(model), quant.frozen_weights(model):
         torch.manual_seed(seed)
         try:
-            for i, start in enumerate(range(0, len(x), batch_size)):
+            for i in dist.batch_indices(-(-len(x) // batch_size), group):
+                start = i * batch_size
+                _restart_draws(policy, i)
                 xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
                 x_adv = attack(model, xb, yb, threat.replace(seed=threat.seed + i))
                 # robust in a pass = x and x_adv both correct in it (x lies in the ball too)
@@ -125,12 +136,18 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
                     clean_hits[start:start + len(xb)] += ok
                     robust_hits[start:start + len(xb)] += ok * correct_passes(model, x_adv, yb).cpu()
                 bar.update(len(xb))
+            if group is not None:
+                clean_hits, robust_hits = group.all_sum(clean_hits), group.all_sum(robust_hits)
             checks = None
-            if sanity:
+            if sanity and (group is None or group.is_main):
+                torch.manual_seed(seed)  # the checks' draws: those of no batch, on any rank
+                _restart_draws(policy, "sanity")
                 cfg = sanity if isinstance(sanity, sanity_mod.SanityConfig) else sanity_mod.SanityConfig()
                 k = min(cfg.n, len(x))
                 checks = sanity_mod.run_checks(model, x[:k].to(device), y[:k].to(device), threat, passes,
                                                robust_hits[:k].float().mean().item() / passes, cfg)
+            if sanity and group is not None:
+                checks = group.broadcast_object(checks)
         finally:
             bar.close()
 
@@ -145,7 +162,25 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
                "batch_size": batch_size, "rqlab_version": __version__, "torch_version": torch.__version__,
                "attack_settings": attack_settings(device, policy),  # arithmetic (fp32/bf16), active set
                "device": str(device), "device_name": device_name(device),
-               "wall_time_s": round(time.perf_counter() - t0, 3)})
+               "wall_time_s": round(time.perf_counter() - t0, 3), **_world(group)})
+
+
+def _group(distributed: bool):
+    """The process group to shard over (None: this process alone)."""
+    if not distributed:
+        return None
+    return dist.init() if dist.under_torchrun() else dist.current()
+
+
+def _world(group) -> dict:
+    return {"world_size": group.world} if group is not None else {}
+
+
+def _restart_draws(policy, key) -> None:
+    """Batch `key` (or the sanity checks) of a random policy draws from its generator
+    restarted at (seed, key): the same precisions whichever rank runs it, whatever ran before."""
+    if isinstance(policy, quant.RandomPrecision):
+        policy.set_state(random.Random(f"{policy.seed}/{key}").getstate())
 
 
 # ---- the standard protocol (METHODS section 8) ------------------------------------------
@@ -200,7 +235,8 @@ def standard_attacks(policy, threat: ThreatModel, options: dict | None = None) -
 
 def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None, policy=None,
                       n: int | None = None, batch_size: int = 256, seed: int = 0, passes: int = 1, sanity=False,
-                      model_id: str | None = None, progress: bool = True, options: dict | None = None) -> Record:
+                      model_id: str | None = None, progress: bool = True, options: dict | None = None,
+                      distributed: bool = False) -> Record:
     """The standard protocol (METHODS section 8): every attack of `standard_attacks` on
     every example, each crafted x_adv scored under the policy itself.
 
@@ -234,6 +270,8 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
     base_threat = ThreatModel("pgd", norm=threat.norm, eps=threat.eps, steps=threat.steps,
                               step_size=threat.step_size, restarts=threat.restarts, seed=threat.seed)
     device = next(model.parameters()).device
+    group = _group(distributed)
+    progress = progress and (group is None or group.is_main)
     N = len(x)
     clean_hits = torch.zeros(N, dtype=torch.long)
     robust_hits = torch.zeros(N, dtype=torch.long)   # robust against every attack, per pass
@@ -249,7 +287,9 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
             eval_mode(model), quant.frozen_weights(model):
         torch.manual_seed(seed)
         try:
-            for i, start in enumerate(range(0, N, batch_size)):
+            for i in dist.batch_indices(-(-N // batch_size), group):
+                start = i * batch_size
+                _restart_draws(policy, i)
                 sl = slice(start, start + batch_size)
                 xb, yb = x[sl].to(device), y[sl].to(device)
                 advs, white_advs = {}, []
@@ -287,15 +327,30 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
                         white_ok *= correct_passes(model, x_adv, yb).cpu()
                     robust_hits[sl] += all_ok
                     white_hits[sl] += white_ok
-                zero_grads += sanity_mod.zero_gradient(model, xb, yb, zero_cfg)["share"] * len(xb)
+                zero_grads += round(sanity_mod.zero_gradient(model, xb, yb, zero_cfg)["share"] * len(xb))  # a count
                 del advs, white_advs
                 bar.update(len(xb))
+            if group is not None:  # every example was run by one rank: the sums are the outcomes
+                clean_hits, robust_hits, white_hits = (group.all_sum(t) for t in (clean_hits, robust_hits, white_hits))
+                hits = {k: group.all_sum(v) for k, v in hits.items()}
+                parts = group.gather_objects((times, fooled_first, zero_grads))
+                times = {k: sum(p[0][k] for p in parts) for k in times}
+                fooled_first = {}
+                for p in parts:
+                    for k, (count, secs) in p[1].items():
+                        fooled_first.setdefault(k, [0, 0.0])
+                        fooled_first[k] = [fooled_first[k][0] + count, fooled_first[k][1] + secs]
+                zero_grads = sum(p[2] for p in parts)
             checks = None
-            if sanity:
+            if sanity and (group is None or group.is_main):
+                torch.manual_seed(seed)  # the checks' draws: those of no batch, on any rank
+                _restart_draws(policy, "sanity")
                 cfg = sanity if isinstance(sanity, sanity_mod.SanityConfig) else sanity_mod.SanityConfig()
                 k = min(cfg.n, N)
                 checks = sanity_mod.run_checks(model, x[:k].to(device), y[:k].to(device), base_threat, passes,
                                                robust_hits[:k].float().mean().item() / passes, cfg)
+            if sanity and group is not None:
+                checks = group.broadcast_object(checks)
         finally:
             bar.close()
 
@@ -333,7 +388,7 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
                "rqlab_version": __version__, "torch_version": torch.__version__,
                "attack_settings": attack_settings(device, policy),  # arithmetic (fp32/bf16), active set
                "device": str(device), "device_name": device_name(device),
-               "wall_time_s": round(time.perf_counter() - t0, 3)})
+               "wall_time_s": round(time.perf_counter() - t0, 3), **_world(group)})
 
 
 def _standard_options(options: dict | None) -> dict:

@@ -26,7 +26,7 @@ import shlex
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from . import checkpoint, data, defenses, models, quant
+from . import checkpoint, data, defenses, distributed, models, quant
 from .training import TrainConfig, fit, resolve_device, seed_everything
 from .validate import RqlabError, check_float, check_int
 
@@ -174,6 +174,8 @@ class RunSpec:
                 argv += [flag, str(getattr(t, name))]
         argv += ["--augment"] if t.augment else []
         argv += ["--amp"] if t.amp else []
+        argv += ["--channels-last"] if t.channels_last else []
+        argv += ["--compile"] if t.compile else []
         argv += ["--eval-pgd", str(self.eval_pgd)] if self.eval_pgd else []
         if t.log_every != d.log_every:
             raise RqlabError(f"train.log_every={t.log_every} has no `rqlab train` flag")
@@ -242,14 +244,16 @@ def build_hooks(spec: RunSpec):
                           **spec.defense_config)
 
 
-def robust_metric(spec: RunSpec, test_set):
-    """fn(model) -> PGD-20 robust accuracy at spec.eps on the first spec.eval_pgd test examples."""
+def robust_metric(spec: RunSpec, test_set, distributed: bool = False):
+    """fn(model) -> PGD-20 robust accuracy at spec.eps on the first spec.eval_pgd test examples
+    (sharded over the ranks of the process group when `distributed`)."""
     from .attacks import ThreatModel
     from .evaluation import evaluate
 
     threat = ThreatModel("pgd", eps=spec.eps, steps=PGD_EVAL_STEPS)
     n = min(spec.eval_pgd, len(test_set))
-    return lambda model: evaluate(model, test_set, threat, n=n, progress=False)["robust_accuracy"]
+    return lambda model: evaluate(model, test_set, threat, n=n, progress=False,
+                                  distributed=distributed)["robust_accuracy"]
 
 
 def train(spec: RunSpec, out=None, *, train_set=None, test_set=None, data_root=None, resume: bool = True,
@@ -261,11 +265,18 @@ def train(spec: RunSpec, out=None, *, train_set=None, test_set=None, data_root=N
     train_set, test_set: Datasets to use instead of loading spec.data's seed-0 subsets
         (n_train / eval_n examples), e.g. synthetic data in tests; they must be of spec.data.
     epoch_metrics: extra {key: fn(model) -> float} after every epoch (see `training.fit`).
+
+    Under torchrun (`rqlab train --nproc N`) every rank calls this: it joins the process
+    group (`distributed.init`) and trains its shard of every global batch of
+    train.batch_size examples in DistributedDataParallel; rank 0 writes `out` and logs.
     """
     if not isinstance(spec, RunSpec):
         raise RqlabError(f"spec must be a RunSpec, got {type(spec).__name__}")
     cfg = spec.train
+    group = distributed.init(cfg.device)
     device = resolve_device(cfg.device)
+    if group is not None and not group.is_main:
+        log, progress = None, False
     hooks = build_hooks(spec)
     # Subsets are fixed (seed 0), whatever the run's seed: runs differ in weights and order only.
     if train_set is None:
@@ -276,15 +287,17 @@ def train(spec: RunSpec, out=None, *, train_set=None, test_set=None, data_root=N
         if ds.name != spec.data:
             raise RqlabError(f"{which} is {ds.name!r} but the spec trains on {spec.data!r}")
     train_loader = data.Loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=cfg.augment,
-                               device=device)
+                               device=device if group is None else "cpu")
+    if group is not None:  # each rank takes its part of every global batch (fit moves it)
+        train_loader = distributed.ShardedLoader(train_loader, group.rank, group.world)
     test_loader = data.Loader(test_set, TEST_BATCH, device=device)
     model = build_model(spec, train_set)
-    metrics = {"robust_accuracy": robust_metric(spec, test_set)} if spec.eval_pgd else {}
+    metrics = {"robust_accuracy": robust_metric(spec, test_set, group is not None)} if spec.eval_pgd else {}
     metrics.update(epoch_metrics or {})
-    if out is not None:
+    if out is not None and (group is None or group.is_main):
         checkpoint.save_json(Path(out) / "spec.json", spec.to_dict())
     history = fit(model, train_loader, cfg, hooks=hooks, out=out, test_loader=test_loader, resume=resume,
-                  progress=progress, log=log, epoch_metrics=metrics, meta={"spec": spec.to_dict()})
+                  progress=progress, log=log, epoch_metrics=metrics, meta={"spec": spec.to_dict()}, group=group)
     return model.eval(), history
 
 

@@ -39,7 +39,7 @@ SCHEDULES = ("step", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 # Fields that may differ between a checkpoint and the run resuming it: they change
 # neither the weights' trajectory nor its record (epochs may grow to extend a run).
-RESUME_FREE_FIELDS = ("epochs", "device", "eval_n", "log_every")
+RESUME_FREE_FIELDS = ("epochs", "device", "eval_n", "log_every", "channels_last", "compile")
 
 
 # ---- configuration ------------------------------------------------------------------
@@ -56,6 +56,8 @@ class TrainConfig:
     seed: seeds torch and python RNGs; the loader's order comes from its own seed + epoch.
     device: "auto" (cuda if available), "cpu" or "cuda".
     amp: bf16 autocast for the training step (CUDA only; ignored on CPU).
+    channels_last: NHWC memory format for the model and its batches (CUDA only; ignored on CPU).
+    compile: `torch.compile` the model for the training forward/backward (CUDA only).
     augment: data augmentation in the training loader (recorded; the loader applies it).
     n_train: training subset size (None: all), used by whoever builds the loader.
     eval_n: test examples for the per-epoch clean accuracy (None: the whole loader).
@@ -71,6 +73,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
     augment: bool = False
     n_train: int | None = None
     eval_n: int | None = None
@@ -85,7 +89,7 @@ class TrainConfig:
         check_choice(self.schedule, "schedule", SCHEDULES)
         check_int(self.seed, "seed", 0)
         check_choice(self.device, "device", DEVICES)
-        for key in ("amp", "augment"):
+        for key in ("amp", "channels_last", "compile", "augment"):
             if not isinstance(getattr(self, key), bool):
                 raise RqlabError(f"{key}={getattr(self, key)!r} must be True or False")
         if self.n_train is not None:
@@ -215,7 +219,7 @@ def accuracy(model: nn.Module, loader, policy=None, n: int | None = None) -> flo
 def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = None, out=None,
         test_loader=None, resume: bool = True, progress: bool = True,
         log: Callable[[str], None] | None = print, epoch_metrics: dict | None = None,
-        meta: dict | None = None) -> list[dict]:
+        meta: dict | None = None, group=None) -> list[dict]:
     """Train `model` in place; return the history (one metrics dict per epoch).
 
     train_loader: yields (x (B, C, H, W) float in [0, 1], y (B,) int64); `set_epoch(e)`
@@ -228,6 +232,11 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
     epoch_metrics: {key: fn(model) -> float}, called after each epoch (not timed) under
         the evaluation policy, e.g. {"robust_accuracy": ...}; each value goes into the history row.
     meta: JSON-like values stored with every checkpoint (e.g. {"spec": RunSpec.to_dict()}).
+    group: a `distributed.Group` to train on several processes (torchrun): train_loader
+        is then the rank's `distributed.ShardedLoader`, the loss's forward/backward runs
+        in DistributedDataParallel (the defense crafts its batch on the plain model, on
+        the rank's own examples), the history row sums all ranks, and only rank 0
+        writes checkpoints and history.json.
 
     History rows: epoch, train_loss, train_acc, clean_accuracy (on test_loader, or None),
     lr, epoch_time_s, cumulative_time_s, and the epoch_metrics' keys.
@@ -242,6 +251,10 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
     use_amp = cfg.amp and device.type == "cuda"
     if cfg.amp and not use_amp:
         log("note: amp (bf16 autocast) is CUDA only; training in fp32 on cpu")
+    fast = [k for k in ("channels_last", "compile") if getattr(cfg, k)]
+    if fast and device.type != "cuda":
+        log(f"note: {' and '.join(fast)} are CUDA options; ignored on cpu")
+    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.preserve_format
     loader_bs = getattr(train_loader, "batch_size", None)
     if loader_bs is not None and loader_bs != cfg.batch_size:
         raise RqlabError(f"the training loader has batch_size={loader_bs} but cfg.batch_size={cfg.batch_size}: "
@@ -251,7 +264,10 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
         raise RqlabError("the training loader is empty: give at least one batch")
     total_steps = cfg.epochs * steps
 
-    model.to(device)
+    model.to(device, memory_format=memory_format)
+    net = group.wrap(model) if group is not None else model  # what the loss's forward/backward runs
+    if cfg.compile and device.type == "cuda":
+        net = torch.compile(net)
     policy = quant.current(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -278,15 +294,17 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
         for i, (x, y) in enumerate(bar):  # the bar closes itself when the loop ends
             step = epoch * steps + i
             lr = lr_at(cfg, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B,)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            x = x.to(device, non_blocking=True, memory_format=memory_format)  # (B, C, H, W)
+            y = y.to(device, non_blocking=True)                                 # (B,)
+            n_local = len(y)
             hooks.precision(model, step)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 x, y = hooks.batch(model, x, y)
-                loss, logits = hooks.loss(model, x, y)  # scalar, (B, classes)
+                loss, logits = hooks.loss(net, x, y)  # scalar, (B, classes)
             optimizer.zero_grad(set_to_none=True)  # after batch(): an attack may have left grads
-            loss.backward()
+            (loss * train_loader.loss_weight(n_local) if group is not None else loss).backward()
             optimizer.step()
 
             loss_sum += loss.detach().float() * len(y)
@@ -300,6 +318,10 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.perf_counter() - t0  # training only: evaluation and saving excluded
+        if group is not None:  # the history row is the global batch's, summed over the ranks
+            totals = group.all_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                torch.tensor(float(seen), device=device, dtype=torch.float64)]))
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
 
         # -- evaluate, record, save --
         row = {
@@ -317,7 +339,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
         _check_finite(row["train_loss"], epoch, cfg)
         hooks.epoch_end(model, epoch, row)
         history.append(row)
-        if ckpt_path is not None:
+        if ckpt_path is not None and (group is None or group.is_main):
             _save(ckpt_path, model, optimizer, cfg, hooks, policy, history, steps, meta)
         test = f"  clean_accuracy {row['clean_accuracy']:.4f}" if row["clean_accuracy"] is not None else ""
         test += "".join(f"  {k} {row[k]:.4f}" for k in (epoch_metrics or {}))

@@ -50,7 +50,8 @@ def specs(draw):
         config["lam"] = draw(st.floats(0, 10, allow_nan=False))
     train = TrainConfig(epochs=draw(st.integers(1, 200)), batch_size=draw(st.integers(1, 512)),
                         lr=draw(st.floats(1e-4, 1.0)), schedule=draw(st.sampled_from(["step", "cosine", "constant"])),
-                        seed=seed, augment=draw(st.booleans()),
+                        seed=seed, augment=draw(st.booleans()), channels_last=draw(st.booleans()),
+                        compile=draw(st.booleans()),
                         n_train=draw(st.one_of(st.none(), st.integers(1, 60000))))
     eps = draw(st.one_of(st.none(), st.floats(0.0, 1.0, allow_nan=False)))
     return RunSpec(model=draw(st.sampled_from(models.names())), data=draw(st.sampled_from(data.NAMES)),

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line with `argv` (default sys.argv[1:]); return the exit code."""
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for `--nproc N`, which relaunches it
     except SystemExit as exit_:  # --help, --version, usage errors: argparse has printed
         return int(exit_.code or 0)
     with _terminate_as_interrupt(), warnings.catch_warnings():

@@ -72,6 +72,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--strict", action="store_true",
                    help=f"exit with code {STRICT_EXIT} when a sanity check failed or the record is marked unreliable")
     p.add_argument("--json", default=None, help="write the record here (atomically)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="shard the test examples over N processes (GPUs, or CPU processes with gloo): launches "
+                        "`torchrun --standalone --nproc-per-node N -m rqlab eval ...`; the record is the "
+                        "single-process one (docs/distributed.md)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_cli)
 
@@ -91,7 +95,7 @@ def threat_from_args(args):
 
 def run_cli(args) -> int:
     """`rqlab eval`: load, evaluate, print the table, write the JSON record. Returns 0."""
-    from .. import checkpoint, data, quant
+    from .. import checkpoint, data, distributed, quant
     from ..evaluation import _quick_reasons as quick_reasons, evaluate, format_record
     from ..zoo import load, weights_file
     from ..training import resolve_device
@@ -121,6 +125,12 @@ def run_cli(args) -> int:
     elif any(v is not None for v in (args.aa_iters, args.aa_targets, args.square_queries)):
         raise RqlabError("--aa-iters, --aa-targets and --square-queries set the standard protocol: drop --attack "
                          "(or add --protocol standard); with --attack autoattack use its own options")
+    if args.nproc is not None:
+        if distributed.under_torchrun():
+            raise RqlabError("--nproc launches torchrun: under torchrun, leave it out")
+        if args.nproc > 1:
+            return distributed.launch(distributed.strip_nproc(args.argv), args.nproc)
+    group = distributed.init(args.device)  # under torchrun: join, and take this rank's GPU
     spelling = args.random_bits or args.bits
     policy = quant.parse_policy(spelling, seed=args.seed) if spelling else None
     if args.random_bits and not isinstance(policy, quant.RandomPrecision):
@@ -147,9 +157,12 @@ def run_cli(args) -> int:
     test_set = data.load(args.data, split="test", n=args.n, seed=args.seed, root=args.data_root)
     record = evaluate(model, test_set, threat, policy=policy, batch_size=args.batch_size, seed=args.seed,
                       passes=args.passes, sanity=args.sanity, model_id=str(args.model),
-                      progress=not args.no_progress, protocol=args.protocol, options=options)
+                      progress=not args.no_progress, protocol=args.protocol, options=options,
+                      distributed=group is not None)
     record = record.with_extra(checkpoint_sha256=checkpoint.sha256(weights_file(args.model)), data=args.data,
                                calibration=calibration)
+    if group is not None and not group.is_main:
+        return 0  # every rank holds the record; rank 0 prints and writes it
     print(format_record(record))
     if args.json:
         write_record(args.json, record)

@@ -69,6 +69,13 @@ def add_cli(subparsers) -> None:
                    help="evaluate on a fixed random subset of N test examples (default: all)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
     p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA only)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="NHWC memory format for the model and batches (CUDA only)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step (CUDA only)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes (GPUs, or CPU processes with gloo) of this node: launches "
+                        "`torchrun --standalone --nproc-per-node N -m rqlab train ...`; --batch-size stays the "
+                        "global batch (docs/distributed.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint.pt exists")
     p.set_defaults(run=run_cli)
@@ -76,7 +83,7 @@ def add_cli(subparsers) -> None:
 
 # Training settings: a flag left out keeps RunSpec's default (experiment.DEFAULT_TRAIN).
 TRAIN_FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "device", "amp",
-               "augment", "n_train", "eval_n")
+               "channels_last", "compile", "augment", "n_train", "eval_n")
 
 # --flag -> the defense setting it gives (only settings given on the command line are passed:
 # a setting the defense does not have is an error, not silently ignored)
@@ -149,6 +156,14 @@ def run_cli(args) -> int:
     Raises RqlabError for bad settings (the CLI prints it without a traceback).
     """
     spec = spec_from_args(args)  # every setting is checked before any data is read
+    from .. import distributed
+
+    if args.nproc is not None:
+        if distributed.under_torchrun():
+            raise RqlabError("--nproc launches torchrun: under torchrun, leave it out")
+        if args.nproc > 1:
+            return distributed.launch(distributed.strip_nproc(args.argv), args.nproc)
+    say = print if distributed.is_main() else (lambda *a: None)
     if args.threads is not None:
         import torch
 
@@ -162,7 +177,7 @@ def run_cli(args) -> int:
         if n is not None:  # named as the flag, not as data.load's `n`
             check_int(n, flag, lo=1, hi=sizes[split])
     checkpoint.sweep_temp(out)  # temp files of a killed earlier run
-    print(f"{spec.command(out)}")
+    say(f"{spec.command(out)}")
     t0 = time.perf_counter()
     try:
         model, history = experiment.train(spec, out, data_root=args.data_root, resume=not args.no_resume,
@@ -172,10 +187,10 @@ def run_cli(args) -> int:
         return 130
     n_params = sum(p.numel() for p in model.parameters())
     last = history[-1]
-    print(f"{spec.model}: {n_params / 1e6:.3f} M parameters, {quant.macs(model) / 1e6:.2f} M MACs/example, "
+    say(f"{spec.model}: {n_params / 1e6:.3f} M parameters, {quant.macs(model) / 1e6:.2f} M MACs/example, "
           f"precision {spec.policy}, defense {spec.defense}")
-    print(f"clean test accuracy {100 * last['clean_accuracy']:.2f}% (precision {spec.policy}) "
+    say(f"clean test accuracy {100 * last['clean_accuracy']:.2f}% (precision {spec.policy}) "
           f"after {last['epoch']} epochs; training time {last['cumulative_time_s']:.0f}s, "
           f"this run {time.perf_counter() - t0:.0f}s")
-    print(f"checkpoint: {out / 'checkpoint.pt'}")
+    say(f"checkpoint: {out / 'checkpoint.pt'}")
     return 0

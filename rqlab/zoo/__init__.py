@@ -37,6 +37,7 @@ from ..validate import RqlabError
 
 STORE = Path(__file__).parent / "store"
 RUNS = Path("runs/zoo")
+GPUS = 4  # the GPU count `rqlab zoo list` shows in the recipes' commands (any N works)
 CLEAN_N, PGD_N = 1000, 500          # test examples of the card's measurements (seed-0 subset)
 CALIBRATE_BITS = tuple(range(2, 9))  # PTQ ranges stored with every model
 CALIBRATE_N = 1024
@@ -61,6 +62,11 @@ class Recipe:
         """The `rqlab train` command that trains this recipe (derived from the spec)."""
         return self.spec.command(RUNS / self.name)
 
+    def gpu_command(self, nproc: int = GPUS) -> str:
+        """The command that trains this recipe on `nproc` GPUs of one node (torchrun through
+        `rqlab train --nproc`; the batch size stays the recipe's global batch)."""
+        return f"{self.command} --nproc {nproc}"
+
 
 def _fmnist(policy: str, defense: str, adversarial: bool = True, **defense_config) -> RunSpec:
     # Fashion-MNIST, sized for 2 CPU cores: adversarial (and QAT) recipes see a fixed
@@ -70,9 +76,10 @@ def _fmnist(policy: str, defense: str, adversarial: bool = True, **defense_confi
                    defense_config=defense_config, train=train, eval_pgd=200)
 
 
-def _cifar(model: str, policy: str, defense: str) -> RunSpec:
+def _cifar(model: str, policy: str, defense: str, **defense_config) -> RunSpec:
     # the papers' schedule (Double-Win Quant: SGD 0.1, step decay, 160 epochs, augmentation)
     return RunSpec(model=model, data="cifar10", policy=policy, defense=defense, eval_pgd=1000,
+                   defense_config=defense_config,
                    train=TrainConfig(epochs=160, lr=0.1, schedule="step", augment=True, batch_size=128))
 
 
@@ -108,8 +115,18 @@ RECIPES = {r.name: r for r in (
            ("4", "3", "5", "6", "7", "8"), "Double-Win Quant", gpu=True),
     Recipe("cifar10-preactresnet18-rpt-pgd7", "PreActResNet-18, RPT over 4..16 bits with PGD-7, RPI",
            _cifar("preactresnet18", "4-16", "rpt-pgd-at"), ("4-16",), "Double-Win Quant", gpu=True),
+    Recipe("cifar10-preactresnet18-dq-pgd7", "PreActResNet-18, FP weights, 4-bit activations, DQ + PGD-7",
+           _cifar("preactresnet18", "w32a4", "dq-pgd-at"), ("w32a4",), "Defensive Quantization", gpu=True,
+           notes="beta is rqlab's default (1e-3), not tuned on CIFAR-10"),
+    Recipe("cifar10-preactresnet18-odgq-q4", "PreActResNet-18, 4 bits, ODG-Q (rqlab's construction)",
+           _cifar("preactresnet18", "4", "odgq"), ("4",), "ODG-Q", gpu=True,
+           notes="on N GPUs each rank runs ODG-Q's four domains on its own part of the batch"),
     Recipe("cifar10-wrn34-10-pgd7", "WideResNet-34-10, FP, PGD-7", _cifar("wrn34-10", "fp", "pgd-at"), ("fp",),
            "Madry et al. 2018", gpu=True),
+    Recipe("cifar10-wrn34-10-q4-pgd7", "WideResNet-34-10, 4 bits, PGD-7", _cifar("wrn34-10", "4", "pgd-at"),
+           ("4", "8"), "Double-Win Quant", gpu=True),
+    Recipe("cifar10-wrn34-10-rpt-pgd7", "WideResNet-34-10, RPT over 4..16 bits with PGD-7, RPI",
+           _cifar("wrn34-10", "4-16", "rpt-pgd-at"), ("4-16",), "Double-Win Quant", gpu=True),
 )}
 
 
@@ -478,6 +495,10 @@ def table() -> str:
                  "(`rqlab zoo measure NAME`)")
     lines.append(f"audit: the lowest accuracy of PGD-20, Square and transfer from FP on {AUDIT_N} examples, at the "
                  "first precision; '!' = a sanity check failed (see `rqlab zoo show NAME`)")
+    gpu = [r for r in RECIPES.values() if r.gpu]
+    if gpu:
+        lines.append(f"GPU recipes, trained on {GPUS} GPUs of one node (any number works; docs/distributed.md):")
+        lines += [f"  {r.gpu_command()}" for r in gpu]
     return "\n".join(lines)
 
 
@@ -504,7 +525,8 @@ def show(name: str) -> str:
     try:
         c = card(name)
     except RqlabError as e:
-        return f"{name}: {r.summary}\nreproduce: {r.command}\n{e}"
+        how = f"{r.gpu_command()}   (on {GPUS} GPUs; docs/distributed.md)" if r.gpu else r.command
+        return f"{name}: {r.summary}\nreproduce: {how}\n{e}"
     body = {k: v for k, v in c.items() if k != "history"}
     return (f"{name}: {r.summary}\nreproduce: rqlab zoo build {name}   (= {r.command})\n"
             + json.dumps(body, indent=2))
