@@ -28,22 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rqlab import models, quant  # noqa: E402
+from rqlab.machine import cpu_model  # noqa: E402,F401  (the CPU named beside every figure)
 
 FMNIST = dict(input_shape=(1, 28, 28), mean=(0.286,), std=(0.353,))
 CIFAR = dict(input_shape=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
 
 
 # ---- the machine ------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
 
 def machine(device: str = "cpu") -> dict:
     info = {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
