@@ -99,6 +99,7 @@ def run_cli(args) -> int:
     from ..evaluation import _quick_reasons as quick_reasons, evaluate, format_record
     from ..zoo import load, weights_file
     from ..training import resolve_device
+    from .zoo import standard_options
 
     if args.bits and args.random_bits:
         raise RqlabError("give --bits or --random-bits, not both")
@@ -118,8 +119,7 @@ def run_cli(args) -> int:
     threat = threat_from_args(args)  # fail on a bad threat before loading anything
     options = None
     if args.protocol == "standard":
-        options = {k: v for k, v in (("n_iter", args.aa_iters), ("n_target_classes", args.aa_targets),
-                                     ("n_queries", args.square_queries)) if v is not None}
+        options = standard_options(args) or {}
         if args.eot is not None:
             options["eot"] = args.eot
     elif any(v is not None for v in (args.aa_iters, args.aa_targets, args.square_queries)):
