@@ -19,18 +19,25 @@ Definitions
       (threat.seed + i) and its draws, so the record equals the single-process one.
     * 95% intervals are Wilson score intervals over the n examples; for the mean over
       passes, k is the (fractional) mean number of correct examples.
+    * resume=PATH (one process): after each batch the outcomes so far are written to PATH
+      atomically; a rerun with the same model weights, data and arguments skips the
+      batches PATH holds (each batch depends only on its own seed and draws, so the
+      record equals an uninterrupted run's, its times aside). PATH is removed once the
+      record is complete; one of other weights or arguments is an error, never mixed in.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from . import attacks, distributed as dist, quant
+from . import attacks, checkpoint, distributed as dist, quant
 from .attacks import ThreatModel
 from .attacks.base import correct_passes, settings as attack_settings
 from .models.state import eval_mode
@@ -67,7 +74,7 @@ def as_tensors(data, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=None, n: int | None = None,
              batch_size: int = 256, seed: int = 0, passes: int = 1, sanity=False,
              model_id: str | None = None, progress: bool = True, protocol: str | None = None,
-             options: dict | None = None, distributed: bool = False) -> Record:
+             options: dict | None = None, distributed: bool = False, resume=None) -> Record:
     """Clean and robust accuracy of `model` at precision `policy` under `threat`.
 
     model: an rqlab model (inputs in [0, 1]); left in its original mode and policy.
@@ -90,6 +97,8 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
     sanity checks, `unreliable` reasons, and in `extra` the versions, device and wall time.
     distributed: under torchrun, shard the batches over the ranks (module docstring);
         every rank returns the same record, with extra["world_size"].
+    resume: a progress file: written after each batch, read back by a rerun with the same
+        weights, data and arguments, removed when the record is complete (module docstring).
     """
     if protocol is None:
         protocol = "standard" if threat is None else "quick"
@@ -97,7 +106,7 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
     if protocol == "standard":
         return evaluate_standard(model, data, threat, policy=policy, n=n, batch_size=batch_size, seed=seed,
                                  passes=passes, sanity=sanity, model_id=model_id, progress=progress,
-                                 options=options, distributed=distributed)
+                                 options=options, distributed=distributed, resume=resume)
     if options is not None:
         raise RqlabError('options are the standard protocol\'s settings: give them with protocol="standard" '
                          "(a quick run's attack settings go in threat.options)")
@@ -118,6 +127,12 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
     attack = attacks.get(threat.attack)
     clean_hits = torch.zeros(len(x), dtype=torch.long)
     robust_hits = torch.zeros(len(x), dtype=torch.long)
+    saved = _progress_file(resume, group, model, x, y, dict(
+        protocol="quick", threat=threat.to_dict(), policy=policy.to_dict(), batch_size=batch_size, seed=seed,
+        passes=passes, model_id=model_id, settings=attack_settings(device, policy)))
+    state = {"clean": clean_hits, "robust": robust_hits}
+    if saved is not None:
+        saved.restore(state)
     bar = _progress(len(x), f"{threat.attack} {policy}", progress)
     # frozen_weights: the weights stay fixed for the whole evaluation, so each precision's
     # quantized weights are computed once, not in every forward of every batch's attack.
@@ -127,8 +142,11 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
         try:
             for i in dist.batch_indices(-(-len(x) // batch_size), group):
                 start = i * batch_size
-                _restart_draws(policy, i)
                 xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+                if saved is not None and i in saved.done:
+                    bar.update(len(xb))
+                    continue
+                _restart_draws(policy, i)
                 x_adv = attack(model, xb, yb, threat.replace(seed=threat.seed + i))
                 # robust in a pass = x and x_adv both correct in it (x lies in the ball too)
                 for _ in range(passes):
@@ -136,6 +154,8 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
                     clean_hits[start:start + len(xb)] += ok
                     robust_hits[start:start + len(xb)] += ok * correct_passes(model, x_adv, yb).cpu()
                 bar.update(len(xb))
+                if saved is not None:
+                    saved.save(i, state, time.perf_counter() - t0)
             if group is not None:
                 clean_hits, robust_hits = group.all_sum(clean_hits), group.all_sum(robust_hits)
             checks = None
@@ -162,7 +182,7 @@ def evaluate(model: nn.Module, data, threat: ThreatModel | None = None, policy=N
                "batch_size": batch_size, "rqlab_version": __version__, "torch_version": torch.__version__,
                "attack_settings": attack_settings(device, policy),  # arithmetic (fp32/bf16), active set
                "device": str(device), "device_name": device_name(device),
-               "wall_time_s": round(time.perf_counter() - t0, 3), **_world(group)})
+               **_finish(saved, t0), **_world(group)})
 
 
 def _group(distributed: bool):
@@ -170,6 +190,88 @@ def _group(distributed: bool):
     if not distributed:
         return None
     return dist.init() if dist.under_torchrun() else dist.current()
+
+
+PROGRESS_FORMAT = "rqlab-evaluation-progress"
+
+
+class _BatchProgress:
+    """An evaluation's per-batch progress in a file (`evaluate(..., resume=PATH)`).
+
+    `state` maps names to the evaluation's accumulators (tensors, dicts, numbers); `save(i)`
+    writes them and the batches done so far atomically, `restore()` loads them back when the
+    file's key (a hash of the weights, the data and the arguments) is this evaluation's.
+    """
+
+    def __init__(self, path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: dict):
+        self.path = checkpoint.check_output_file(path, "resume")
+        h = hashlib.sha256(json.dumps(_jsonable(args), sort_keys=True, default=str).encode())
+        for name, t in list(model.state_dict().items()) + [("x", x), ("y", y)]:
+            h.update(name.encode())
+            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        self.key = h.hexdigest()
+        self.done: list[int] = []
+        self.elapsed = 0.0  # the earlier runs' time
+        self.resumed = 0
+
+    def restore(self, state: dict) -> dict:
+        """Load a matching earlier run's accumulators into `state` (in place for tensors and
+        dicts); returns `state` with its numbers replaced. No file: `state` unchanged."""
+        if not self.path.exists():
+            return state
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            ok = isinstance(saved, dict) and saved.get("format") == PROGRESS_FORMAT
+        except Exception as e:  # truncated or foreign: say so, never mix it in
+            raise RqlabError(f"resume file {self.path} could not be read ({type(e).__name__}): "
+                             "delete it to start the evaluation afresh") from None
+        if not ok:
+            raise RqlabError(f"{self.path} is not an rqlab evaluation progress file: give another resume path")
+        if saved["key"] != self.key:
+            raise RqlabError(f"resume file {self.path} holds another evaluation (other weights, data or "
+                             "arguments): delete it, or give this evaluation another path")
+        self.done, self.elapsed = list(saved["done"]), float(saved["elapsed"])
+        self.resumed = len(self.done)
+        for k, v in saved["state"].items():
+            if isinstance(state[k], torch.Tensor):
+                state[k].copy_(v)
+            elif isinstance(state[k], dict):
+                state[k].clear()
+                state[k].update(v)
+            else:
+                state[k] = v
+        return state
+
+    def save(self, i: int, state: dict, elapsed: float) -> None:
+        self.done.append(i)
+        payload = {"format": PROGRESS_FORMAT, "key": self.key, "done": list(self.done),
+                   "elapsed": self.elapsed + elapsed, "state": state}
+        checkpoint.atomic_write(self.path, lambda f: torch.save(payload, f))
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _finish(saved, t0: float) -> dict:
+    """The record's extras for a resumable run (wall time over every run; batches resumed),
+    after removing its progress file; {"wall_time_s"} otherwise."""
+    wall = time.perf_counter() - t0
+    if saved is None:
+        return {"wall_time_s": round(wall, 3)}
+    saved.finish()
+    extra = {"wall_time_s": round(saved.elapsed + wall, 3)}
+    if saved.resumed:
+        extra["resumed_batches"] = saved.resumed
+    return extra
+
+
+def _progress_file(resume, group, model, x, y, args: dict):
+    if resume is None:
+        return None
+    if group is not None:
+        raise RqlabError("resume is for an evaluation in one process: leave it out under torchrun "
+                         "(or run without --nproc)")
+    return _BatchProgress(resume, model, x, y, args)
 
 
 def _world(group) -> dict:
@@ -236,7 +338,7 @@ def standard_attacks(policy, threat: ThreatModel, options: dict | None = None) -
 def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None, policy=None,
                       n: int | None = None, batch_size: int = 256, seed: int = 0, passes: int = 1, sanity=False,
                       model_id: str | None = None, progress: bool = True, options: dict | None = None,
-                      distributed: bool = False) -> Record:
+                      distributed: bool = False, resume=None) -> Record:
     """The standard protocol (METHODS section 8): every attack of `standard_attacks` on
     every example, each crafted x_adv scored under the policy itself.
 
@@ -282,6 +384,13 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
     zero_grads = 0.0
     zero_cfg = sanity_mod.SanityConfig(zero_grad_share=ZERO_GRAD_SHARE)
     ensemble = SupportEnsemble(model, policy.support()) if isinstance(policy, quant.RandomPrecision) else None
+    saved = _progress_file(resume, group, model, x, y, dict(
+        protocol="standard", threat=threat.to_dict(), policy=policy.to_dict(), batch_size=batch_size, seed=seed,
+        passes=passes, model_id=model_id, options=opts, settings=attack_settings(device, policy)))
+    state = {"clean": clean_hits, "robust": robust_hits, "white": white_hits, "hits": hits, "times": times,
+             "fooled_first": fooled_first, "zero_grads": zero_grads}
+    if saved is not None:
+        zero_grads = saved.restore(state)["zero_grads"]
     bar = _progress(N, f"standard {policy}", progress)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), quant.using(model, policy), \
             eval_mode(model), quant.frozen_weights(model):
@@ -289,9 +398,12 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
         try:
             for i in dist.batch_indices(-(-N // batch_size), group):
                 start = i * batch_size
-                _restart_draws(policy, i)
                 sl = slice(start, start + batch_size)
                 xb, yb = x[sl].to(device), y[sl].to(device)
+                if saved is not None and i in saved.done:
+                    bar.update(len(xb))
+                    continue
+                _restart_draws(policy, i)
                 advs, white_advs = {}, []
                 for a in plan:
                     t = a["threat"].replace(seed=a["threat"].seed + i)
@@ -330,6 +442,8 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
                 zero_grads += round(sanity_mod.zero_gradient(model, xb, yb, zero_cfg)["share"] * len(xb))  # a count
                 del advs, white_advs
                 bar.update(len(xb))
+                if saved is not None:
+                    saved.save(i, dict(state, zero_grads=zero_grads), time.perf_counter() - t0)
             if group is not None:  # every example was run by one rank: the sums are the outcomes
                 clean_hits, robust_hits, white_hits = (group.all_sum(t) for t in (clean_hits, robust_hits, white_hits))
                 hits = {k: group.all_sum(v) for k, v in hits.items()}
@@ -388,7 +502,7 @@ def evaluate_standard(model: nn.Module, data, threat: ThreatModel | None = None,
                "rqlab_version": __version__, "torch_version": torch.__version__,
                "attack_settings": attack_settings(device, policy),  # arithmetic (fp32/bf16), active set
                "device": str(device), "device_name": device_name(device),
-               "wall_time_s": round(time.perf_counter() - t0, 3), **_world(group)})
+               **_finish(saved, t0), **_world(group)})
 
 
 def _standard_options(options: dict | None) -> dict:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from rqlab import data, quant, zoo
+from rqlab import data, evaluation, quant, zoo
 from rqlab.cli import build_parser, main
 from rqlab.cli.train import spec_from_args
 from rqlab.defenses import pgd_train_step
@@ -145,6 +145,18 @@ def test_measure_writes_the_headline_and_resumes(tmp_path, monkeypatch):
     assert "already measured" in logs[-1]
     s2 = zoo.measure(name, n=8, options=small, progress=False, log=logs.append)
     assert s2["n"] == 8 and zoo.card(name)["standard"]["n"] == 8
+    # killed in its second batch of MEASURE_BATCH examples: the rerun resumes there
+    restart = evaluation._restart_draws
+    monkeypatch.setattr(evaluation, "_restart_draws",
+                        lambda p, key: (_ for _ in ()).throw(KeyboardInterrupt()) if key == 1 else restart(p, key))
+    n = zoo.MEASURE_BATCH + 8
+    with pytest.raises(KeyboardInterrupt):
+        zoo.measure(name, n=n, options=small, progress=False, log=logs.append)
+    assert (tmp_path / f"{name}.standard.progress").is_file() and zoo.card(name)["standard"]["n"] == 8
+    monkeypatch.setattr(evaluation, "_restart_draws", restart)
+    s3 = zoo.measure(name, n=n, options=small, progress=False, log=logs.append)
+    assert "resuming from" in logs[-2] and s3["n"] == n
+    assert json.loads((tmp_path / s3["record"]).read_text())["extra"]["resumed_batches"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.json", f"{name}.pt", f"{name}.standard.json"]
     with pytest.raises(RqlabError, match="n=2000 is out of range"):
         zoo.measure(name, n=2000)

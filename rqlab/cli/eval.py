@@ -7,7 +7,8 @@
 
 Without --attack and --protocol the standard protocol runs (the headline figure);
 --attack NAME alone runs that one attack (the quick protocol). --json is checked before
-the evaluation starts. Precisions the checkpoint has no activation ranges for are
+the evaluation starts; with --json, the outcomes so far are kept after each batch in
+JSON.progress, so a rerun of a killed or interrupted command resumes there. Precisions the checkpoint has no activation ranges for are
 calibrated on 512 training images (a warning; the record's extra.calibration says so),
 and a random policy attacked without averaging is warned about before the run.
 """
@@ -71,7 +72,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--sanity", action="store_true", help="run the sanity checks and add them to the record")
     p.add_argument("--strict", action="store_true",
                    help=f"exit with code {STRICT_EXIT} when a sanity check failed or the record is marked unreliable")
-    p.add_argument("--json", default=None, help="write the record here (atomically)")
+    p.add_argument("--json", default=None,
+                   help="write the record here (atomically); JSON.progress keeps the finished batches until "
+                        "then, and a rerun of the same command resumes from it")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="shard the test examples over N processes (GPUs, or CPU processes with gloo): launches "
                         "`torchrun --standalone --nproc-per-node N -m rqlab eval ...`; the record is the "
@@ -155,10 +158,13 @@ def run_cli(args) -> int:
         for reason in quick_reasons(policy or quant.current(model), threat):
             warnings.warn(f"unreliable: {reason}")
     test_set = data.load(args.data, split="test", n=args.n, seed=args.seed, root=args.data_root)
+    resume = progress_file(args.json) if args.json and group is None else None
+    if resume is not None and resume.exists():
+        print(f"resuming from {resume} (its finished batches are kept; delete it to start afresh)", file=sys.stderr)
     record = evaluate(model, test_set, threat, policy=policy, batch_size=args.batch_size, seed=args.seed,
                       passes=args.passes, sanity=args.sanity, model_id=str(args.model),
                       progress=not args.no_progress, protocol=args.protocol, options=options,
-                      distributed=group is not None)
+                      distributed=group is not None, resume=resume)
     record = record.with_extra(checkpoint_sha256=checkpoint.sha256(weights_file(args.model)), data=args.data,
                                calibration=calibration)
     if group is not None and not group.is_main:
@@ -173,6 +179,12 @@ def run_cli(args) -> int:
               f" (exit code {STRICT_EXIT})", file=sys.stderr)
         return STRICT_EXIT
     return 0
+
+
+def progress_file(json_path) -> Path:
+    """Where `rqlab eval --json PATH` keeps its finished batches until the record is written."""
+    path = Path(json_path)
+    return path.with_name(path.name + ".progress")
 
 
 def activation_bits(policy) -> set[int]:

@@ -43,6 +43,7 @@ CALIBRATE_BITS = tuple(range(2, 9))  # PTQ ranges stored with every model
 CALIBRATE_N = 1024
 AUDIT_N = 100                        # test examples of the card's sanity audit (METHODS section 6)
 STANDARD_N = 500                     # test examples of the card's headline (the standard protocol)
+MEASURE_BATCH = 100                  # ... measured in batches of 100, each kept when it finishes
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,9 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     written into the card as card["standard"] (atomically; the weights are untouched) with
     the full record (per-example outcomes of every attack) beside it in
     store/NAME.standard.json. A card already measured with the same n, options and weights
-    is kept unless `force` (so a stopped `rqlab zoo measure` resumes where it stopped).
+    is kept unless `force` (so a stopped `rqlab zoo measure` resumes where it stopped); within
+    a card, the finished batches of MEASURE_BATCH examples are kept in
+    store/NAME.standard.progress, so a killed measurement resumes at its next batch.
     options: the protocol's settings (`evaluation.STANDARD_OPTIONS`; None = the reference
     AutoAttack). Returns the card's "standard" entry."""
     from .. import checkpoint, data, quant
@@ -391,9 +394,15 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     t = c["threat"]
     threat = ThreatModel("pgd", norm=t["norm"], eps=t["eps"], steps=t["steps"], step_size=t["step_size"],
                          restarts=t["restarts"], seed=t["seed"])
-    rec = evaluate(model, test, threat, policy=quant.policy_from_dict(row["policy"]), n=n, passes=row["passes"],
-                   protocol="standard", options=options, model_id=name, progress=progress)
     record_path = STORE / f"{name}.standard.json"
+    progress_path = STORE / f"{name}.standard.progress"  # the finished batches of a stopped measurement
+    if force:
+        progress_path.unlink(missing_ok=True)
+    elif progress_path.exists():
+        log(f"{name}: resuming from {progress_path.name}")
+    rec = evaluate(model, test, threat, policy=quant.policy_from_dict(row["policy"]), n=n, passes=row["passes"],
+                   batch_size=MEASURE_BATCH, protocol="standard", options=options, model_id=name, progress=progress,
+                   resume=progress_path)
     checkpoint.save_json(record_path, rec.to_dict())
     entry = {"n": rec["n"], "policy": rec["policy"], "passes": rec["passes"],
              "clean_accuracy": rec["clean_accuracy"], "robust_accuracy": rec["robust_accuracy"],
