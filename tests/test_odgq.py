@@ -144,6 +144,9 @@ def test_objective_and_input_gradient_updates_match_a_hand_computation():
     loss.backward()
     (grad,) = torch.autograd.grad(hand, xh)  # the input gradient of the same objective, by hand
     assert (grad[q(1)] != 0).all() and (grad[q(2)] != 0).all()
+    # ... turned into each domain's own ascent direction: times sign(1 + 2 lam (R_k - mean R))
+    factor = torch.sign(1 + 2 * lam * (risks - risks.mean()))
+    grad = torch.cat([grad[q(k)] * factor[k] for k in range(4)])
 
     # step 2: the free delta and the FGSM-RS sign come from step 1's backward
     delta1 = (delta0 + eps * grad[q(1)].sign()).clamp(-eps, eps)
@@ -159,3 +162,31 @@ def test_objective_and_input_gradient_updates_match_a_hand_computation():
     # and the free delta moved towards sign(g): up to eps where g > 0, down to -eps where g < 0
     assert torch.allclose(delta1, torch.where(grad[q(1)] > 0, (delta0 + eps).clamp(max=eps),
                                               (delta0 - eps).clamp(min=-eps)))
+
+
+def test_the_perturbations_ascend_each_domains_own_risk_when_the_variance_term_flips_the_sign():
+    """With a large lam, a domain whose risk lies more than 1 / (2 lam) below the mean has an
+    objective gradient pointing *down* its own loss; the free delta and the FGSM-RS sign
+    must still follow the domain's own cross-entropy gradient (issue 14)."""
+    eps, lam, p = 0.1, 50.0, 3
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = torch.rand(4 * p, 4, generator=torch.Generator().manual_seed(2))
+    y = (model(x).argmax(1) + 1) % 3         # wrong labels: high risks ...
+    y[p:2 * p] = model(x[p:2 * p]).argmax(1)  # ... but the free quarter's: a risk far below the mean
+    h = ODGQ(eps=eps, lam=lam, seed=3)
+    xt, yt = h.batch(model, x, y)
+    loss, _ = h.loss(model, xt, yt)
+    risks = torch.tensor([h.last_risks[d] for d in DOMAINS])
+    delta0 = h._delta.clone()
+    loss.backward()
+    # the domains' own CE input gradients, one at a time
+    xg = xt.clone().requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(model(xg), yt, reduction="none").reshape(4, p).mean(1)
+    own = [torch.autograd.grad(ce[k], xg, retain_graph=True)[0][k * p:(k + 1) * p] for k in range(4)]
+    factor = 1 + 2 * lam * (risks - risks.mean())
+    flipped = [k for k in (1, 2) if factor[k] < 0]
+    kept = [k for k in (1, 2) if factor[k] > 0]
+    assert flipped == [1] and kept == [2], f"the test needs the free slot flipped: factors {factor.tolist()}"
+    assert torch.equal(h._delta, (delta0 + eps * own[1].sign()).clamp(-eps, eps))
+    assert torch.equal(h._g_prev, own[2].sign())

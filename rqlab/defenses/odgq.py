@@ -17,6 +17,13 @@ their variance, which also trains for the worst unseen domain. One forward and o
 backward pass per step, whatever b (b = 1 gives binary networks); the input gradients
 come out of the same backward as the weight update.
 
+The perturbations ascend each domain's own risk: the objective's input gradient on
+domain k is that domain's cross-entropy gradient times (1 + 2 lambda (R_k - mean R)) / 4,
+whose sign flips when R_k lies more than 1 / (2 lambda) below the mean, so the free and
+FGSM-RS updates use the objective's gradient times the sign of that factor (before the
+fix of issue 14 they took the objective's gradient as it was, and a domain far below the
+mean risk was then stepped *down* its own loss).
+
     >>> fit(model, loader, cfg, hooks=ODGQ(eps=0.1, lam=1.0))
 """
 from __future__ import annotations
@@ -86,6 +93,10 @@ class ODGQ(Hooks):
         risks = per_example.mean(dim=1)                                      # (4,)
         loss = risks.mean() + self.lam * risks.var(unbiased=False)
         self.last_risks = dict(zip(DOMAINS, risks.detach().tolist()))
+        # d loss / d R_k = (1 + 2 lam (R_k - mean R)) / 4: its sign turns the objective's
+        # input gradient on domain k back into the domain's own ascent direction
+        r = risks.detach()
+        self._ascent = torch.sign(1 + 2 * self.lam * (r - r.mean()))
         return loss, logits
 
     @torch.no_grad()
@@ -93,8 +104,9 @@ class ODGQ(Hooks):
         """Called during fit's backward: update the free perturbation and the FGSM-RS sign."""
         p = self._parts
         g = grad.reshape(len(DOMAINS), p, *grad.shape[1:])
-        self._delta = torch.clamp(self._delta.to(g.device) + self.eps * torch.sign(g[1]), -self.eps, self.eps)
-        self._g_prev = torch.sign(g[2])
+        up = self._ascent.to(g.device)
+        self._delta = torch.clamp(self._delta.to(g.device) + self.eps * up[1] * torch.sign(g[1]), -self.eps, self.eps)
+        self._g_prev = up[2] * torch.sign(g[2])
 
     # -- exact resume -------------------------------------------------------------------
 
