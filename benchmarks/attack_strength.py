@@ -9,7 +9,7 @@ Printed per model: robust accuracy of each with the full attack's 95% interval, 
 share of examples with the same outcome as the full attack.
 
     .venv/bin/python benchmarks/attack_strength.py                    # all zoo models, 1,000 images
-    .venv/bin/python benchmarks/attack_strength.py --n 500 --models fmnist-q4-pgd7 --threads 1
+    .venv/bin/python benchmarks/attack_strength.py --n 500 --models fmnist-q4-pgd7-small --threads 1
 
 Criterion (issue 17): robust accuracy within the full attack's interval and the same
 outcome on >= 98% of the examples.

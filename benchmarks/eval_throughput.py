@@ -3,7 +3,7 @@ against torchattacks' PGD-20 on trained zoo models, each contender's robust accu
 printed beside its time.
 
     .venv/bin/python benchmarks/eval_throughput.py                       # both models, 1,000 images
-    .venv/bin/python benchmarks/eval_throughput.py --models fmnist-q4-pgd7 --n 500 --reps 3 --threads 1
+    .venv/bin/python benchmarks/eval_throughput.py --models fmnist-q4-pgd7-small --n 500 --reps 3 --threads 1
 
 Contenders (same model, images, batches; one evaluation of robust accuracy each):
   torchattacks       torchattacks.PGD(model, 0.1, 0.01, steps=20, random_start=True), then
@@ -12,7 +12,7 @@ Contenders (same model, images, batches; one evaluation of robust accuracy each)
   rqlab-active       the same inside attacks.active_set()
   rqlab-bf16         the same inside attacks.arithmetic("bf16") (skipped without bf16 hardware)
   rqlab-active-bf16  both
-Models: fmnist-q4-pgd7 (4-bit SmallCNN, PGD-7 trained) and fmnist-fp-pgd7 (FP). Target:
+Models: fmnist-q4-pgd7-small (4-bit SmallCNN, PGD-7 trained) and fmnist-fp-pgd7-small (FP). Target:
 rqlab (its fastest setting) >= 2x torchattacks with robust accuracy within the interval.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def contenders(model, x, y, batch, steps, out: dict):
 
 def main(argv=None) -> int:
     p = C.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="fmnist-q4-pgd7,fmnist-fp-pgd7", help="comma-separated zoo names")
+    p.add_argument("--models", default="fmnist-q4-pgd7-small,fmnist-fp-pgd7-small", help="comma-separated zoo names")
     p.add_argument("--n", type=int, default=1000, help="test images")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--steps", type=int, default=20)

@@ -1,5 +1,5 @@
 """Wall time of the standard protocol (METHODS section 8) against the reference AutoAttack
-standard alone, on the 4-bit SmallCNN zoo model `fmnist-q4-pgd7` and N Fashion-MNIST test
+standard alone, on the 4-bit SmallCNN zoo model `fmnist-q4-pgd7-small` and N Fashion-MNIST test
 images (same images, same iterations, same seed). Target: ratio <= 1.3 for deterministic
 models (the protocol adds PGD and a few forward passes to AutoAttack's run; it runs
 AutoAttack attack by attack, as pyautoattack itself does, to see what Square adds).
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="the protocol's PGD inside attacks.arithmetic('bf16')")
     args = p.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    model = load("fmnist-q4-pgd7")
+    model = load("fmnist-q4-pgd7-small")
     x, y = as_tensors(data.load("fashion-mnist", "test", n=args.n, seed=0))
     opts = {k: v for k, v in (("n_iter", args.aa_iters), ("n_queries", args.square_queries)) if v is not None}
     aa_threat = ThreatModel("autoattack", eps=args.eps, seed=0, options={"version": "standard", **opts})
@@ -52,7 +52,7 @@ def main() -> None:
     t_std = time.perf_counter() - t0
 
     print(f"cpu: {cpu_model()}  torch threads: {torch.get_num_threads()}")
-    print(f"model fmnist-q4-pgd7 (policy {rec.policy}), N={args.n}, linf eps={args.eps}, "
+    print(f"model fmnist-q4-pgd7-small (policy {rec.policy}), N={args.n}, linf eps={args.eps}, "
           f"AutoAttack settings {rec['protocol_options']}")
     print(f"reference AutoAttack standard alone: {t_aa:8.1f} s   robust accuracy {100 * aa_acc:.1f}%")
     parts = ", ".join(f"{a['name']} {100 * a['robust_accuracy']:.1f}% {a['time_s']:.1f}s" for a in rec.attacks)

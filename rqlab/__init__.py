@@ -4,7 +4,7 @@ The library's front door (imported lazily, so `import rqlab` stays light):
 
     >>> spec = rqlab.RunSpec(policy="4", defense="pgd-at", train=rqlab.TrainConfig(epochs=4))
     >>> model, history = rqlab.train(spec, out="runs/q4-pgd7")   # one way to train
-    >>> model = rqlab.load("fmnist-q4-pgd7")                      # one way to load: zoo name or path
+    >>> model = rqlab.load("fmnist-q4-pgd7-small")                      # one way to load: zoo name or path
     >>> record = rqlab.evaluate(model, test_set, threat)          # one way to evaluate
 """
 

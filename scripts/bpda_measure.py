@@ -15,7 +15,7 @@ from rqlab.attacks import ThreatModel
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="fmnist-odgq-bin")
+    p.add_argument("--model", default="fmnist-odgq-bin-small")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--square-queries", type=int, default=1000, help="0 skips Square (minutes on a CPU)")
     a = p.parse_args()

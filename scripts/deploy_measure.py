@@ -4,7 +4,7 @@ and FP, with the first and last layer kept FP (the twin's default) and quantized
 1,000 Fashion-MNIST test images of the seed-0 subset, engine calibrated on 1,024 training
 images (seed 0), one thread.
 
-    PYTHONPATH=$PWD python scripts/deploy_measure.py [--n 1000] [--models fmnist-fp-pgd7 ...]
+    PYTHONPATH=$PWD python scripts/deploy_measure.py [--n 1000] [--models fmnist-fp-pgd7-small ...]
 """
 import argparse
 import time
@@ -14,7 +14,7 @@ import torch
 import rqlab
 from rqlab import data, deploy, quant
 
-MODELS = ["fmnist-fp-natural", "fmnist-fp-pgd7", "fmnist-q8-pgd7", "fmnist-q4-pgd7"]
+MODELS = ["fmnist-fp-natural-small", "fmnist-fp-pgd7-small", "fmnist-q8-pgd7-small", "fmnist-q4-pgd7-small"]
 
 
 def main():

@@ -51,7 +51,7 @@ CONTROL_SPEC = rqlab.RunSpec(model="smallcnn", data="fashion-mnist", policy="fp"
 
 def same_budget_fp_control():
     """An FP natural SmallCNN trained like the w32a4 zoo models (6,000 images, 4 epochs):
-    the zoo's fmnist-fp-natural saw all 60,000 images, and a smaller training set alone
+    the zoo's fmnist-fp-natural-small saw all 60,000 images, and a smaller training set alone
     changes PGD robustness. Trained once into runs/findings/ (rqlab.train(CONTROL_SPEC);
     resumed when interrupted), calibrated at 2..8 bits as the zoo calibrates."""
     print(f"  the same-budget FP control: {CONTROL_SPEC.command(CONTROL)}", file=sys.stderr, flush=True)
@@ -63,8 +63,8 @@ def same_budget_fp_control():
 
 def section_a(test, n: int) -> dict:
     """FP vs vanilla quantized vs DQ: accuracy against activation bits, error amplification."""
-    names = {"FP (natural)": "fmnist-fp-natural", "vanilla w32a4 (natural)": "fmnist-a4-natural",
-             "DQ w32a4 (natural, beta 3e-3)": "fmnist-dq-natural"}
+    names = {"FP (natural)": "fmnist-fp-natural-small", "vanilla w32a4 (natural)": "fmnist-a4-natural-small",
+             "DQ w32a4 (natural, beta 3e-3)": "fmnist-dq-natural-small"}
     models = {k: zoo.load(v) for k, v in names.items()}
     models["FP (natural, 6k images like the others)"] = same_budget_fp_control()
     bits = [1, 2, 4, 8, 32]
@@ -93,9 +93,9 @@ def section_a(test, n: int) -> dict:
 def section_b(test, n: int, aa_n: int, passes: int = 5) -> dict:
     """RPI and RPT under the paper's protocol and under adaptive attacks."""
     rpi = quant.RandomPrecision(RPI, seed=0)
-    configs = {"PGD-7 AT, FP": ("fmnist-fp-pgd7", quant.Fixed(32)),
-               "PGD-7 AT (8-bit) + RPI 4..8": ("fmnist-q8-pgd7", rpi),
-               "RPT 4..8 + RPI 4..8": ("fmnist-rpt-pgd7", rpi)}
+    configs = {"PGD-7 AT, FP": ("fmnist-fp-pgd7-small", quant.Fixed(32)),
+               "PGD-7 AT (8-bit) + RPI 4..8": ("fmnist-q8-pgd7-small", rpi),
+               "RPT 4..8 + RPI 4..8": ("fmnist-rpt-pgd7-small", rpi)}
     rows = []
     for label, (name, policy) in configs.items():
         model = zoo.load(name)
@@ -162,11 +162,12 @@ def section_b_standard(test, n: int, passes: int = 5) -> dict:
     from rqlab.stats import paired_difference
 
     rpi = quant.RandomPrecision(RPI, seed=0)
-    pairs = {"PGD-7 AT at 8 bits (fmnist-q8-pgd7)": "fmnist-q8-pgd7", "RPT 4..8 (fmnist-rpt-pgd7)": "fmnist-rpt-pgd7"}
+    pairs = {"PGD-7 AT at 8 bits (fmnist-q8-pgd7-small)": "fmnist-q8-pgd7-small",
+             "RPT 4..8 (fmnist-rpt-pgd7-small)": "fmnist-rpt-pgd7-small"}
     # the two records the cards lack first; the cards' own (q8 at 8, RPT under RPI) come
     # from `rqlab zoo measure` when it has run, else they are measured here
-    standard_record("fmnist-q8-pgd7", rpi, test, n, passes)
-    standard_record("fmnist-rpt-pgd7", quant.Fixed(8), test, n, 1)
+    standard_record("fmnist-q8-pgd7-small", rpi, test, n, passes)
+    standard_record("fmnist-rpt-pgd7-small", quant.Fixed(8), test, n, 1)
     rows = []
     for label, name in pairs.items():
         fixed = standard_record(name, quant.Fixed(8), test, n, 1)
@@ -180,7 +181,7 @@ def section_b_standard(test, n: int, passes: int = 5) -> dict:
                         "unreliable": list(rec.unreliable), "wall_time_s": rec["wall_time_s"],
                         "device": rec.get("device_name") or rec["device"]}
         rows.append(row)
-    fp = zoo.card("fmnist-fp-pgd7").get("standard")
+    fp = zoo.card("fmnist-fp-pgd7-small").get("standard")
     print(f"\n### (b) The standard protocol, the same model at a fixed 8 bits and under RPI 4..8, n = {n} "
           f"(RPI scored over {passes} passes, mean)")
     print("\n| model | precision | clean | standard protocol [95% CI] | AutoAttack | PGD-20 / EOT-PGD / expectation "
@@ -196,7 +197,7 @@ def section_b_standard(test, n: int, passes: int = 5) -> dict:
             print(f"| {r['model']} | {prec} | {pct(v['clean'])} | {pct(v['robust'])} [{pct(v['ci95'][0])}, "
                   f"{pct(v['ci95'][1])}] | {pct(v['attacks']['autoattack'])} | {others} | {last} |")
     if fp:
-        print(f"| fmnist-fp-pgd7 | FP | {pct(fp['clean_accuracy'])} | {pct(fp['robust_accuracy'])} "
+        print(f"| fmnist-fp-pgd7-small | FP | {pct(fp['clean_accuracy'])} | {pct(fp['robust_accuracy'])} "
               f"[{pct(fp['robust_ci95'][0])}, {pct(fp['robust_ci95'][1])}] | {pct(fp['attacks']['autoattack'])} | "
               f"{pct(fp['attacks']['pgd'])} / - / - | |")
     return {"rows": rows, "n": n, "passes": passes, "fp_pgd7_card": fp}
@@ -204,9 +205,9 @@ def section_b_standard(test, n: int, passes: int = 5) -> dict:
 
 def section_c(test, n: int) -> dict:
     """Lipschitz-guided bit selection against uniform, random and reverse at equal budgets."""
-    model = zoo.load("fmnist-fp-pgd7")
+    model = zoo.load("fmnist-fp-pgd7-small")
     rows = bitselect.compare_allocations(model, test, PGD20, budgets=[3.0, 4.0, 5.0], n=n, random_seeds=3)
-    print(f"\n### (c) Bit allocation on fmnist-fp-pgd7 (PTQ, per-layer bits of conv2, conv3, fc1), "
+    print(f"\n### (c) Bit allocation on fmnist-fp-pgd7-small (PTQ, per-layer bits of conv2, conv3, fc1), "
           f"PGD-20 eps 0.1, n = {n}")
     print("\n| budget (avg bits) | method | bits | avg bits | objective | clean | PGD-20 [95% CI] |")
     print("|---|---|---|---|---|---|---|")
@@ -223,7 +224,7 @@ def section_d() -> dict:
     curves = zoo_curves(4)
     ratios = epoch_time_ratio(curves)
     cards = {m: zoo.card(c["source"].removeprefix("zoo ")) for m, c in curves.items()}
-    cards["odgq-binary"] = zoo.card("fmnist-odgq-bin")
+    cards["odgq-binary"] = zoo.card("fmnist-odgq-bin-small")
     print("\n### (d) Training at 4 bits on 6,000 images for 4 epochs (zoo histories); final accuracy on "
           "the zoo card (clean n = 1000, PGD-20 n = 500)")
     print("\n| method | mean epoch time (s) | x natural | clean | PGD-20 | PGD-20 per epoch (n = 200) |")
@@ -248,7 +249,7 @@ def section_t(test, n: int) -> dict:
     x, y = test.x[:n].float() / 255, test.y[:n]
     bits = [3, 4, 5, 6, 7, 8]
     out = {}
-    for name in ("fmnist-q4-pgd7", "fmnist-q8-pgd7"):
+    for name in ("fmnist-q4-pgd7-small", "fmnist-q8-pgd7-small"):
         tm = transfer_matrix(zoo.load(name), x, y, bits, bits, PGD20)
         m = tm["matrix"]
         diag = [m[i][i] for i in range(len(bits))]

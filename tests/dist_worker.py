@@ -66,7 +66,7 @@ def evaluations(distributed_: bool) -> dict:
     and the sanity checks on 4 examples, EOT-PGD, the expectation attack) and of the 4-bit one under the standard protocol
     (AutoAttack standard on a smoke budget, and PGD)."""
     test = data.load("fashion-mnist", "test", n=N_EVAL, seed=0)
-    rpt, q4 = zoo.load("fmnist-rpt-pgd7"), zoo.load("fmnist-q4-pgd7")
+    rpt, q4 = zoo.load("fmnist-rpt-pgd7-small"), zoo.load("fmnist-q4-pgd7-small")
     random = quant.RandomPrecision((4, 8), seed=0)
     kw = dict(batch_size=EVAL_BATCH, progress=False, distributed=distributed_)
     return {

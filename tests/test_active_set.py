@@ -38,7 +38,7 @@ def not_robust(model, x, y, x_adv):
 
 @pytest.fixture(scope="module")
 def q4_model():
-    return zoo.load("fmnist-q4-pgd7")  # a trained 4-bit SmallCNN, policy Fixed(4)
+    return zoo.load("fmnist-q4-pgd7-small")  # a trained 4-bit SmallCNN, policy Fixed(4)
 
 
 @pytest.mark.parametrize("threat", [
@@ -77,7 +77,7 @@ def test_active_set_on_a_trained_fp_model_matches_the_full_attack(trained_smallc
 
 def test_random_policies_never_use_the_active_set(q4_model, fmnist_test, monkeypatch):
     x, y = fmnist_test[0][:32], fmnist_test[1][:32]
-    m = zoo.load("fmnist-rpt-pgd7")
+    m = zoo.load("fmnist-rpt-pgd7-small")
     monkeypatch.setattr(base, "_active_steps", lambda *a: pytest.fail("active set on a random policy"))
     policy = quant.current(m)
     assert isinstance(policy, quant.RandomPrecision)

@@ -414,7 +414,7 @@ def test_a_notebooks_output_dir_is_checked_when_its_parameters_are(workdir):
 
 def test_zoo_build_checks_its_runs_folder_before_training(workdir, capsys):
     (workdir / "runs").write_text("a file where runs/zoo should go\n")
-    code, out, err = run_cli(capsys, ["zoo", "build", "fmnist-fp-natural"])
+    code, out, err = run_cli(capsys, ["zoo", "build", "fmnist-fp-natural-small"])
     assert_one_line_answer(code, out, err, 2, "zoo runs folder", "is a file")
     code, out, err = run_cli(capsys, ["zoo", "build", "no-such-recipe"])
     assert_one_line_answer(code, out, err, 2, "zoo model 'no-such-recipe' is unknown")

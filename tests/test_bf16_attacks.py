@@ -15,7 +15,7 @@ needs_bf16 = pytest.mark.skipif(not base.bf16_supported("cpu"), reason="this CPU
 
 @pytest.fixture(scope="module")
 def q4_model():
-    return zoo.load("fmnist-q4-pgd7")
+    return zoo.load("fmnist-q4-pgd7-small")
 
 
 @needs_bf16
@@ -76,7 +76,7 @@ def test_arithmetic_rejects_unknown_values_and_unsupported_hardware(monkeypatch)
 @needs_bf16
 def test_binary_policies_keep_fp32(fmnist_test):
     """The binary zoo model failed the bf16 strength check: its attacks stay fp32."""
-    m = zoo.load("fmnist-odgq-bin")
+    m = zoo.load("fmnist-odgq-bin-small")
     x, y = fmnist_test[0][:16], fmnist_test[1][:16]
     with attacks.arithmetic("bf16"):
         g = base.input_grad(m, x, y)

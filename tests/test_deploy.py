@@ -121,7 +121,7 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
     with pytest.raises(ImportError, match=r"pip install 'rqlab\[deploy\]'"):
         deploy.fp_engine(model)
-    assert cli.main(["deploy", "--model", "fmnist-fp-pgd7", "--n", "8"]) == 2
+    assert cli.main(["deploy", "--model", "fmnist-fp-pgd7-small", "--n", "8"]) == 2
     assert "rqlab[deploy]" in capsys.readouterr().err
 
 

@@ -52,7 +52,7 @@ def two_ranks(tmp_path_factory):
     """tests/dist_worker.py on 2 ranks: {"weights": {...}, "records": {...}}."""
     try:
         data.load("fashion-mnist", "test", n=1)
-        zoo.load("fmnist-rpt-pgd7"), zoo.load("fmnist-q4-pgd7")
+        zoo.load("fmnist-rpt-pgd7-small"), zoo.load("fmnist-q4-pgd7-small")
     except RqlabError as e:
         pytest.skip(f"needs Fashion-MNIST and the zoo: {e}")
     out = tmp_path_factory.mktemp("two_ranks")
@@ -200,11 +200,11 @@ def test_killed_rank_stops_the_run_and_it_resumes_on_one_or_two_ranks(tmp_path):
 
 def test_eval_nproc_writes_the_single_process_record(tmp_path):
     try:
-        zoo.load("fmnist-q4-pgd7")
+        zoo.load("fmnist-q4-pgd7-small")
     except RqlabError as e:
         pytest.skip(f"needs the zoo: {e}")
-    argv = ["eval", "--model", "fmnist-q4-pgd7", "--n", "24", "--batch-size", "8", "--steps", "3", "--device", "cpu",
-            "--no-progress"]
+    argv = ["eval", "--model", "fmnist-q4-pgd7-small", "--n", "24", "--batch-size", "8", "--steps", "3",
+            "--device", "cpu", "--no-progress"]
     two = _rqlab(*argv, "--nproc", "2", "--json", str(tmp_path / "two.json"))
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     assert two.stdout.count("robust") == 1  # one rank printed the table

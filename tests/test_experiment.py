@@ -125,7 +125,7 @@ def test_one_pgd_at_step_rule_in_library_cli_and_zoo(eps):
     args = build_parser().parse_args(["train", "--defense", "pgd-at", "--eps", repr(eps)])
     cli = build_hooks(spec_from_args(args)).config()["step_size"]
     assert library == direct == cli == pgd_train_step(eps) == eps / 4
-    assert build_hooks(zoo.recipe("fmnist-q4-pgd7").spec).config()["step_size"] == 0.025
+    assert build_hooks(zoo.recipe("fmnist-q4-pgd7-small").spec).config()["step_size"] == 0.025
     assert build_hooks(zoo.recipe("cifar10-preactresnet18-q4-pgd7").spec).config()["step_size"] == 2 / 255
     # given explicitly, it wins
     assert defenses.build("pgd-at", eps=eps, step_size=0.01).config()["step_size"] == 0.01
@@ -209,14 +209,14 @@ def test_load_takes_a_zoo_name_a_file_or_a_run_directory(tmp_path):
 
 
 def test_eval_and_bitselect_take_a_zoo_name(tmp_path, capsys):
-    if "fmnist-q4-pgd7" not in zoo.names(trained_only=True):
+    if "fmnist-q4-pgd7-small" not in zoo.names(trained_only=True):
         pytest.skip("zoo not built")
     out = tmp_path / "rec.json"
-    assert main(["eval", "--model", "fmnist-q4-pgd7", "--attack", "fgsm", "--n", "20", "--json", str(out),
+    assert main(["eval", "--model", "fmnist-q4-pgd7-small", "--attack", "fgsm", "--n", "20", "--json", str(out),
                  "--no-progress", "--device", "cpu"]) == 0
     rec = Record.from_json(out.read_text())
-    assert rec.model == "fmnist-q4-pgd7" and rec.n == 20
-    assert rec["checkpoint_sha256"] == zoo.card("fmnist-q4-pgd7")["sha256"]
+    assert rec.model == "fmnist-q4-pgd7-small" and rec.n == 20
+    assert rec["checkpoint_sha256"] == zoo.card("fmnist-q4-pgd7-small")["sha256"]
 
 
 def test_a_new_defense_is_one_registered_factory(tmp_path, monkeypatch):

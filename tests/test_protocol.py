@@ -203,18 +203,18 @@ def test_cli_runs_the_standard_protocol_by_default(tmp_path, capsys):
     from rqlab import zoo
     from rqlab.cli import main
 
-    if "fmnist-q4-natural" not in zoo.names(trained_only=True):
+    if "fmnist-q4-natural-small" not in zoo.names(trained_only=True):
         pytest.skip("zoo model not built")
     out = tmp_path / "rec.json"
-    assert main(["eval", "--model", "fmnist-q4-natural", "--n", "8", "--aa-iters", "2", "--aa-targets", "1",
+    assert main(["eval", "--model", "fmnist-q4-natural-small", "--n", "8", "--aa-iters", "2", "--aa-targets", "1",
                  "--square-queries", "10", "--no-progress", "--json", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert rec["protocol"] == "standard" and [a["name"] for a in rec["attacks"]] == ["autoattack", "pgd"]
     assert "protocol standard" in capsys.readouterr().out
-    assert main(["eval", "--model", "fmnist-q4-natural", "--n", "8", "--attack", "fgsm", "--no-progress",
+    assert main(["eval", "--model", "fmnist-q4-natural-small", "--n", "8", "--attack", "fgsm", "--no-progress",
                  "--json", str(out)]) == 0
     assert json.loads(out.read_text())["protocol"] == "quick"
-    assert main(["eval", "--model", "fmnist-q4-natural", "--attack", "cw", "--protocol", "standard"]) == 2
+    assert main(["eval", "--model", "fmnist-q4-natural-small", "--attack", "cw", "--protocol", "standard"]) == 2
     assert "drop --attack, or add --protocol quick" in capsys.readouterr().err
 
 

@@ -236,14 +236,14 @@ def test_show_input_keeps_the_code(first_batch, tmp_path):
 # What reports/default.yaml expects of the notebooks' parameters cells (the contract with
 # their author): the common names, plus each notebook's own (tests/test_notebooks.py plans
 # the config against the real notebooks).
-COMMON = ('dataset = "fashion-mnist"\nmodel = "fmnist-fp-natural"\nbits = [2, 4, 8]\neps = 0.1\nattack = "pgd"\n'
+COMMON = ('dataset = "fashion-mnist"\nmodel = "fmnist-fp-natural-small"\nbits = [2, 4, 8]\neps = 0.1\nattack = "pgd"\n'
           'steps = 20\nn_examples = 500\nseed = 0\ndevice = "auto"\noutput_dir = "."\ninteractive = False\n')
 EXTRA = {"01_precision_transferability": "eot = 10\npasses = 5\n",
          "02_lipschitz_error_amplification": "beta = 0.001\nbetas = [0.0]\ntrain_n = 1000\nepochs = 2\n",
          "03_bit_selection": "budgets = [3.0]\nrandom_seeds = 3\niters = 300\n",
          "04_odgq_training_curves": "epochs = 10\nlive = False\ntrain_n = 2000\n",
          "05_double_win_quant": "eot = 10\npasses = 5\naa_n_iter = 25\naa_n_examples = 100\n",
-         "06_deployed_int8": "model = [\"fmnist-fp-pgd7\"]\nsquare_queries = 1000\ncalib_n = 1024\n"}
+         "06_deployed_int8": "model = [\"fmnist-fp-pgd7-small\"]\nsquare_queries = 1000\ncalib_n = 1024\n"}
 
 
 def test_default_config_plans_against_the_notebook_contract(tmp_path):
@@ -262,9 +262,9 @@ def test_default_config_plans_against_the_notebook_contract(tmp_path):
         nbformat.write(nbformat.v4.new_notebook(cells=[cell]), tmp_path / f"{stem}.ipynb")
     cfg = report.load_config(path, notebooks_dir=tmp_path)
     smoke, full = report.plan(cfg, "smoke"), report.plan(cfg, "full")
-    assert [r.run_id for r in smoke][:4] == ["01_precision_transferability__model=fmnist-fp-pgd7",
-                                              "01_precision_transferability__model=fmnist-q4-pgd7",
-                                              "01_precision_transferability__model=fmnist-q8-pgd7",
+    assert [r.run_id for r in smoke][:4] == ["01_precision_transferability__model=fmnist-fp-pgd7-small",
+                                              "01_precision_transferability__model=fmnist-q4-pgd7-small",
+                                              "01_precision_transferability__model=fmnist-q8-pgd7-small",
                                               "02_lipschitz_error_amplification__beta=0.001"]
     assert len(smoke) == 9 and all(r.params["interactive"] is False for r in smoke)
     assert all(r.params["n_examples"] < f.params["n_examples"] for r, f in zip(smoke, full))

@@ -31,7 +31,7 @@ def test_model_specs_zoo_names_and_paths(tmp_path):
     assert params.check_model_spec(path) == path
     assert params.model_label(path) == "run7"
     assert params.model_label(str(tmp_path / "tiny.pt")) == "tiny"
-    assert params.model_label("fmnist-q4-pgd7") == "fmnist-q4-pgd7"
+    assert params.model_label("fmnist-q4-pgd7-small") == "fmnist-q4-pgd7-small"
     assert params.check_model_specs(path) == {"run7": path}
     assert params.check_model_specs({"a": path}) == {"a": path}
     with pytest.raises(RqlabError, match="names 'run7' twice"):

@@ -42,7 +42,7 @@ def store_copy(name, tmp_path, monkeypatch):
 
 
 def test_a_corrupted_checkpoint_is_refused(tmp_path, monkeypatch):
-    name = "fmnist-fp-natural"
+    name = "fmnist-fp-natural-small"
     store_copy(name, tmp_path, monkeypatch)
     blob = bytearray((tmp_path / f"{name}.pt").read_bytes())
     blob[len(blob) // 2] ^= 0xFF
@@ -76,7 +76,7 @@ def test_every_recipe_command_reads_back_to_its_spec():
 
 def test_recipes_train_pgd_at_with_the_one_step_rule():
     """PGD-7 recipes take eps / 4 (0.025 at 0.1, 2/255 at 8/255), as the CLI and the library do."""
-    for name in ("fmnist-q4-pgd7", "cifar10-preactresnet18-pgd7"):
+    for name in ("fmnist-q4-pgd7-small", "cifar10-preactresnet18-pgd7"):
         hooks = build_hooks(zoo.recipe(name).spec)
         eps = zoo.recipe(name).spec.eps
         assert hooks.config()["step_size"] == pgd_train_step(eps) == eps / 4
@@ -131,7 +131,7 @@ def test_every_card_carries_its_audit_and_the_list_marks_failures(name):
 def test_measure_writes_the_headline_and_resumes(tmp_path, monkeypatch):
     """`zoo.measure` adds card["standard"] and the record beside it, changes nothing else,
     skips a card measured the same way, and remeasures when the budget differs."""
-    name = "fmnist-q4-natural"
+    name = "fmnist-q4-natural-small"
     store_copy(name, tmp_path, monkeypatch)
     before = zoo.card(name)
     before.pop("standard", None)
@@ -169,7 +169,7 @@ def test_the_list_sorts_by_the_headline(monkeypatch):
                                 "unreliable": ["black-box: ... (see docs/flags/black-box.md)"]}}, "c": {}}
     for c in cards.values():
         c.update(eval=[{"precision": "4", "clean_accuracy": 0.8, "robust_accuracy": 0.7}], training_time_s=60)
-    recipes = {n: zoo.Recipe(n, f"model {n}", zoo.recipe("fmnist-q4-pgd7").spec, ("4",)) for n in ("c", "a", "b")}
+    recipes = {n: zoo.Recipe(n, f"model {n}", zoo.recipe("fmnist-q4-pgd7-small").spec, ("4",)) for n in ("c", "a", "b")}
     monkeypatch.setattr(zoo, "RECIPES", recipes)
     monkeypatch.setattr(zoo, "card", lambda n: cards[n])
     rows = [l.split()[0] for l in zoo.table().splitlines()[1:4]]
@@ -182,13 +182,13 @@ MEASURED = [n for n in TRAINED if "standard" in zoo.card(n)]
 
 @pytest.mark.parametrize("name", MEASURED or [pytest.param("none", marks=pytest.mark.skip("no card measured"))])
 def test_every_measured_card_headlines_the_protocols_worst_case(name):
-    """A card's headline is the standard protocol's, at the reference budget on STANDARD_N
+    """A card's headline is the standard protocol's, at the reference budget on the recipe's standard_n
     examples of the card's first precision; it is no higher than any of its attacks, nor
     (beyond a few examples that float rounding may flip) than the card's own PGD-20 row,
     which the protocol's PGD reruns on the same examples with the same seeds."""
     c = zoo.card(name)
     s = c["standard"]
-    assert s["n"] == zoo.STANDARD_N and s["requested_options"] == {} and s["sha256"] == c["sha256"]
+    assert s["n"] == zoo.recipe(name).standard_n and s["requested_options"] == {} and s["sha256"] == c["sha256"]
     assert s["protocol_options"]["n_iter"] == 100 and s["protocol_options"]["n_queries"] == 5000
     assert s["policy"] == c["eval"][0]["policy"] and s["passes"] == c["eval"][0]["passes"]
     assert s["robust_accuracy"] <= min(s["attacks"].values())
@@ -199,7 +199,7 @@ def test_every_measured_card_headlines_the_protocols_worst_case(name):
 
 
 def test_audit_rewrites_only_the_card(tmp_path, monkeypatch, capsys):
-    name = "fmnist-q4-natural"
+    name = "fmnist-q4-natural-small"
     store_copy(name, tmp_path, monkeypatch)
     before = zoo.card(name)
     blob = (tmp_path / f"{name}.pt").read_bytes()
@@ -262,7 +262,7 @@ def wilson(p, n, z=1.96):
     return centre - half, centre + half
 
 
-@pytest.mark.parametrize("name", ["fmnist-fp-pgd7", "fmnist-q4-pgd7", "fmnist-rpt-pgd7"])
+@pytest.mark.parametrize("name", ["fmnist-fp-pgd7-small", "fmnist-q4-pgd7-small", "fmnist-rpt-pgd7-small"])
 def test_pgd20_on_the_first_100_examples_agrees_with_the_card(name):
     """Fast version of the check above for three representative models (FP, fixed 4-bit,
     random 4..8 with 5 passes): PGD-20 at the card's first row on the first 100 of the
@@ -276,3 +276,53 @@ def test_pgd20_on_the_first_100_examples_agrees_with_the_card(name):
     acc, row = measured_pgd20(name, 100)
     lo, hi = wilson(row["robust_accuracy"], 100)
     assert 0.08 < hi - lo < 0.2 and lo <= acc <= hi, (name, acc, row["robust_accuracy"], (lo, hi))
+
+
+# ---- issue 14: full-budget recipes and their -small variants -------------------------------
+
+SMALL = [n for n in zoo.RECIPES if n.endswith("-small")]
+
+
+def test_every_fmnist_recipe_is_full_budget_with_its_6k_variant_kept_as_small():
+    full = [n for n, r in zoo.RECIPES.items() if n.startswith("fmnist-") and not n.endswith("-small")]
+    assert len(SMALL) == 13 and all(n[:-len("-small")] in full for n in SMALL)
+    for n in full:
+        spec = zoo.recipe(n).spec
+        assert spec.train.n_train is None and spec.train.epochs >= 10 and spec.eval_pgd >= 1000, n
+        assert (spec.train.lr, spec.train.momentum, spec.train.weight_decay, spec.train.schedule) == \
+            (0.1, 0.9, 5e-4, "step"), n  # the papers' optimiser (METHODS sections 2-5)
+        adversarial = spec.defense not in ("natural", "dq")
+        assert zoo.recipe(n).standard_n == (1000 if adversarial else 500), n
+    for n in SMALL:  # the zoo before issue 14, unchanged: its weights are these recipes'
+        train = zoo.recipe(n).spec.train
+        assert (train.n_train, train.epochs) == ((None, 3) if n == "fmnist-fp-natural-small" else (6000, 4)), n
+    assert {"fmnist-bin-natural", "fmnist-bin-fgsm-rs", "fmnist-bin-pgd7"} <= set(full)
+    betas = {zoo.recipe(n).spec.defense_config["beta"] for n in full if zoo.recipe(n).spec.defense == "dq"}
+    assert len(betas) >= 3
+
+
+def test_an_unbuilt_full_recipe_points_to_its_small_variant(monkeypatch, tmp_path):
+    name = "fmnist-q4-pgd7"
+    store_copy(f"{name}-small", tmp_path, monkeypatch)
+    with pytest.raises(RqlabError, match=f"{name}' is not trained yet: run `rqlab zoo build {name}`, or use {name}-small"):
+        zoo.card(name)
+
+
+def test_plateau_reads_the_last_epochs_gain():
+    rows = lambda values: [{"epoch": i + 1, "robust_accuracy": v} for i, v in enumerate(values)]  # noqa: E731
+    assert zoo.plateau(rows([0.3, 0.4, 0.5, 0.55, 0.553, 0.555, 0.552]))["plateaued"]  # +0.005 in the last 3
+    rising = zoo.plateau(rows([0.3, 0.4, 0.45, 0.5, 0.53, 0.56]))
+    assert not rising["plateaued"] and rising["gain"] == pytest.approx(0.11)
+    assert not zoo.plateau(rows([0.3, 0.4]))["plateaued"]                             # too short to tell
+
+
+FULL_BUILT = [n for n in TRAINED if not n.endswith("-small") and f"{n}-small" in TRAINED]
+
+
+@pytest.mark.parametrize("name", FULL_BUILT or [pytest.param("none", marks=pytest.mark.skip("no full model built"))])
+def test_a_full_budget_card_is_sane_and_plateaued(name):
+    """Issue 14: a full-budget model's clean accuracy is clearly above its 6k variant's, and
+    its held-out curve has stopped improving."""
+    full, small = zoo.card(name)["eval"][0], zoo.card(f"{name}-small")["eval"][0]
+    assert full["clean_accuracy"] >= small["clean_accuracy"] + 0.02, (full, small)
+    assert zoo.plateau(name, tol=0.02)["plateaued"], zoo.plateau(name)

@@ -1,8 +1,8 @@
 """`rqlab bitselect`: Lipschitz-guided bits per layer under a budget (METHODS section 4).
 
     rqlab bitselect --model runs/x/checkpoint.pt --budget 4.0 --json bits.json
-    rqlab bitselect --model fmnist-q4-pgd7 --kind bitops --budget uniform:4 --method lipschitz
-    rqlab bitselect --model fmnist-q4-pgd7 --budget 3.5 --evaluate --n 1000      # + PGD-20 comparison
+    rqlab bitselect --model fmnist-q4-pgd7-small --kind bitops --budget uniform:4 --method lipschitz
+    rqlab bitselect --model fmnist-q4-pgd7-small --budget 3.5 --evaluate --n 1000      # + PGD-20 comparison
 
 Loads the checkpoint, calibrates the activation ranges of every bit option on N training
 images (--calibrate, default 512; 0 uses the ranges stored in the checkpoint and fails

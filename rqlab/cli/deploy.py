@@ -1,7 +1,7 @@
 """`rqlab deploy`: the robustness of a model's int8 deployment on ONNX Runtime, beside its
 fake-quant figure, as one record.
 
-    rqlab deploy --model fmnist-q8-pgd7 --engine onnxruntime --json rec.json
+    rqlab deploy --model fmnist-q8-pgd7-small --engine onnxruntime --json rec.json
     rqlab deploy --model runs/x --activations int8 --quantize-edges --square-queries 5000 --onnx int8.onnx
 """
 from __future__ import annotations

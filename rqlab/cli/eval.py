@@ -1,6 +1,6 @@
 """`rqlab eval`: evaluate a checkpoint under an attack and write the record as JSON.
 
-    rqlab eval --model fmnist-q4-pgd7 --n 1000 --json out.json      # the standard protocol (default)
+    rqlab eval --model fmnist-q4-pgd7-small --n 1000 --json out.json      # the standard protocol (default)
     rqlab eval --model runs/x --attack pgd --eps 0.1 --steps 20 --bits 4 --n 1000   # one attack (quick)
     rqlab eval --model ... --random-bits 4-8 --calibrate 512 --attack eot-pgd --eot 10 --passes 5 --sanity
     rqlab eval --model runs/x --bits 3 --attack pgd --sanity --strict   # exit code 3 if a sanity check failed

@@ -1,9 +1,9 @@
 """`rqlab zoo`: list, show and build the model zoo.
 
     rqlab zoo list                      # every recipe with its measured numbers
-    rqlab zoo show fmnist-q4-pgd7       # its card and the command that reproduces it
+    rqlab zoo show fmnist-q4-pgd7-small       # its card and the command that reproduces it
     rqlab zoo build                     # train every CPU recipe not built yet (resumable)
-    rqlab zoo build fmnist-q4-pgd7 --force
+    rqlab zoo build fmnist-q4-pgd7-small --force
     rqlab zoo audit                     # re-run every card's sanity audit (weights untouched)
     rqlab zoo measure                   # every card's headline: the standard protocol on 500 examples
 """

@@ -5,7 +5,7 @@ Per-layer sensitivities S_l(b), the exact knapsack allocation at each budget (av
 weight bits) against uniform, random and reverse allocations, each attacked white-box at
 its own mixed precision (`bitselect.compare_allocations`).
 
-    >>> params = Params(model="fmnist-fp-pgd7", budgets=[3.0, 4.0], random_seeds=1, iters=30)
+    >>> params = Params(model="fmnist-fp-pgd7-small", budgets=[3.0, 4.0], random_seeds=1, iters=30)
     >>> results = run(params)
     >>> fig = plot_budgets(results); print(reading(results))
 """
@@ -33,7 +33,7 @@ class Params(common.StudyParams):
     """
 
     dataset: str = "fashion-mnist"
-    model: str = "fmnist-fp-pgd7"
+    model: str = "fmnist-fp-pgd7-small"
     bits: tuple = (2, 3, 4, 5, 6, 8)
     budgets: tuple = (3.0, 4.0, 5.0, 6.0)
     methods: tuple = ("lipschitz", "uniform", "random", "reverse")

@@ -6,7 +6,7 @@ int8 weights, calibrated activations), then `deploy.evaluate_engine`: clean accu
 prediction flips of the engine against the fake-quant twin (Fixed(8)) and FP; white-box PGD
 on the twin and on FP; those examples transferred to the engine; Square on the engine.
 
-    >>> params = Params(model=["fmnist-fp-pgd7"], n_examples=32, steps=3, square_queries=20)
+    >>> params = Params(model=["fmnist-fp-pgd7-small"], n_examples=32, steps=3, square_queries=20)
     >>> results = run(params)              # {"models": {label: {...}}, "reading": ..., ...}
     >>> fig = plot_robust(results); print(reading(results))
 """
@@ -39,7 +39,7 @@ class Params(common.StudyParams):
     """
 
     dataset: str = "fashion-mnist"
-    model: object = ("fmnist-fp-natural", "fmnist-fp-pgd7", "fmnist-q8-pgd7")
+    model: object = ("fmnist-fp-natural-small", "fmnist-fp-pgd7-small", "fmnist-q8-pgd7-small")
     bits: tuple = (8,)
     attack: str = "pgd"
     eps: float = 0.1

@@ -24,8 +24,8 @@ from .common import Results, write_results
 METHOD_LABELS = {"natural": "natural", "fgsm-rs": "FGSM-RS", "pgd-at": "PGD-7 AT", "odgq": "ODG-Q"}
 METHODS = tuple(METHOD_LABELS)
 # The zoo's recipes with a per-epoch PGD-20 history, by training precision and method.
-ZOO_CURVES = {4: {"natural": "fmnist-q4-natural", "fgsm-rs": "fmnist-q4-fgsm-rs", "pgd-at": "fmnist-q4-pgd7",
-                  "odgq": "fmnist-odgq-q4"}}
+ZOO_CURVES = {4: {"natural": "fmnist-q4-natural-small", "fgsm-rs": "fmnist-q4-fgsm-rs-small",
+                  "pgd-at": "fmnist-q4-pgd7-small", "odgq": "fmnist-odgq-q4-small"}}
 ZOO_EVAL_N = 200   # test images of the zoo's per-epoch PGD-20
 
 

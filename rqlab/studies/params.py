@@ -1,7 +1,7 @@
 """Checks of the studies' parameters (notebooks and scripts), run before any work starts: a model given as a
 zoo name or a checkpoint path, precision lists the model can run at, test subsets.
 
-    >>> spec = check_model_spec("fmnist-q4-pgd7")        # cheap: reads no weights
+    >>> spec = check_model_spec("fmnist-q4-pgd7-small")        # cheap: reads no weights
     >>> model = rqlab.load(spec, device="cpu")             # or "runs/x/checkpoint.pt"
     >>> check_bits_supported(model, [2, 4, 8, 32], label=spec)
     >>> x, y = load_test_subset("fashion-mnist", 500, seed=0)   # float (N, C, H, W) in [0, 1], (N,)
@@ -32,7 +32,7 @@ def check_model_spec(spec, field: str = "model") -> str:
     from .. import zoo
 
     if not isinstance(spec, str) or not spec.strip():
-        raise RqlabError(f"{field}={spec!r} must be a zoo model name (e.g. fmnist-q4-pgd7; see `rqlab zoo list`) "
+        raise RqlabError(f"{field}={spec!r} must be a zoo model name (e.g. fmnist-q4-pgd7-small; see `rqlab zoo list`) "
                          "or the path of a checkpoint file")
     try:
         zoo.check_spec(spec.strip(), field)

@@ -6,7 +6,7 @@ rows are the precisions the white-box attack is crafted at (+ an EOT-PGD row ove
 set), columns the precisions the model is evaluated at (+ a random-precision-inference
 column); cells are robust accuracy on `n_examples` test images.
 
-    >>> params = Params(model="fmnist-q4-pgd7", bits=[2, 4, 8, 32], n_examples=64)
+    >>> params = Params(model="fmnist-q4-pgd7-small", bits=[2, 4, 8, 32], n_examples=64)
     >>> results = run(params)                    # {"models": {label: matrix}, "gap": ..., ...}
     >>> fig = plot_matrices(results); print(reading(results))
 """
@@ -33,7 +33,7 @@ class Params(common.StudyParams):
     """
 
     dataset: str = "fashion-mnist"
-    model: object = "fmnist-q4-pgd7"
+    model: object = "fmnist-q4-pgd7-small"
     bits: tuple = (3, 4, 5, 6, 7, 8, 32)
     attack: str = "pgd"
     eps: float = 0.1

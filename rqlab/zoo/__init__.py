@@ -2,8 +2,8 @@
 
     >>> from rqlab import zoo
     >>> zoo.names()                               # every recipe, trained here or not
-    >>> model = zoo.load("fmnist-q4-pgd7")        # checksum verified, eval mode, its own precision
-    >>> zoo.card("fmnist-q4-pgd7")["eval"]        # measured clean and PGD-20 accuracy
+    >>> model = zoo.load("fmnist-q4-pgd7-small")        # checksum verified, eval mode, its own precision
+    >>> zoo.card("fmnist-q4-pgd7-small")["eval"]        # measured clean and PGD-20 accuracy
 
 A recipe holds the RunSpec of one training run (`rqlab.train(spec)`); the `rqlab train`
 command that reproduces it is derived from the spec (`rqlab zoo show NAME` prints it). `rqlab zoo build NAME`
@@ -57,6 +57,7 @@ class Recipe:
     paper: str = ""
     gpu: bool = False                  # a GPU recipe: listed, not trained here
     notes: str = ""
+    standard_n: int = STANDARD_N       # test examples of the card's headline (`measure`)
 
     @property
     def command(self) -> str:
@@ -69,12 +70,43 @@ class Recipe:
         return f"{self.command} --nproc {nproc}"
 
 
-def _fmnist(policy: str, defense: str, adversarial: bool = True, **defense_config) -> RunSpec:
-    # Fashion-MNIST, sized for 2 CPU cores: adversarial (and QAT) recipes see a fixed
-    # 6,000-example subset for 4 epochs; the FP natural model all 60,000 for 3 epochs.
-    train = TrainConfig(epochs=4, n_train=6000) if adversarial else TrainConfig(epochs=3)
+def _fmnist(policy: str, defense: str, small: bool = False, **defense_config) -> RunSpec:
+    """A Fashion-MNIST SmallCNN recipe with the papers' optimiser (SGD 0.1, momentum 0.9,
+    weight decay 5e-4, batch 128, x0.1 at 50% and 75%; METHODS sections 2-5).
+
+    Full budget (issue 14): all 60,000 training images, 15 epochs for the adversarial
+    recipes and 10 for the natural ones (quantization-aware and DQ included), with clean
+    accuracy on 2,000 and PGD-20 on 1,000 test images after every epoch (the curve that
+    shows the plateau). small: the zoo before issue 14, sized for smoke runs on 2 CPU
+    cores: a fixed 6,000-example subset for 4 epochs (FP natural: all 60,000 for 3)."""
+    natural = defense in ("natural", "dq")
+    if small:
+        train = TrainConfig(epochs=3) if (natural and policy == "fp") else TrainConfig(epochs=4, n_train=6000)
+        eval_pgd = 200
+    else:
+        train = TrainConfig(epochs=FULL_EPOCHS[natural], eval_n=2000)
+        eval_pgd = 1000
     return RunSpec(model="smallcnn", data="fashion-mnist", policy=policy, defense=defense,
-                   defense_config=defense_config, train=train, eval_pgd=200)
+                   defense_config=defense_config, train=train, eval_pgd=eval_pgd)
+
+
+FULL_EPOCHS = {True: 10, False: 15}  # natural / adversarial recipes at full budget
+SMALL_NOTE = ("the -small variant: 6,000 training images for 4 epochs (the zoo before issue 14), kept for "
+              "smoke runs")
+ODGQ_NOTE = ("trained before the ODG-Q fix of issue 14 (free and FGSM-RS steps now ascend each domain's own "
+             "risk): `rqlab zoo build --force` retrains it with the current construction")
+
+
+def _fmnist_pair(name: str, summary: str, policy: str, defense: str, eval_bits: tuple, paper: str = "",
+                 notes: str = "", defense_config: dict | None = None) -> tuple:
+    """The full-budget recipe `name` and its 6k `-small` variant."""
+    defense_config = defense_config or {}
+    adversarial = defense not in ("natural", "dq")
+    small_notes = "; ".join(n for n in (notes, SMALL_NOTE, ODGQ_NOTE if defense == "odgq" else "") if n)
+    return (Recipe(name, summary, _fmnist(policy, defense, **defense_config), eval_bits, paper, notes=notes,
+                   standard_n=1000 if adversarial else STANDARD_N),
+            Recipe(f"{name}-small", f"{summary} (6k images, 4 epochs)",
+                   _fmnist(policy, defense, small=True, **defense_config), eval_bits, paper, notes=small_notes))
 
 
 def _cifar(model: str, policy: str, defense: str, **defense_config) -> RunSpec:
@@ -84,32 +116,54 @@ def _cifar(model: str, policy: str, defense: str, **defense_config) -> RunSpec:
                    train=TrainConfig(epochs=160, lr=0.1, schedule="step", augment=True, batch_size=128))
 
 
+_FMNIST = (
+    ("fmnist-fp-natural", "FP SmallCNN, natural training", "fp", "natural", ("fp", "8", "4")),
+    ("fmnist-fp-pgd7", "FP SmallCNN, PGD-7 adversarial training", "fp", "pgd-at", ("fp", "8", "6", "4"),
+     "Madry et al. 2018"),
+    ("fmnist-fp-fgsm-rs", "FP SmallCNN, FGSM-RS fast adversarial training", "fp", "fgsm-rs", ("fp",),
+     "Wong et al. 2020"),
+    ("fmnist-q4-natural", "4-bit SmallCNN, natural quantization-aware training", "4", "natural", ("4",)),
+    ("fmnist-q4-fgsm-rs", "4-bit SmallCNN, FGSM-RS", "4", "fgsm-rs", ("4",), "Wong et al. 2020"),
+    ("fmnist-q4-pgd7", "4-bit SmallCNN, PGD-7 adversarial training", "4", "pgd-at", ("4", "3", "5", "6", "8"),
+     "Double-Win Quant"),
+    ("fmnist-q8-pgd7", "8-bit SmallCNN, PGD-7 adversarial training", "8", "pgd-at", ("8", "4", "6")),
+    ("fmnist-a4-natural", "FP weights, 4-bit activations, natural training (vanilla quantization)", "w32a4",
+     "natural", ("w32a4",), "Defensive Quantization"),
+    ("fmnist-dq-natural", "FP weights, 4-bit activations, DQ regulariser (beta 3e-3)", "w32a4", "dq", ("w32a4",),
+     "Defensive Quantization", "", {"beta": 3e-3}),
+    ("fmnist-dq-pgd7", "FP weights, 4-bit activations, DQ (beta 3e-3) + PGD-7", "w32a4", "dq-pgd-at", ("w32a4",),
+     "Defensive Quantization", "", {"beta": 3e-3}),
+    ("fmnist-rpt-pgd7", "RPT over 4..8 bits with PGD-7 and switchable BN; RPI at inference", "4-8",
+     "rpt-pgd-at", ("4-8", "4", "6", "8"), "Double-Win Quant",
+     "PGD-20 at 4-8 here is the paper's non-adaptive protocol (one random precision per batch); the card's "
+     "headline is the standard protocol's (support ensemble, EOT-PGD, expectation attack)"),
+    ("fmnist-odgq-q4", "4-bit SmallCNN, ODG-Q (rqlab's construction)", "4", "odgq", ("4",), "ODG-Q"),
+    ("fmnist-odgq-bin", "binary SmallCNN (b = 1), ODG-Q (rqlab's construction)", "1", "odgq", ("1",), "ODG-Q"),
+)
+# full budget only: the binary controls of finding (d) and the DQ strengths of finding (a)
+_FMNIST_FULL_ONLY = (
+    ("fmnist-bin-natural", "binary SmallCNN (b = 1), natural training (ODG-Q's control)", "1", "natural", ("1",),
+     "ODG-Q"),
+    ("fmnist-bin-fgsm-rs", "binary SmallCNN (b = 1), FGSM-RS", "1", "fgsm-rs", ("1",), "ODG-Q"),
+    ("fmnist-bin-pgd7", "binary SmallCNN (b = 1), PGD-7 adversarial training", "1", "pgd-at", ("1",), "ODG-Q"),
+    ("fmnist-dq-natural-beta1e-3", "FP weights, 4-bit activations, DQ regulariser (beta 1e-3)", "w32a4", "dq",
+     ("w32a4",), "Defensive Quantization", "", {"beta": 1e-3}),
+    ("fmnist-dq-natural-beta1e-2", "FP weights, 4-bit activations, DQ regulariser (beta 1e-2)", "w32a4", "dq",
+     ("w32a4",), "Defensive Quantization", "", {"beta": 1e-2}),
+)
+
+
+def _fmnist_recipes():
+    for row in _FMNIST:
+        yield from _fmnist_pair(*row)
+    for name, summary, policy, defense, bits, paper, notes, config in (r + ("", "", None)[len(r) - 5:]
+                                                                       for r in _FMNIST_FULL_ONLY):
+        yield Recipe(name, summary, _fmnist(policy, defense, **(config or {})), bits, paper, notes=notes,
+                     standard_n=STANDARD_N if defense in ("natural", "dq") else 1000)
+
+
 RECIPES = {r.name: r for r in (
-    Recipe("fmnist-fp-natural", "FP SmallCNN, natural training", _fmnist("fp", "natural", adversarial=False),
-           ("fp", "8", "4")),
-    Recipe("fmnist-fp-pgd7", "FP SmallCNN, PGD-7 adversarial training", _fmnist("fp", "pgd-at"),
-           ("fp", "8", "6", "4"), "Madry et al. 2018"),
-    Recipe("fmnist-fp-fgsm-rs", "FP SmallCNN, FGSM-RS fast adversarial training", _fmnist("fp", "fgsm-rs"),
-           ("fp",), "Wong et al. 2020"),
-    Recipe("fmnist-q4-natural", "4-bit SmallCNN, natural quantization-aware training", _fmnist("4", "natural"),
-           ("4",)),
-    Recipe("fmnist-q4-fgsm-rs", "4-bit SmallCNN, FGSM-RS", _fmnist("4", "fgsm-rs"), ("4",), "Wong et al. 2020"),
-    Recipe("fmnist-q4-pgd7", "4-bit SmallCNN, PGD-7 adversarial training", _fmnist("4", "pgd-at"),
-           ("4", "3", "5", "6", "8"), "Double-Win Quant"),
-    Recipe("fmnist-q8-pgd7", "8-bit SmallCNN, PGD-7 adversarial training", _fmnist("8", "pgd-at"), ("8", "4", "6")),
-    Recipe("fmnist-a4-natural", "FP weights, 4-bit activations, natural training (vanilla quantization)",
-           _fmnist("w32a4", "natural"), ("w32a4",), "Defensive Quantization"),
-    Recipe("fmnist-dq-natural", "FP weights, 4-bit activations, DQ regulariser (beta 3e-3)",
-           _fmnist("w32a4", "dq", beta=3e-3), ("w32a4",), "Defensive Quantization"),
-    Recipe("fmnist-dq-pgd7", "FP weights, 4-bit activations, DQ (beta 3e-3) + PGD-7",
-           _fmnist("w32a4", "dq-pgd-at", beta=3e-3), ("w32a4",), "Defensive Quantization"),
-    Recipe("fmnist-rpt-pgd7", "RPT over 4..8 bits with PGD-7 and switchable BN; RPI at inference",
-           _fmnist("4-8", "rpt-pgd-at"), ("4-8", "4", "6", "8"), "Double-Win Quant",
-           notes="PGD-20 at 4-8 here is the paper's non-adaptive protocol (one random precision per "
-                 "batch); EOT and expectation attacks are in docs/findings.md and notebook 05"),
-    Recipe("fmnist-odgq-q4", "4-bit SmallCNN, ODG-Q (rqlab's construction)", _fmnist("4", "odgq"), ("4",), "ODG-Q"),
-    Recipe("fmnist-odgq-bin", "binary SmallCNN (b = 1), ODG-Q (rqlab's construction)", _fmnist("1", "odgq"),
-           ("1",), "ODG-Q"),
+    *_fmnist_recipes(),
     Recipe("cifar10-preactresnet18-pgd7", "PreActResNet-18, FP, PGD-7 (eps 8/255, step 2/255)",
            _cifar("preactresnet18", "fp", "pgd-at"), ("fp",), "Double-Win Quant", gpu=True),
     Recipe("cifar10-preactresnet18-q4-pgd7", "PreActResNet-18, 4 bits, PGD-7", _cifar("preactresnet18", "4", "pgd-at"),
@@ -151,8 +205,11 @@ def card(name: str) -> dict:
     r = recipe(name)
     path = _paths(name)[1]
     if not path.is_file():
+        small = f"{name}-small"
         raise RqlabError(f"zoo model {name!r} is not trained yet: run `rqlab zoo build {name}`"
-                         + (" (a GPU recipe)" if r.gpu else ""))
+                         + (" (a GPU recipe)" if r.gpu else "")
+                         + (f", or use {small} (6,000 training images, built)"
+                            if small in RECIPES and _paths(small)[1].is_file() else ""))
     return json.loads(path.read_text())
 
 
@@ -186,7 +243,7 @@ def check_spec(spec, field: str = "model"):
     not its weights; returns the name) or an existing checkpoint file or run directory
     holding checkpoint.pt (returns the file's Path). RqlabError naming `field` otherwise."""
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
-        raise RqlabError(f"{field}={spec!r} must be a zoo model name (e.g. fmnist-q4-pgd7; see `rqlab zoo list`) "
+        raise RqlabError(f"{field}={spec!r} must be a zoo model name (e.g. fmnist-q4-pgd7-small; see `rqlab zoo list`) "
                          "or the path of a checkpoint file or run directory")
     if not is_checkpoint_path(spec):
         name = str(spec).strip()
@@ -196,7 +253,7 @@ def check_spec(spec, field: str = "model"):
     file = file / "checkpoint.pt" if file.is_dir() else file
     if not file.is_file():
         raise RqlabError(f"{field}={str(spec)!r} is not an existing checkpoint file (paths are read relative to "
-                         f"{Path.cwd()}); give a zoo model name such as fmnist-q4-pgd7 or a file written by "
+                         f"{Path.cwd()}); give a zoo model name such as fmnist-q4-pgd7-small or a file written by "
                          "`rqlab train --out DIR` (DIR/checkpoint.pt)")
     return file
 
@@ -366,7 +423,8 @@ def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
 def measure(name: str, n: int | None = None, device: str = "cpu", options: dict | None = None,
             force: bool = False, progress: bool = True, log=print) -> dict:
     """The card's headline: the standard protocol (METHODS section 8) at the card's first
-    precision, on the first `n` (default STANDARD_N) examples of the card's test subset,
+    precision, on the first `n` (default: the recipe's standard_n, 500, or 1,000 for the
+    adversarially trained full-budget models) examples of the card's test subset,
     written into the card as card["standard"] (atomically; the weights are untouched) with
     the full record (per-example outcomes of every attack) beside it in
     store/NAME.standard.json. A card already measured with the same n, options and weights
@@ -381,7 +439,7 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     from ..machine import device_name
     from ..validate import check_int
 
-    n = STANDARD_N if n is None else check_int(n, "n", 1, CLEAN_N)
+    n = recipe(name).standard_n if n is None else check_int(n, "n", 1, CLEAN_N)
     c = card(name)
     existing = c.get("standard")
     if existing and not force and existing["n"] == n and existing["sha256"] == c["sha256"] \
@@ -443,6 +501,24 @@ def headline(c: dict) -> tuple[float | None, bool]:
     return (s["robust_accuracy"], bool(s["unreliable"])) if s else (None, False)
 
 
+def plateau(name_or_history, window: int = 3, tol: float = 0.01, key: str | None = None) -> dict:
+    """Whether a training curve has stopped improving (issue 14's full-budget check): the
+    best of the last `window` epochs gains at most `tol` over the best epoch before them.
+    key: the held-out metric of the card's history (default: PGD-20 "robust_accuracy" for
+    adversarial recipes, "clean_accuracy" for natural ones, whose robust accuracy is ~0).
+    Returns {"plateaued", "gain", "key", "window", "tol"}; too short a curve is not one."""
+    if isinstance(name_or_history, str):
+        history = card(name_or_history)["history"]
+        if key is None:
+            key = "clean_accuracy" if recipe(name_or_history).spec.defense in ("natural", "dq") else "robust_accuracy"
+    else:
+        history = name_or_history
+    key = key or "robust_accuracy"
+    values = [row[key] for row in history if row.get(key) is not None]
+    gain = max(values[-window:]) - max(values[:-window]) if len(values) > window else None
+    return {"plateaued": gain is not None and gain <= tol, "gain": gain, "key": key, "window": window, "tol": tol}
+
+
 def headlines() -> list[dict]:
     """Every built model's headline, as `rqlab zoo list` sorts them (the report's zoo table):
     name, summary, precision, clean accuracy, the standard protocol's robust accuracy with
@@ -499,8 +575,9 @@ def table() -> str:
                          f"{100 * row['robust_accuracy']:>7.1f}%" + ("  (PTQ)" if row.get("ptq") else ""))
     lines += rest
     lines.append(f"standard: the headline, robust accuracy under the standard protocol (AutoAttack standard + PGD-20; "
-                 f"adaptive attacks for random and binary precisions; worst case per example) on {STANDARD_N} "
-                 "examples at the first precision; '!' = flagged unreliable; '-' = not measured yet "
+                 f"adaptive attacks for random and binary precisions; worst case per example) on the "
+                 f"card's first {STANDARD_N} examples (1,000 for adversarially trained full-budget models) at the "
+                 "first precision; '!' = flagged unreliable; '-' = not measured yet "
                  "(`rqlab zoo measure NAME`)")
     lines.append(f"audit: the lowest accuracy of PGD-20, Square and transfer from FP on {AUDIT_N} examples, at the "
                  "first precision; '!' = a sanity check failed (see `rqlab zoo show NAME`)")
