@@ -250,3 +250,20 @@ def test_study_offers_the_baselines_opt_in():
     assert p.methods == ("lipschitz", "hessian", "margin")
     assert "hessian" not in bit_selection.Params().methods and "margin" not in bit_selection.Params().methods
     assert set(BS.METHODS) - set(BS.DEFAULT_METHODS) == {"hessian", "margin"}
+
+
+def test_study_runs_with_the_baselines(calibrated):
+    """Notebook 03's run with both opt-in baselines, on the small CNN (as the zoo model's stand-in)."""
+    from rqlab.studies import common
+
+    model, _ = calibrated
+    params = bit_selection.Params(bits=BITS, budgets=[3.0], methods=["lipschitz", "uniform", "hessian", "margin"],
+                                  iters=20, sens_n=64, hessian_probes=2, steps=2, n_examples=32, device="cpu",
+                                  interactive=False)
+    x, y = load_fmnist("test", 32)
+    inputs = common.Inputs({params.model: model}, {params.model: params.model}, x, y, torch.device("cpu"))
+    res = bit_selection.run(params, inputs, log=None)
+    assert [r["method"] for r in res["allocations"]] == list(params.methods) and res["budget_met"]
+    assert set(res["baseline_sensitivity"]) == {"hessian", "margin"}
+    assert res["baseline_sensitivity"]["hessian"]["settings"]["n"] == 64
+    json.dumps(dict(res))
