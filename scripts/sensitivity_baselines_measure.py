@@ -49,6 +49,9 @@ def main() -> None:
     print(f"  FP accuracy at x_adv {fp['accuracy']:.3f}, mean margin {fp['mean_margin']:.3f}")
     for name in mar.table:
         print(f"  {name:<8} M(b) " + " ".join(f"{b}:{v:.3g}" for b, v in mar.table[name].items()))
+        print(f"  {'':<8} signed " + " ".join(f"{b}:{v:.3g}" for b, v in mar.details[name]["mean_drop"].items()))
+    negative = sum(v < 0 for d in mar.details.values() for v in d["mean_drop"].values())
+    print(f"  signed mean drop negative in {negative} of {len(mar.table) * len(BITS)} (layer, b) cells")
     for budget in (3.0, 4.0, 5.0):
         line = []
         for method, sens in (("lipschitz", lip), ("hessian", hes), ("margin", mar)):
