@@ -31,6 +31,7 @@ from .sensitivity import (DEFAULT_BITS, KINDS, Sensitivity, activation_step, ave
                           uniform_cost, weight_error_norm)
 
 __all__ = ["KINDS", "METHODS", "DEFAULT_METHODS", "DEFAULT_BITS", "Sensitivity", "Allocation", "sensitivities",
-           "hessian_sensitivities", "margin_sensitivities", "weight_error_norm", "activation_step", "layer_input_shapes", "cost_table", "average_bits", "uniform_cost", "select_bits",
+           "hessian_sensitivities", "margin_sensitivities", "weight_error_norm", "activation_step",
+           "layer_input_shapes", "cost_table", "average_bits", "uniform_cost", "select_bits",
            "compare_allocations", "format_comparison", "ensure_calibrated", "missing_ranges",
            "check_bits_options", "allocate"]
