@@ -17,15 +17,21 @@ Modules:
                  knapsack, greedy, uniform, reverse, random (`bitselect.allocate.greedy`)
     compare      select_bits (one method at one budget), compare_allocations (all
                  methods under attack), format_comparison
+    hessian      baseline table: HAWQ-v2 Hessian trace (Hutchinson) x weight error
+    margin       baseline table: logit-margin drop at adversarial inputs, one layer
+                 quantized at a time
 """
 from . import allocate
 from .allocate import Allocation
-from .compare import METHODS, compare_allocations, format_comparison, select_bits
+from .compare import DEFAULT_METHODS, METHODS, compare_allocations, format_comparison, select_bits
+from .hessian import hessian_sensitivities
+from .margin import margin_sensitivities
 from .sensitivity import (DEFAULT_BITS, KINDS, Sensitivity, activation_step, average_bits, check_bits_options,
                           cost_table, ensure_calibrated, layer_input_shapes, missing_ranges, sensitivities,
                           uniform_cost, weight_error_norm)
 
-__all__ = ["KINDS", "METHODS", "DEFAULT_BITS", "Sensitivity", "Allocation", "sensitivities", "weight_error_norm",
-           "activation_step", "layer_input_shapes", "cost_table", "average_bits", "uniform_cost", "select_bits",
+__all__ = ["KINDS", "METHODS", "DEFAULT_METHODS", "DEFAULT_BITS", "Sensitivity", "Allocation", "sensitivities",
+           "hessian_sensitivities", "margin_sensitivities", "weight_error_norm", "activation_step",
+           "layer_input_shapes", "cost_table", "average_bits", "uniform_cost", "select_bits",
            "compare_allocations", "format_comparison", "ensure_calibrated", "missing_ranges",
            "check_bits_options", "allocate"]

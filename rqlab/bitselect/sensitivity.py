@@ -67,6 +67,7 @@ from ..validate import FP_BITS, RqlabError, check_bits_set, check_choice, check_
 
 KINDS = ("avg_bits", "bitops")
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+LIPSCHITZ = "rqlab (METHODS section 4): S_l(b) = (e_w,l(b) + e_a,l(b)) * prod_{j>l} L_j"
 
 
 # ----------------------------------------------------------------------------- checks
@@ -139,12 +140,16 @@ class Sensitivity:
               "downstream": D_l, "input_shape": [C, H, W] or [features], "weights": n_l,
               "kind": "QuantConv2d" | "QuantLinear"}}.
     bits_options: the options, sorted.
+    method: the construction that filled the table: "lipschitz" (here), "hessian"
+    (`bitselect.hessian`) or "margin" (`bitselect.margin`); construction: its formula.
     """
 
     table: dict
     details: dict
     bits_options: tuple
     settings: dict = field(default_factory=dict)
+    method: str = "lipschitz"
+    construction: str = LIPSCHITZ
 
     @property
     def layers(self) -> list[str]:
@@ -153,10 +158,11 @@ class Sensitivity:
     def to_dict(self) -> dict:
         """JSON-ready (bit keys as strings)."""
         keyed = lambda d: {str(b): v for b, v in d.items()}  # noqa: E731
+        by_bits = lambda v: isinstance(v, dict) and all(isinstance(b, int) for b in v)  # noqa: E731
         details = {}
         for name, d in self.details.items():
-            details[name] = {k: (keyed(v) if k in ("e_w", "e_a", "act_range") else v) for k, v in d.items()}
-        return {"construction": "rqlab (METHODS section 4): S_l(b) = (e_w,l(b) + e_a,l(b)) * prod_{j>l} L_j",
+            details[name] = {k: (keyed(v) if by_bits(v) else v) for k, v in d.items()}
+        return {"method": self.method, "construction": self.construction,
                 "bits_options": list(self.bits_options), "settings": dict(self.settings),
                 "table": {name: keyed(row) for name, row in self.table.items()}, "details": details}
 

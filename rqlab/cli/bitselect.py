@@ -89,7 +89,7 @@ def run_cli(args) -> int:
 
     # fail on bad options before loading anything
     kind = check_choice(args.kind, "--kind", bitselect.KINDS)
-    method = check_choice(args.method, "--method", bitselect.METHODS)
+    method = check_choice(args.method, "--method", bitselect.DEFAULT_METHODS)  # hessian, margin: Python API
     options = bitselect.check_bits_options(parse_bits(args.bits), "--bits")
     check_int(args.calibrate, "--calibrate", 0, data.dataset_info(args.data).sizes["train"])
     check_int(args.iters, "--iters", 1)

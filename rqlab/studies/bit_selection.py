@@ -3,7 +3,9 @@
 
 Per-layer sensitivities S_l(b), the exact knapsack allocation at each budget (average
 weight bits) against uniform, random and reverse allocations, each attacked white-box at
-its own mixed precision (`bitselect.compare_allocations`).
+its own mixed precision (`bitselect.compare_allocations`). Opt-in baselines (add them to
+`methods`): "hessian" (HAWQ-v2 trace-weighted weight error) and "margin" (logit-margin
+drop at adversarial inputs), both measured on `sens_n` training images.
 
     >>> params = Params(model="fmnist-fp-pgd7-small", budgets=[3.0, 4.0], random_seeds=1, iters=30)
     >>> results = run(params)
@@ -28,8 +30,9 @@ class Params(common.StudyParams):
     model: an adversarially trained model without switchable BN (zoo name or checkpoint).
     bits: bit options per layer (2..16; 32 keeps a layer FP); budgets: in parameter-weighted
     average weight bits, each >= the cheapest option; methods: out of lipschitz, uniform,
-    random, reverse; random_seeds: random allocations per budget; iters: power-iteration
-    steps per operator norm.
+    random, reverse, hessian, margin; random_seeds: random allocations per budget; iters:
+    power-iteration steps per operator norm; sens_n: training images (seeded subset) of
+    the hessian and margin tables; hessian_probes: Hutchinson probes (>= 2).
     """
 
     dataset: str = "fashion-mnist"
@@ -39,6 +42,8 @@ class Params(common.StudyParams):
     methods: tuple = ("lipschitz", "uniform", "random", "reverse")
     random_seeds: int = 3
     iters: int = 300
+    sens_n: int = 256
+    hessian_probes: int = 16
     attack: str = "pgd"
     eps: float = 0.1
     steps: int = 20
@@ -61,6 +66,8 @@ class Params(common.StudyParams):
         self._set("methods", tuple(P.check_choices(self.methods, "methods", BS.METHODS)))
         self._set("random_seeds", check_int(self.random_seeds, "random_seeds", 1))
         self._set("iters", check_int(self.iters, "iters", 1))
+        self._set("sens_n", P.check_n_examples(self.sens_n, self.dataset, "train", "sens_n"))
+        self._set("hessian_probes", check_int(self.hessian_probes, "hessian_probes", 2))
 
 
 def load_inputs(params: Params) -> common.Inputs:
@@ -90,9 +97,11 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
     threat = params.threat()
     torch.manual_seed(params.seed)
     sens = BS.sensitivities(net, params.bits, iters=params.iters)
+    tables = baseline_tables(params, net, threat)
     rows = BS.compare_allocations(net, (inputs.x, inputs.y), threat, list(params.budgets), params.bits,
                                   kind="avg_bits", methods=list(params.methods), n=None,
-                                  random_seeds=params.random_seeds, sensitivity=sens, seed=params.seed)
+                                  random_seeds=params.random_seeds, sensitivity=sens, seed=params.seed,
+                                  tables=tables)
     log(BS.format_comparison(rows))
     read = (readings.allocation_reading(rows, n=params.n_examples)
             if {"lipschitz", "uniform"} <= set(params.methods) else None)
@@ -114,9 +123,30 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
         "threat": threat.to_dict(),
         "allocations": rows,
         "sensitivity": sens.to_dict(),
+        "baseline_sensitivity": {m: t.to_dict() for m, t in tables.items()},
         "reading": read["text"] if read else None,
     }
-    return Results(results, models={m: net for m in params.methods}, objects={"sensitivity": sens})
+    return Results(results, models={m: net for m in params.methods}, objects={"sensitivity": sens, **tables})
+
+
+def baseline_tables(params: Params, net, threat) -> dict:
+    """{"hessian": ..., "margin": ...} for the baselines in params.methods, measured on the
+    first `sens_n` images of the seeded training subset (not the test images attacked)."""
+    wanted = [m for m in ("hessian", "margin") if m in params.methods]
+    if not wanted:
+        return {}
+    from .. import data
+
+    ds = data.load(params.dataset, "train", n=params.sens_n, seed=params.seed)
+    p = next(net.parameters())
+    train = (ds.x.float().div(255).to(p.device), ds.y.to(p.device))
+    tables = {}
+    if "hessian" in wanted:
+        tables["hessian"] = BS.hessian_sensitivities(net, train, params.bits, n=None,
+                                                     n_probes=params.hessian_probes, seed=params.seed)
+    if "margin" in wanted:
+        tables["margin"] = BS.margin_sensitivities(net, train, threat, params.bits, n=None)
+    return tables
 
 
 def _mean(values) -> float:
@@ -126,7 +156,7 @@ def _mean(values) -> float:
 # ---- figures and reading ------------------------------------------------------------------
 
 STYLE = {"lipschitz": ("o", "-", 2.5), "uniform": ("s", "--", 1.5), "random": ("^", ":", 1.5),
-         "reverse": ("v", "-.", 1.5)}
+         "reverse": ("v", "-.", 1.5), "hessian": ("D", "-", 1.5), "margin": ("P", "-", 1.5)}
 
 
 def plot_budgets(results: dict):
@@ -200,7 +230,7 @@ def explorer(params: Params, inputs: common.Inputs, results: Results):
 
     def allocation(method, budget):
         return quant.PerLayer(BS.select_bits(net, float(budget), params.bits, method=method, seed=params.seed,
-                                             sensitivity=sens).bits)
+                                             sensitivity=results.objects.get(method, sens)).bits)
 
     options = [b for b in params.bits if b != 32]
     return common.explorer(params, {m: net for m in params.methods}, inputs.x, inputs.y, policy=allocation,
@@ -209,5 +239,5 @@ def explorer(params: Params, inputs: common.Inputs, results: Results):
                                  f"{params.attack}-{params.steps}, {{k}} examples")
 
 
-__all__ = ["Params", "load_inputs", "run", "plot_budgets", "plot_allocations", "reading", "explorer",
+__all__ = ["Params", "load_inputs", "run", "baseline_tables", "plot_budgets", "plot_allocations", "reading", "explorer",
            "write_results"]
