@@ -22,7 +22,7 @@ BITS = (2, 3, 4, 5, 6, 8)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("model", nargs="?", default="fmnist-fp-pgd7")
+    ap.add_argument("model", nargs="?", default="fmnist-fp-pgd7-small")
     ap.add_argument("--n", type=int, default=256, help="training images of the hessian and margin tables")
     ap.add_argument("--probes", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
