@@ -1,0 +1,109 @@
+"""Train the full-budget zoo (issue 14) in the background, one model at a time, resumable,
+committing each model's weights and card as it finishes.
+
+    nohup .venv/bin/python scripts/zoo_queue.py > runs/zoo_queue.log 2>&1 &   # resumes where it stopped
+    .venv/bin/python scripts/zoo_queue.py --dry-run                             # the order, and what is built
+
+Order: the models the notebooks use first (03, 05, 06, 01: fp-pgd7; 01, 05, 06: q8/q4/rpt;
+02: fp/a4/dq natural), then the rest of the findings' models. Each model is trained by
+`zoo.build(..., protocol="quick")` (rqlab train's per-epoch checkpoints: a killed queue
+resumes at its last epoch), then checked: clean accuracy at least 2 points above its
+-small variant's (where one exists) and a plateaued held-out curve (`zoo.plateau`,
+gain <= 2 points over the last 3 epochs). A model that passes is committed alone
+(`git commit -- its store files`); one that fails is left uncommitted with the reason
+in the log, for a person to read. The standard-protocol cards (1,000 examples for the
+adversarial models) are measured afterwards by `rqlab zoo measure`, also resumable.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rqlab import zoo  # noqa: E402
+from rqlab.validate import RqlabError  # noqa: E402
+
+ORDER = ("fmnist-fp-pgd7", "fmnist-q8-pgd7", "fmnist-q4-pgd7", "fmnist-rpt-pgd7", "fmnist-fp-natural",
+         "fmnist-a4-natural", "fmnist-dq-natural", "fmnist-dq-natural-beta1e-3", "fmnist-dq-natural-beta1e-2",
+         "fmnist-q4-natural", "fmnist-q4-fgsm-rs", "fmnist-odgq-q4", "fmnist-fp-fgsm-rs", "fmnist-dq-pgd7",
+         "fmnist-odgq-bin", "fmnist-bin-natural", "fmnist-bin-fgsm-rs", "fmnist-bin-pgd7")
+MIN_GAIN_OVER_SMALL = 0.02
+PLATEAU_TOL = 0.02
+
+
+def check(name: str) -> list[str]:
+    """Why the built model `name` should not be committed ([] = it is sane)."""
+    problems = []
+    first = zoo.card(name)["eval"][0]
+    small = f"{name}-small"
+    if small in zoo.RECIPES and small in zoo.names(trained_only=True):
+        base = zoo.card(small)["eval"][0]["clean_accuracy"]
+        if first["clean_accuracy"] < base + MIN_GAIN_OVER_SMALL:
+            problems.append(f"clean accuracy {first['clean_accuracy']:.3f} is not {MIN_GAIN_OVER_SMALL} above "
+                            f"{small}'s {base:.3f}")
+    p = zoo.plateau(name, tol=PLATEAU_TOL)
+    if not p["plateaued"]:
+        problems.append(f"{p['key']} still rising: +{p['gain']:.3f} over the last {p['window']} epochs")
+    return problems
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    for attempt in range(20):  # another git command may hold the index lock for a moment
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode == 0 or "index.lock" not in proc.stderr:
+            return proc
+        time.sleep(3)
+    return proc
+
+
+def commit(name: str) -> None:
+    files = [str(p.relative_to(ROOT)) for p in sorted(zoo.STORE.glob(f"{name}.*")) if not p.name.endswith(".progress")]
+    c = zoo.card(name)
+    first = c["eval"][0]
+    msg = (f"zoo: {name} trained at full budget ({c['epochs']} epochs, {c['training_time_s'] / 3600:.1f} h on "
+           f"{c['device']}): clean {100 * first['clean_accuracy']:.1f}%, PGD-20 {100 * first['robust_accuracy']:.1f}%")
+    for args in (["add", "--", *files], ["commit", "-m", msg, "--", *files]):
+        proc = git(*args)
+        if proc.returncode != 0:
+            print(f"{name}: git {args[0]} failed: {proc.stderr.strip()}", flush=True)
+            return
+    print(f"{name}: committed ({', '.join(files)})", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help=f"models to train, in order (default: {len(ORDER)} in ORDER)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--dry-run", action="store_true", help="print the order and what is built, train nothing")
+    ap.add_argument("--no-commit", action="store_true", help="train and check, commit nothing")
+    args = ap.parse_args(argv)
+    names = args.names or list(ORDER)
+    for n in names:
+        zoo.recipe(n)
+    built = set(zoo.names(trained_only=True))
+    for i, n in enumerate(names, 1):
+        state = "built" if n in built else "to train"
+        if args.dry_run:
+            print(f"[{i}/{len(names)}] {n}: {state}  ({zoo.recipe(n).command})")
+            continue
+        print(f"[{i}/{len(names)}] {n}: {state}", flush=True)
+        try:
+            zoo.build(n, threads=args.threads, progress=False, protocol="quick", log=lambda m: print(m, flush=True))
+        except RqlabError as e:
+            print(f"{n}: error: {e}", flush=True)
+            continue
+        problems = check(n)
+        if problems:
+            print(f"{n}: NOT committed: {'; '.join(problems)}", flush=True)
+        elif not args.no_commit and git("status", "--porcelain", "--", f"rqlab/zoo/store/{n}.*").stdout.strip():
+            commit(n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
