@@ -88,7 +88,8 @@ def test_sigterm_after_the_first_run_then_a_rerun_redoes_only_the_rest(tmp_path)
     proc = spawn(argv, tmp_path)
     stdout, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    assert f"skipped 1 {SKIPPED}" in stdout and "2/2 runs ok" in stdout, stdout
+    assert f"skipped 1 {SKIPPED}" in stdout and "2/2 runs ok (quick profile" in stdout, stdout
+    assert "s), 1 reused" in stdout, stdout
     assert executions(tmp_path) == ["2.0 0.0", "3.0 6.0"]              # the first run did not run again
     assert {p.name: stamp(p) for p in (out / "fast").iterdir()} == before  # nor was its folder rewritten
     assert_index_agrees(out, {"fast": 1.0, "slow": 1.5}, in_progress=False)

@@ -57,8 +57,10 @@ def run_cli(args) -> int:
     rows = [r for r in summary["runs"] if r["run_id"] in batch]
     failed = [r["run_id"] for r in rows if r["status"] != "ok" or r.get("rerun_error")]
     kept = summary["n_runs"] - len(rows)
+    reused = sum(bool(r.get("reused")) for r in rows)
     print(f"{len(rows) - len(failed)}/{len(rows)} runs ok ({summary['profile']} profile, "
-          f"{summary['wall_time_s']:.0f} s)" + (f"; failed: {', '.join(failed)}" if failed else "")
+          f"{summary['wall_time_s']:.0f} s)" + (f", {reused} reused" if reused else "")
+          + (f"; failed: {', '.join(failed)}" if failed else "")
           + (f"; {kept} earlier runs kept in the index" if kept else ""))
     print(f"report: {Path(args.out).resolve() / 'index.html'}")
     return 1 if failed else 0
