@@ -391,8 +391,9 @@ def test_rerun_only_and_kill_keep_every_finished_run(tmp_path, kill):
         assert not staging.exists()   # the interrupted run's folder is gone, the index final
     assert_index_agrees(out, both, in_progress=kill == signal.SIGKILL)
 
-    # the same --only rerun, not killed: the other run is still listed, nothing half-written is left
-    proc = spawn(report + ["--config", "fast.yaml", "--only", "alpha__scale=2"], tmp_path)
+    # the same --only rerun (forced: its finished run would be kept), not killed: the other run is
+    # still listed, nothing half-written is left
+    proc = spawn(report + ["--config", "fast.yaml", "--only", "alpha__scale=2", "--force"], tmp_path)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
     assert_index_agrees(out, both, in_progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["alpha__scale=2", "alpha__scale=3", "index.html",

@@ -9,7 +9,10 @@ The config's schema, the notebooks' contract and the output layout are described
 rqlab/report/. Exit code 0 when every notebook ran, 1 when one failed (the index and
 summary.json are written anyway), 2 for a bad config or option (nothing has run), 130
 when interrupted (Ctrl-C, SIGTERM: the index then lists the runs that finished). With
---only, the other runs of an earlier batch in OUT are kept and listed.
+--only, the other runs of an earlier batch in OUT are kept and listed. A rerun skips the
+finished runs it would redo identically (same parameters after profile and grid, notebook
+file, rqlab commit with a hash of uncommitted changes under rqlab/ and notebooks/, torch
+and device; files untouched) and lists them as reused; --force reruns them.
 torch and papermill are imported inside run_cli, so registering the parser costs nothing.
 """
 from __future__ import annotations
@@ -32,6 +35,10 @@ def add_cli(subparsers) -> None:
                         "already in OUT are kept and stay in the index")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="notebooks run in parallel (default 1)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"report folder (default {DEFAULT_OUT})")
+    p.add_argument("--force", action="store_true",
+                   help="rerun every run; by default a finished ok run with the same parameters, notebook file, "
+                        "rqlab commit (uncommitted changes under rqlab/ and notebooks/ count as another commit, "
+                        "one per set of changes), torch and device is kept and listed as reused")
     p.add_argument("--show-input", action="store_true", help="show code cells in the HTML (default: outputs only)")
     p.add_argument("--cell-progress", action="store_true", help="papermill's per-cell progress bar")
     p.set_defaults(run=run_cli)
@@ -44,13 +51,16 @@ def run_cli(args) -> int:
     from .. import report
 
     summary = report.run_report(args.config, profile=args.profile, only=args.only, jobs=args.jobs,
-                                out=args.out, show_input=args.show_input, cell_progress=args.cell_progress)
+                                out=args.out, show_input=args.show_input, cell_progress=args.cell_progress,
+                                force=args.force)
     batch = set(summary["batch"])
     rows = [r for r in summary["runs"] if r["run_id"] in batch]
     failed = [r["run_id"] for r in rows if r["status"] != "ok" or r.get("rerun_error")]
     kept = summary["n_runs"] - len(rows)
+    reused = sum(bool(r.get("reused")) for r in rows)
     print(f"{len(rows) - len(failed)}/{len(rows)} runs ok ({summary['profile']} profile, "
-          f"{summary['wall_time_s']:.0f} s)" + (f"; failed: {', '.join(failed)}" if failed else "")
+          f"{summary['wall_time_s']:.0f} s)" + (f", {reused} reused" if reused else "")
+          + (f"; failed: {', '.join(failed)}" if failed else "")
           + (f"; {kept} earlier runs kept in the index" if kept else ""))
     print(f"report: {Path(args.out).resolve() / 'index.html'}")
     return 1 if failed else 0

@@ -24,6 +24,12 @@ all); a whole batch removes, after it, the marked folders of runs that are not i
 A rerun that fails where the earlier run was ok keeps the earlier results (the row
 notes the failure; the failed run is in OUT/.<run-id>.failed). The report refuses to
 touch a run folder without the marker. A failing notebook does not stop the batch.
+
+A rerun skips every finished run it would redo identically: a run folder whose marker says
+ok, with the same fingerprint (parameters after profile and grid, the notebook's sha256, the
+rqlab commit, with a hash of uncommitted changes under rqlab/ and notebooks/, torch, device)
+and its files as written (reuse.py). Its row is listed again, marked "reused"; the rest
+(failed, missing, changed) runs. `force=True` (--force) reruns everything.
 """
 from __future__ import annotations
 
@@ -44,9 +50,9 @@ from ..validate import RqlabError, check_int
 from .config import DEFAULT_CONFIG, Run, load_config, plan
 from .execute import check_kernel, execute_notebook, export_html, main_figure, read_results
 from .html import index_html
+from .reuse import MARKER, finished, fingerprint, seal, source_commit
 
 DEFAULT_OUT = "reports/out"
-MARKER = ".rqlab-report"
 SUMMARY_FORMAT = "rqlab-report"
 
 
@@ -78,13 +84,15 @@ def _git_commit() -> str | None:
 
 def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | None = None, jobs: int = 1,
                out=DEFAULT_OUT, show_input: bool = False, cell_progress: bool = False, notebooks_dir=None,
-               progress: bool = True) -> dict:
+               progress: bool = True, force: bool = False, log=print) -> dict:
     """Validate, run every notebook of the batch, write OUT/index.html and OUT/summary.json.
 
     Returns the summary (as in summary.json). Failed notebooks are recorded, not raised;
     RqlabError is raised only for bad input, before anything runs. The index and summary
     are rewritten after every finished run (marked in progress until the batch ends) and
     list only complete runs: the earlier batch's rows until a run is redone, then the new one.
+    Finished runs with the same fingerprint are kept, not rerun (rows marked "reused"),
+    unless force; `log` gets the line that says how many.
     """
     jobs = check_int(jobs, "--jobs", lo=1)
     check_output_dir(out, "--out")
@@ -102,6 +110,16 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
     t0 = time.perf_counter()
     previous = _previous_rows(out)  # complete runs of earlier batches, by run-id
     done: dict[str, dict] = {}
+    notebooks_dir = cfg.notebooks_dir.resolve()
+    commit = source_commit()
+    prints = {r.run_id: fingerprint(r, notebooks_dir, commit, env, show_input) for r in runs}
+    for run in [] if force else runs:
+        row = finished(out / run.run_id, prints[run.run_id])
+        if row is not None:
+            done[run.run_id] = {**row, "reused": True}
+    if done:
+        log(f"skipped {len(done)} finished runs (same parameters and commit); --force reruns them")
+    todo = [r for r in runs if r.run_id not in done]
 
     zoo_rows = zoo.headlines()
 
@@ -128,7 +146,8 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
 
     publish(True)
     try:
-        _run_all(runs, out, cfg.notebooks_dir.resolve(), jobs, show_input, cell_progress, progress, previous, finish)
+        if todo:
+            _run_all(todo, out, notebooks_dir, jobs, show_input, cell_progress, progress, previous, prints, finish)
     except BaseException:  # interrupted: the index lists the complete runs, no longer in progress
         publish(False)
         raise
@@ -210,9 +229,10 @@ def _swap(out: Path, run_id: str) -> None:
 
 
 def _run_all(runs, out: Path, notebooks_dir: Path, jobs: int, show_input: bool, cell_progress: bool,
-             progress: bool, previous: dict, on_finish) -> None:
+             progress: bool, previous: dict, prints: dict, on_finish) -> None:
     """Run the batch (in `jobs` worker processes when > 1), each run in its staging folder;
-    a finished run is swapped in and passed to on_finish(run, record). A run that fails
+    a finished run is sealed (its marker gets the fingerprint prints[run-id], reuse.seal),
+    swapped in and passed to on_finish(run, record). A run that fails
     where an earlier batch's run was ok keeps the earlier results (the row says so)."""
     from tqdm.auto import tqdm
 
@@ -225,6 +245,7 @@ def _run_all(runs, out: Path, notebooks_dir: Path, jobs: int, show_input: bool, 
 
     def finish(run, outcome):
         rec = _record(run, out, outcome, show_input)
+        seal(_staging(out, run.run_id), run, prints[run.run_id], rec)
         old = previous.get(run.run_id)
         if rec["status"] != "ok" and old is not None and old["status"] == "ok":
             kept = _staging(out, run.run_id, "failed")
@@ -295,4 +316,5 @@ def _record(run: Run, out: Path, outcome: dict, show_input: bool) -> dict:
     return {"run_id": run.run_id, "notebook": run.notebook, "entry": f"runs[{run.entry.index}]",
             "status": "failed" if error else "ok", "error": error, "traceback": trace,
             "params": run.params, "grid": run.grid_point, "results": numbers, "result_files": result_files,
-            "warnings": warnings, "files": files, "seconds": None if seconds is None else round(seconds, 2)}
+            "warnings": warnings, "files": files, "seconds": None if seconds is None else round(seconds, 2),
+            "reused": False}

@@ -73,6 +73,8 @@ def _index_row(r: dict) -> str:
     run = f'{status}<br><span class="kv">{e(r["run_id"])}</span>'
     if r["seconds"] is not None:
         run += f'<br><span class="small">{r["seconds"]:.1f} s</span>'
+    if r.get("reused"):
+        run += '<br><span class="small">reused: same parameters and commit</span>'
     if r["error"]:
         run += f'<pre class="error">{e(r["error"])}</pre>'
         if r["traceback"]:
