@@ -123,3 +123,29 @@ def test_rqlab_eval_json_killed_with_sigterm_resumes_on_rerun(model, tmp_path):
     test = data.load("fashion-mnist", split="test", n=48, seed=0)
     whole = evaluate(model, test, threat, policy=quant.Fixed(4), batch_size=8, progress=False)
     assert rec["per_example"] == whole["per_example"] and rec["robust_accuracy"] == whole["robust_accuracy"]
+
+
+def test_rqlab_eval_fast_path_options_are_recorded(model, tmp_path, capsys):
+    """--arithmetic, --active-set and --channels-last (issue 15's evaluation fast path): the
+    record says what ran; bf16 without the hardware is a one-line error before any work."""
+    from rqlab.attacks.base import bf16_supported
+    from rqlab.cli import main
+
+    ckpt = tmp_path / "checkpoint.pt"
+    checkpoint.save(ckpt, {"model": model.config.to_dict(), "state_dict": model.state_dict(),
+                           "policy": quant.Fixed(32).to_dict()})
+    argv = ["eval", "--model", str(ckpt), "--attack", "pgd", "--steps", "3", "--bits", "4", "--n", "16",
+            "--no-progress", "--device", "cpu", "--json"]
+    assert main(argv + [str(tmp_path / "a.json"), "--active-set", "--channels-last"]) == 0
+    assert "--channels-last is a CUDA option" in capsys.readouterr().err
+    rec = Record.from_json((tmp_path / "a.json").read_text())
+    assert rec["attack_settings"] == {"arithmetic": "fp32", "active_set": True} and rec["channels_last"] is False
+    code = main(argv + [str(tmp_path / "b.json"), "--arithmetic", "bf16"])
+    if bf16_supported("cpu"):
+        assert code == 0
+        rec_bf16 = Record.from_json((tmp_path / "b.json").read_text())
+        assert rec_bf16["attack_settings"]["arithmetic"] == "bf16"
+        assert rec_bf16["clean_accuracy"] == rec["clean_accuracy"]  # final scores stay fp32
+    else:
+        assert code == 2 and "arithmetic='bf16' needs CUDA" in capsys.readouterr().err
+        assert not (tmp_path / "b.json").exists()

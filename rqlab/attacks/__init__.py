@@ -18,7 +18,7 @@ once fooled (`base.iterate`); `with attacks.arithmetic("bf16"):` runs their forw
 bf16 (every final score stays fp32; docs/performance.md).
 """
 from .autoattack import autoattack, autoattack_stages
-from .base import active_set, arithmetic
+from .base import active_set, arithmetic, arithmetic_in_use
 from .bpda import bpda
 from .cw import cw
 from .eot_pgd import eot_pgd
@@ -36,5 +36,5 @@ def run(model, x, y, threat: ThreatModel):
     return get(threat.attack)(model, x, y, threat)
 
 
-__all__ = ["ThreatModel", "NORMS", "active_set", "arithmetic", "get", "names", "canonical", "options", "run", "fgsm", "pgd", "cw",
+__all__ = ["ThreatModel", "NORMS", "active_set", "arithmetic", "arithmetic_in_use", "get", "names", "canonical", "options", "run", "fgsm", "pgd", "cw",
            "eot_pgd", "expectation", "transfer", "autoattack", "autoattack_stages", "square", "bpda"]

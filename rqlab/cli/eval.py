@@ -69,6 +69,15 @@ def add_cli(subparsers) -> None:
     p.add_argument("--aa-targets", type=int, default=None, help="standard protocol: APGD-T/FAB-T targets (default 9)")
     p.add_argument("--square-queries", type=int, default=None,
                    help="standard protocol: Square's queries (default 5000, the reference)")
+    p.add_argument("--arithmetic", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="the attacks' forward and backward: fp32 (default), bf16 autocast (CUDA, or a CPU with "
+                        "AVX512-BF16/AMX; every final score stays fp32; binary models keep fp32), or auto (bf16 where "
+                        "the hardware has it); recorded in extra.attack_settings (docs/performance.md)")
+    p.add_argument("--active-set", action="store_true",
+                   help="attacks on deterministic models drop examples once fooled (fewer passes; robust accuracy "
+                        "equal or lower, docs/performance.md); recorded in extra.attack_settings")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format for the model (CUDA only; ignored with a note on a CPU); recorded")
     p.add_argument("--sanity", action="store_true", help="run the sanity checks and add them to the record")
     p.add_argument("--strict", action="store_true",
                    help=f"exit with code {STRICT_EXIT} when a sanity check failed or the record is marked unreliable")
@@ -98,7 +107,9 @@ def threat_from_args(args):
 
 def run_cli(args) -> int:
     """`rqlab eval`: load, evaluate, print the table, write the JSON record. Returns 0."""
-    from .. import checkpoint, data, distributed, quant
+    import torch
+
+    from .. import attacks, checkpoint, data, distributed, quant
     from ..evaluation import _quick_reasons as quick_reasons, evaluate, format_record
     from ..zoo import load, weights_file
     from ..training import resolve_device
@@ -161,12 +172,20 @@ def run_cli(args) -> int:
     resume = progress_file(args.json) if args.json and group is None else None
     if resume is not None and resume.exists():
         print(f"resuming from {resume} (its finished batches are kept; delete it to start afresh)", file=sys.stderr)
-    record = evaluate(model, test_set, threat, policy=policy, batch_size=args.batch_size, seed=args.seed,
-                      passes=args.passes, sanity=args.sanity, model_id=str(args.model),
-                      progress=not args.no_progress, protocol=args.protocol, options=options,
-                      distributed=group is not None, resume=resume)
+    channels_last = args.channels_last and device.type == "cuda"
+    if args.channels_last and not channels_last:
+        print(f"note: --channels-last is a CUDA option; evaluating in the default format on {device.type}",
+              file=sys.stderr)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    with attacks.arithmetic(args.arithmetic), attacks.active_set(args.active_set):
+        attacks.arithmetic_in_use(device, policy or quant.current(model))  # bf16 without the hardware: say so now
+        record = evaluate(model, test_set, threat, policy=policy, batch_size=args.batch_size, seed=args.seed,
+                          passes=args.passes, sanity=args.sanity, model_id=str(args.model),
+                          progress=not args.no_progress, protocol=args.protocol, options=options,
+                          distributed=group is not None, resume=resume)
     record = record.with_extra(checkpoint_sha256=checkpoint.sha256(weights_file(args.model)), data=args.data,
-                               calibration=calibration)
+                               calibration=calibration, channels_last=channels_last)
     if group is not None and not group.is_main:
         return 0  # every rank holds the record; rank 0 prints and writes it
     print(format_record(record))
