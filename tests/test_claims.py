@@ -195,11 +195,11 @@ def summary_of(out: Path, rows: list[dict]) -> dict:
 
 class Tables(HTMLParser):
     """The tables of a page, in order: for each, its class and the hrefs inside it; and
-    the img src values outside tables."""
+    the img src values outside tables, with the href of the link around each."""
 
     def __init__(self):
         super().__init__()
-        self.tables, self.depth, self.images = [], 0, []
+        self.tables, self.depth, self.images, self.href = [], 0, [], None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -209,8 +209,10 @@ class Tables(HTMLParser):
                 self.tables.append({"class": a.get("class"), "hrefs": []})
         elif tag == "a" and self.depth:
             self.tables[-1]["hrefs"].append(a["href"])
+        elif tag == "a":
+            self.href = a["href"]
         elif tag == "img" and not self.depth:
-            self.images.append(a["src"])
+            self.images.append((a["src"], self.href))
 
     def handle_endtag(self, tag):
         if tag == "table":
@@ -225,7 +227,8 @@ def test_index_opens_with_the_claims_table(tmp_path):
     first = parser.tables[0]
     assert first["class"] == "claims"
     assert first["hrefs"] == [r["link"] for r in summary["claims"]]       # each claim links its run
-    assert parser.images == [r["figure_file"] for r in summary["claims"]]  # then one large figure per claim
+    # then one large figure per claim, linked to its run's page
+    assert parser.images == [(r["figure_file"], r["link"]) for r in summary["claims"]]
     assert page.index('class="claims"') < page.index('class="env"') < page.index("<th>run</th><th>figure</th>")
     for r in summary["claims"]:
         assert f'class="v-{r["verdict"].replace(" ", "-")}">{r["verdict"]}<' in page
@@ -324,3 +327,15 @@ def test_a_beta_grid_over_the_same_sweep_is_a_repeat(tmp_path):
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     repeats = repeated_runs(path)
     assert {p for p, _, _ in repeats} == {"quick", "full"}   # smoke sets betas [0.0]: the two runs differ there
+
+
+def test_index_claim_rows_without_a_run_page(tmp_path):
+    """Not run: no link; a run whose HTML export failed: its id, no link to a missing page."""
+    rows = make_report(tmp_path, {("03", "03_bit_selection", ()): bit_selection_results([0.6, 0.6], [0.6, 0.6], 50)})
+    rows[0]["files"]["html"] = None
+    page = index_html(summary_of(tmp_path, rows))
+    parser = Tables()
+    parser.feed(page)
+    assert parser.tables[0]["hrefs"] == [] and parser.images == [("03/figure.png", None)]
+    assert '<span class="kv">03</span>' in page
+    assert page.count('class="v-not-run"') == 4   # the other four claims: a table row each, no figure

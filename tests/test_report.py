@@ -100,7 +100,10 @@ def test_batch_records_ok_and_failed_runs(first_batch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["format"] == "rqlab-report" and summary["profile"] == "smoke"
     assert summary["n_runs"] == 2 and summary["n_failed"] == 1
-    assert {"rqlab", "git_commit", "device", "torch", "python"} <= set(summary["environment"])
+    assert {"rqlab", "git_commit", "device", "torch", "python", "cpu"} <= set(summary["environment"])
+    # the claims table (tests/test_claims.py): none of the papers' notebooks ran in this batch
+    assert [c["id"] for c in summary["claims"]] == ["a", "b", "t", "c", "d"]
+    assert {c["verdict"] for c in summary["claims"]} == {"not run"}
     ok, failed = summary["runs"]
 
     # the run that worked: parameters as planned, numbers read back, HTML and figure complete

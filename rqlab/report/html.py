@@ -160,19 +160,19 @@ def _claims_section(rows: list[dict]) -> str:
         ours = "-" if r["value"] is None else (
             f'{e(r["figure"])}<br><span class="small">95% interval [{100 * r["ci95"][0]:+.1f}, '
             f'{100 * r["ci95"][1]:+.1f}] points, n = {r["n"]}</span>')
-        run = "-"
-        if r["run_id"]:
-            href = quote(r["link"], safe="/=+") if r["link"] else quote(r["run_id"], safe="/=+") + "/"
-            run = f'<a class="kv" href="{href}">{e(r["run_id"])}</a>'
+        run = "-" if not r["run_id"] else f'<span class="kv">{e(r["run_id"])}</span>'
+        if r["link"]:  # the run's HTML page (none when its export failed)
+            run = f'<a class="kv" href="{quote(r["link"], safe="/=+")}">{e(r["run_id"])}</a>'
         body.append(f'<tr><td><b>({e(r["id"])})</b> {e(r["paper"])}<br><span class="small">{e(r["claim"])}</span>'
                     f'</td><td>{e(r["paper_figure"])}</td><td>{ours}</td><td><span class="{cls}">{e(r["verdict"])}'
                     f'</span><br><span class="small">{e(r["reason"] or "")}</span></td><td>{run}</td></tr>')
-        if r["figure_file"]:
+        if r["figure_file"]:  # the run's main figure, large, linked to the run's page
             src = quote(r["figure_file"], safe="/=+")
-            figures.append(f'<figure class="claim" id="claim-{e(r["id"])}"><a href="{src}"><img src="{src}" '
-                           f'alt="main figure of {e(r["run_id"])}"></a><figcaption><b>({e(r["id"])})</b> '
-                           f'{e(r["claim"])} <span class="{cls}">{e(r["verdict"])}</span>: '
-                           f'{e(r["figure"] or "")}</figcaption></figure>')
+            img = f'<img src="{src}" alt="main figure of {e(r["run_id"])}">'
+            figures.append(f'<figure class="claim" id="claim-{e(r["id"])}">'
+                           + (f'<a href="{quote(r["link"], safe="/=+")}">{img}</a>' if r["link"] else img)
+                           + f'<figcaption><b>({e(r["id"])})</b> {e(r["claim"])} <span class="{cls}">'
+                             f'{e(r["verdict"])}</span>: {e(r["figure"] or "")}</figcaption></figure>')
     return f"""<h2>The papers' claims</h2>
 <p class="small">Verdict: the 95% interval of the difference the claim says is positive lies above 0: reproduced;
 below 0: not reproduced; across 0: inconclusive (rqlab/report/claims.py). rqlab's figures are Fashion-MNIST,
