@@ -124,7 +124,9 @@ def _odgq(res: dict) -> dict:
            "reason": f"At {bits} bits ODG-Q's final robust accuracy minus natural training's is {pts(c['gain'])}, "
                      f"95% interval {interval(c['ci95'])} (n = {c['n']}), at {ratio:.2f}x natural training's epoch "
                      f"time ({res['source']} curves; 'close' means at most {CHEAP_RATIO:g}x)"
-                     + (f"; PGD-7 AT reaches {pct(final['pgd-at'])}" if "pgd-at" in final else "") + ".",
+                     + (f"; PGD-7 AT reaches {pct(final['pgd-at'])}" if "pgd-at" in final else "") + "."
+                     + (" The zoo's epoch times compare only if its models trained alone on the machine."
+                        if res["source"] == "zoo" else ""),
            "details": {"bits": int(bits), "final_robust_accuracy": final, "time_ratio": ratio,
                        "source": res["source"]}}
     if not c["cheap"]:
