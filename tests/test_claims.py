@@ -339,3 +339,15 @@ def test_index_claim_rows_without_a_run_page(tmp_path):
     assert parser.tables[0]["hrefs"] == [] and parser.images == [("03/figure.png", None)]
     assert '<span class="kv">03</span>' in page
     assert page.count('class="v-not-run"') == 4   # the other four claims: a table row each, no figure
+
+
+@pytest.mark.parametrize("model", ["fmnist-q4-pgd7", "fmnist-q4-pgd7-small"])
+def test_the_transfer_claim_reads_the_4_bit_model(tmp_path, model):
+    rows = make_report(tmp_path, {
+        ("fp", "01_precision_transferability", (("model", "fmnist-fp-pgd7"),)): transfer_results(0.5, 0.9, 200),
+        ("q4", "01_precision_transferability", (("model", model),)): transfer_results(0.6, 0.61, 200)})
+    t = next(r for r in C.claims_table(tmp_path, rows) if r["id"] == "t")
+    assert t["run_id"] == "q4" and t["value"] == pytest.approx(0.01)
+    rows[1]["status"] = "failed"   # a failed preferred run: the claim says so rather than read another model
+    t = next(r for r in C.claims_table(tmp_path, rows) if r["id"] == "t")
+    assert t["run_id"] == "q4" and t["verdict"] == "not run" and "failed" in t["reason"]

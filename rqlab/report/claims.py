@@ -13,12 +13,14 @@ training's, at most `readings.CHEAP_RATIO` times it): failing it is "not reprodu
 
 Each claim reads the full results.json of one run (OUT/<run-id>/results.json, written by
 its study in rqlab.studies), chosen by notebook and, where a notebook runs several times,
-by a parameter (`Claim.prefer`). The intervals are computed by the studies
-(rqlab.analysis.readings), not here; this module only picks and words them.
+by a parameter (`Claim.prefer`: a regular expression per parameter). The intervals are
+computed by the studies (rqlab.analysis.readings), not here; this module only picks and
+words them.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -145,7 +147,7 @@ class Claim:
     paper_figure: str
     notebook: str
     read: Callable[[dict], dict]                 # results.json -> {"value", "ci95", "n", "figure", "reason", ...}
-    prefer: dict = field(default_factory=dict)   # {param: value} of the run to use among several
+    prefer: dict = field(default_factory=dict)   # {param: regex} of the run to use among several
 
 
 def _paper_transfer() -> str:
@@ -174,7 +176,8 @@ CLAIMS = (
     Claim("t", "Double-Win Quant (Fu et al., ICML 2021)",
           "Adversarial examples transfer poorly across precisions: attacks at the evaluated precision (diagonal) "
           "leave less robust accuracy than attacks made at another one (off-diagonal).",
-          _paper_transfer(), "01_precision_transferability", _transfer, {"model": "fmnist-q4-pgd7-small"}),
+          _paper_transfer(), "01_precision_transferability", _transfer,
+          {"model": r"fmnist-q4-pgd7(-small)?"}),   # the paper's model: PGD-7 at 4 bits (full or -small zoo)
     Claim("c", "Layer-wise adversarial-aware quantization (Song, Ranjan, Li, arXiv 2110.12308)",
           "A Lipschitz-guided per-layer bit allocation beats uniform bits at equal budget.",
           "qualitative (the paper's body was not available; METHODS section 4)",
@@ -191,7 +194,8 @@ def _pick(claim: Claim, runs: list[dict]) -> dict | None:
     parameters (ok runs first), else the first ok one, else the first."""
     rows = [r for r in runs if r.get("notebook") == claim.notebook]
     rows.sort(key=lambda r: r.get("status") != "ok")
-    preferred = [r for r in rows if all(r.get("params", {}).get(k) == v for k, v in claim.prefer.items())]
+    preferred = [r for r in rows if all(re.fullmatch(v, str(r.get("params", {}).get(k))) for k, v in
+                                        claim.prefer.items())]
     return (preferred or rows or [None])[0]
 
 
