@@ -106,6 +106,8 @@ def test_01_precision_transferability(kernel, smoke, tiny, tmp_path, monkeypatch
     assert res["gap"][label] == pytest.approx(res["off_diagonal_mean"][label] - res["diagonal_mean"][label])
     assert res["verdict"][label] in ("poor transfer", "some transfer loss", "no clear gap", "transfer stronger")
     assert f"{100 * res['diagonal_mean'][label]:.1f}%" in res["reading"][label]  # text from the numbers
+    lo, hi = res["gap_ci95"][label]
+    assert lo < res["gap"][label] < hi
     widgets = [o for c in nb.cells for o in c.get("outputs", [])
                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert widgets, "interactive=True displays the explorer"
@@ -133,6 +135,10 @@ def test_02_lipschitz_error_amplification(kernel, smoke, tiny, tmp_path, monkeyp
     assert [r["beta"] for r in res["beta_sweep"]] == betas
     assert res["beta_row"]["beta"] == params["beta"]
     assert all(r["orthogonality"] >= 0 for r in res["beta_sweep"])
+    dq = res["dq_vs_vanilla"]  # Defensive Quantization's claim at 4-bit activations (the smoke bits hold 4)
+    at4 = {k: next(r["robust_accuracy"] for r in res["accuracy_vs_bits"][k] if r["bits"] == 4)
+           for k in ("DQ", "vanilla")}
+    assert dq["gain"] == pytest.approx(at4["DQ"] - at4["vanilla"]) and dq["ci95"][0] < dq["gain"] < dq["ci95"][1]
 
 
 def test_03_bit_selection(kernel, smoke, tiny, tmp_path, monkeypatch):
@@ -221,6 +227,13 @@ def test_05_double_win_quant(kernel, smoke, tiny, tmp_path, monkeypatch):
         assert res["adaptive_gain"][cfg] == pytest.approx(strongest - min(res["robust_accuracy"]["FP"].values()))
         assert all(res["robust_worst_accuracy"][cfg][p] <= res["robust_accuracy"][cfg][p] + 1e-9 for p in protocols)
         assert res["robust_accuracy"][cfg]["paper"] <= res["clean_accuracy"][cfg] + 1e-9
+    for cfg in ("RPI", "RPI+RPT"):  # the same-model control: the same weights at the set's largest precision
+        ctl = res["same_model"][cfg]
+        assert ctl["policy"] == str(max(params["bits"])) and list(ctl["scores"]) == protocols
+        assert ctl["random"] == pytest.approx(min(res["robust_accuracy"][cfg].values()))
+        assert ctl["fixed"] == pytest.approx(min(s["robust_accuracy"] for s in ctl["scores"].values()))
+        assert ctl["gain"] == pytest.approx(ctl["random"] - ctl["fixed"])
+        assert ctl["ci95"][0] < ctl["gain"] < ctl["ci95"][1]
     text = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "instead of the reference 100" in text, "a reduced AutoAttack is said so"
 

@@ -27,6 +27,14 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def difference(p: float, q: float, n: int) -> dict:
+    """p - q for two accuracies measured on n examples each, with its 95% interval
+    (`stats.diff_half_width`): {"difference", "ci95": [lo, hi], "n"}."""
+    n = check_int(n, "n", 1)
+    h = diff_half_width(p, q, n)
+    return {"difference": p - q, "ci95": [p - q - h, p - q + h], "n": n}
+
+
 # ---- 01: precision transferability ----------------------------------------------------
 
 def transfer_cells(tm: dict) -> tuple[list[float], list[float]]:
@@ -48,13 +56,14 @@ def transfer_reading(tm: dict, n: int | None = None, paper: dict | None = None) 
 
     n: examples per cell (for the noise statement). paper: a matrix in the same format to
     quote beside it (e.g. `paper.DWQ_TRANSFER`). Returns {"diagonal_mean",
-    "off_diagonal_mean", "gap" (off - diagonal, fraction), "cell_half_width", "eot_mean",
-    "rpi_mean", "verdict", "text"}.
+    "off_diagonal_mean", "gap" (off - diagonal, fraction), "cell_half_width", "gap_ci95"
+    (95% interval of the gap, each mean's noise taken as one cell's: conservative),
+    "eot_mean", "rpi_mean", "verdict", "text"}.
     """
     diag, off = transfer_cells(tm)
     d, o = _mean(diag), _mean(off)
     gap = o - d
-    out = {"diagonal_mean": d, "off_diagonal_mean": o, "gap": gap, "cell_half_width": None,
+    out = {"diagonal_mean": d, "off_diagonal_mean": o, "gap": gap, "cell_half_width": None, "gap_ci95": None,
            "eot_mean": None, "rpi_mean": None}
     lines = [f"Diagonal (attack and inference at the same precision): mean robust accuracy {pct(d)} over "
              f"{len(diag)} cells. Off-diagonal (attack transferred to another precision): mean {pct(o)} over "
@@ -63,6 +72,7 @@ def transfer_reading(tm: dict, n: int | None = None, paper: dict | None = None) 
         n = check_int(n, "n", 1)
         h = half_width(0.5 * (d + o), n)
         out["cell_half_width"] = h
+        out["gap_ci95"] = difference(o, d, n)["ci95"]  # conservative: each mean counted as one cell of n
         if gap > 2 * h:
             verdict = "poor transfer"
             lines.append(f"With {n} examples a cell's 95% interval is about ±{100 * h:.1f} points, so the gap is "
@@ -166,11 +176,49 @@ def gains_reading(scores: dict, baseline: str, n: int, paper_protocol: str = "pa
     return {"configs": out, "text": " ".join(lines)}
 
 
+def same_model_gain(random_scores: dict, fixed_scores: dict) -> dict:
+    """The same weights under a random precision against a fixed one (the same-model
+    control of RPI and RPT): the gain of the random policy's robust accuracy under its
+    strongest attack over the fixed policy's under its own strongest attack.
+
+    random_scores, fixed_scores: {protocol: {"robust_accuracy", "n", ...}}
+    (`adaptive.evaluate_protocols`). Returns {"random", "fixed" (accuracies),
+    "random_strongest", "fixed_strongest" (protocols), "gain", "ci95", "n" (the smaller n
+    of the two records), "paper_gain" (under the paper's protocol)}.
+    """
+    def strongest(scores):
+        proto = min(scores, key=lambda p: scores[p]["robust_accuracy"])
+        return proto, scores[proto]
+
+    (rp, r), (fp, f) = strongest(random_scores), strongest(fixed_scores)
+    d = difference(r["robust_accuracy"], f["robust_accuracy"], min(r["n"], f["n"]))
+    return {"random": r["robust_accuracy"], "fixed": f["robust_accuracy"], "random_strongest": rp,
+            "fixed_strongest": fp, "gain": d["difference"], "ci95": d["ci95"], "n": d["n"],
+            "paper_gain": random_scores["paper"]["robust_accuracy"] - fixed_scores["paper"]["robust_accuracy"]}
+
+
+def dq_comparison(acc: dict, amp: dict, n: int, bits: int, dq: str = "DQ", vanilla: str = "vanilla") -> dict | None:
+    """DQ against vanilla quantization at `bits` activation bits (Defensive Quantization's
+    claim): robust accuracy difference with its 95% interval, and the error amplification
+    at the logits of both. acc: {label: `sweeps.accuracy_vs_bits` rows}; amp:
+    `sweeps.amplification` output. None when `bits` was not measured."""
+    row = lambda label: next((r for r in acc[label] if r["bits"] == bits), None)  # noqa: E731
+    a, b = row(dq), row(vanilla)
+    if a is None or b is None:
+        return None
+    d = difference(a["robust_accuracy"], b["robust_accuracy"], n)
+    return {"bits": bits, "dq": a["robust_accuracy"], "vanilla": b["robust_accuracy"],
+            "dq_clean": a["clean_accuracy"], "vanilla_clean": b["clean_accuracy"], "gain": d["difference"],
+            "ci95": d["ci95"], "n": d["n"], "amplification_logits": {dq: amp[dq]["amplification"][-1],
+                                                                     vanilla: amp[vanilla]["amplification"][-1]}}
+
+
 # ---- 03: allocations against budget -------------------------------------------------------
 
 def allocation_reading(rows: list[dict], n: int, method: str = "lipschitz", against: str = "uniform") -> dict:
     """Does `method` beat `against` at equal budget? rows: `bitselect.compare_allocations`
-    rows. Returns {"budgets", "gains" (robust, per budget), "wins", "losses", "ties", "text"}."""
+    rows. Returns {"budgets", "gains" (robust, per budget), "gain_mean", "gain_mean_ci95"
+    (half-width: the mean of the per-budget ones), "wins", "losses", "ties", "text"}."""
     n = check_int(n, "n", 1)
     by = {}
     for r in rows:
@@ -178,12 +226,13 @@ def allocation_reading(rows: list[dict], n: int, method: str = "lipschitz", agai
     budgets = sorted(b for b, m in by.items() if method in m and against in m)
     if not budgets:
         raise RqlabError(f"no budget has both {method!r} and {against!r} rows")
-    gains, wins, losses = [], 0, 0
+    gains, halves, wins, losses = [], [], 0, 0
     for b in budgets:
         a, u = by[b][method][0]["robust_accuracy"], _mean(r["robust_accuracy"] for r in by[b][against])
         g = a - u
         h = diff_half_width(a, u, n)
         gains.append(g)
+        halves.append(h)
         wins += g > h
         losses += g < -h
     ties = len(budgets) - wins - losses
@@ -194,36 +243,45 @@ def allocation_reading(rows: list[dict], n: int, method: str = "lipschitz", agai
             + ("the claim that it beats uniform at equal budget holds here." if wins and not losses else
                "the claim that it beats uniform at equal budget is not supported here." if not wins else
                "the evidence is mixed."))
-    return {"budgets": budgets, "gains": gains, "wins": wins, "losses": losses, "ties": ties, "text": text}
+    # the mean gain's interval: the mean of the per-budget half-widths (the budgets share the
+    # same test images, so their errors are not independent: no 1/sqrt(k) reduction)
+    g, h = _mean(gains), _mean(halves)
+    return {"budgets": budgets, "gains": gains, "gain_mean": g, "gain_mean_ci95": [g - h, g + h], "wins": wins,
+            "losses": losses, "ties": ties, "text": text}
 
 
 # ---- 04: training curves --------------------------------------------------------------------
 
+CHEAP_RATIO = 2.0   # an epoch time "close to natural training's": at most this many times it
+
 def curves_reading(curves: dict, ratios: dict, n: int, subject: str = "odgq", reference: str = "natural",
                    costly: str = "pgd-at", labels: dict | None = None) -> dict:
     """Final-epoch robust accuracy of `subject` against `reference` and `costly`, and their
-    epoch-time ratios. Returns {"final_robust_accuracy", "ratios", "robust_gain", "text"}."""
+    epoch-time ratios. Returns {"final_robust_accuracy", "ratios", "robust_gain",
+    "robust_gain_ci95", "cheap" (subject's epoch time <= CHEAP_RATIO x reference's), "text"}."""
     labels = labels or {}
     name = lambda m: labels.get(m, m)  # noqa: E731
     final = {m: c["robust_accuracy"][-1] for m, c in curves.items()}
     parts = [f"{name(m)} {pct(v)} ({ratios[m]:.1f}x {name(reference)}'s epoch time)" for m, v in final.items()]
     text = f"Robust accuracy after the last epoch: {', '.join(parts)}."
-    gain = None
+    gain = gain_ci = cheap = None
     if subject in final and reference in final:
         gain = final[subject] - final[reference]
         h = diff_half_width(final[subject], final[reference], n)
+        gain_ci = [gain - h, gain + h]
         text += (f" {name(subject)} is {100 * gain:+.1f} points over {name(reference)} (95% noise ±{100 * h:.1f}) at "
                  f"{ratios[subject]:.1f}x its epoch time")
         if costly in final:
             text += (f"; {name(costly)} reaches {pct(final[costly])} at {ratios[costly]:.1f}x"
                      f" ({100 * (final[subject] - final[costly]):+.1f} points for {name(subject)})")
         text += "."
-        cheap = ratios[subject] <= 2.0
+        cheap = ratios[subject] <= CHEAP_RATIO
         text += (" The claim (robust accuracy far above natural training at a cost close to it) holds here."
                  if gain > h and cheap else
                  " The claim does not hold here: " + ("the robust gain is within the noise" if gain <= h else
                                                        f"its epoch time is {ratios[subject]:.1f}x natural") + ".")
-    return {"final_robust_accuracy": final, "ratios": dict(ratios), "robust_gain": gain, "text": text}
+    return {"final_robust_accuracy": final, "ratios": dict(ratios), "robust_gain": gain, "robust_gain_ci95": gain_ci,
+            "cheap": cheap, "text": text}
 
 
 # ---- 02: error amplification and beta -------------------------------------------------------
@@ -275,5 +333,6 @@ def beta_reading(rows: list[dict], n: int) -> dict:
     return {"text": text, "best": best["beta"]}
 
 
-__all__ = ["pct", "half_width", "diff_half_width", "transfer_cells", "transfer_reading", "gains_reading",
-           "allocation_reading", "curves_reading", "amplification_reading", "beta_reading"]
+__all__ = ["pct", "half_width", "diff_half_width", "difference", "transfer_cells", "transfer_reading",
+           "gains_reading", "same_model_gain", "dq_comparison", "allocation_reading", "CHEAP_RATIO", "curves_reading",
+           "amplification_reading", "beta_reading"]

@@ -22,6 +22,7 @@ from .config import (DEFAULT_CONFIG, RESERVED, ReportConfig, Run, RunEntry, load
                      plan, run_id)
 from .execute import KERNEL, check_kernel, execute_notebook, export_html, main_figure, read_results
 from .html import index_html
+from .claims import CLAIMS, claims_table   # claims.py: the papers' claims, the index's first table
 
 __all__ = [
     "DEFAULT_CONFIG", "DEFAULT_OUT", "KERNEL", "MARKER", "RESERVED", "SUMMARY_FORMAT",
@@ -29,3 +30,4 @@ __all__ = [
     "check_kernel", "execute_notebook", "export_html", "main_figure", "read_results",
     "run_report", "environment", "index_html",
 ]
+__all__ += ["CLAIMS", "claims_table"]   # findings.py (python -m rqlab.report.findings): docs/findings.md from summary.json

@@ -5,7 +5,8 @@ Output (OUT, default reports/out)
     index.html                  one row per run: status, links, parameters, key numbers,
                                 thumbnail, error; environment at the top. No network
                                 resources: inline CSS, images as files or data: URIs.
-    summary.json                the same data for machines
+    summary.json                the same data for machines, and "claims": the claims table
+                                (claims.py), which index.html opens with
     <run-id>/<stem>.ipynb       executed notebook (with the failing cell, if it failed)
     <run-id>/<stem>.html        HTML export (lab template, figures embedded as base64;
                                 require.js, MathJax, mermaid and widget loaders removed)
@@ -45,8 +46,10 @@ from pathlib import Path
 
 from .. import zoo
 from ..extras import require
+from ..machine import cpu_model
 from ..checkpoint import atomic_write_bytes, check_output_dir, save_json, sweep_temp
 from ..validate import RqlabError, check_int
+from .claims import claims_table
 from .config import DEFAULT_CONFIG, Run, load_config, plan
 from .execute import check_kernel, execute_notebook, export_html, main_figure, read_results
 from .html import index_html
@@ -57,14 +60,14 @@ SUMMARY_FORMAT = "rqlab-report"
 
 
 def environment() -> dict:
-    """rqlab version and git commit, device, torch and Python versions (imports torch)."""
+    """rqlab version and git commit, device, torch and Python versions, CPU model (imports torch)."""
     import torch
 
     from .. import __version__
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
     return {"rqlab": __version__, "git_commit": _git_commit(), "device": device, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model()}
 
 
 def _git_commit() -> str | None:
@@ -136,6 +139,7 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
             "batch": planned, "n_runs": len(rows), "n_failed": sum(r["status"] != "ok" for r in rows), "runs": rows,
             "zoo": zoo_rows,  # the cards' headline figures (standard protocol), measured by `rqlab zoo measure`
         }
+        summary["claims"] = claims_table(out, rows)  # the papers' claims against the runs' results (claims.py)
         save_json(out / "summary.json", summary)
         atomic_write_bytes(out / "index.html", index_html(summary).encode())
         return summary

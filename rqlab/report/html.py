@@ -1,4 +1,5 @@
-"""The report's index page (OUT/index.html): one row per run, environment at the top."""
+"""The report's index page (OUT/index.html): the papers' claims first (a table, then one
+large figure per claim), then the environment and one row per run."""
 from __future__ import annotations
 
 import html
@@ -23,6 +24,12 @@ table.env th, table.env td { border: none; padding: .1em .8em .1em 0; background
 img.thumb { max-width: 260px; max-height: 180px; border: 1px solid #ddd; }
 pre.error { color: #b00020; white-space: pre-wrap; margin: .3em 0; font-size: .85em; }
 details pre { font-size: .8em; white-space: pre-wrap; max-width: 70em; }
+.v-reproduced { color: #176f2c; font-weight: 600; }
+.v-not-reproduced { color: #b00020; font-weight: 600; }
+.v-inconclusive { color: #8a5a00; font-weight: 600; }
+.v-not-run { color: #666; font-weight: 600; }
+figure.claim { margin: 1.5em 0; }
+figure.claim img { max-width: 100%; border: 1px solid #ddd; }
 """
 
 
@@ -49,6 +56,8 @@ def index_html(summary: dict) -> str:
 </head>
 <body>
 <h1>rqlab report</h1>
+{_claims_section(summary.get("claims") or [])}
+<h2>The runs</h2>
 <table class="env">
 {env_rows}
 </table>
@@ -138,4 +147,43 @@ example; docs/protocol.md), from the zoo's cards, with PGD-20 beside it. Measure
 {chr(10).join(body)}
 </tbody>
 </table>
+"""
+
+
+def _claims_section(rows: list[dict]) -> str:
+    """The claims table (paper's figure, rqlab's figure with its interval, verdict, link to
+    the run), then each claim's run's main figure, large."""
+    if not rows:
+        return ""
+    e = html.escape
+    body, figures = [], []
+    for r in rows:
+        cls = "v-" + r["verdict"].replace(" ", "-")
+        ours = "-" if r["value"] is None else (
+            f'{e(r["figure"])}<br><span class="small">95% interval [{100 * r["ci95"][0]:+.1f}, '
+            f'{100 * r["ci95"][1]:+.1f}] points, n = {r["n"]}</span>')
+        run = "-" if not r["run_id"] else f'<span class="kv">{e(r["run_id"])}</span>'
+        if r["link"]:  # the run's HTML page (none when its export failed)
+            run = f'<a class="kv" href="{quote(r["link"], safe="/=+")}">{e(r["run_id"])}</a>'
+        body.append(f'<tr><td><b>({e(r["id"])})</b> {e(r["paper"])}<br><span class="small">{e(r["claim"])}</span>'
+                    f'</td><td>{e(r["paper_figure"])}</td><td>{ours}</td><td><span class="{cls}">{e(r["verdict"])}'
+                    f'</span><br><span class="small">{e(r["reason"] or "")}</span></td><td>{run}</td></tr>')
+        if r["figure_file"]:  # the run's main figure, large, linked to the run's page
+            src = quote(r["figure_file"], safe="/=+")
+            img = f'<img src="{src}" alt="main figure of {e(r["run_id"])}">'
+            figures.append(f'<figure class="claim" id="claim-{e(r["id"])}">'
+                           + (f'<a href="{quote(r["link"], safe="/=+")}">{img}</a>' if r["link"] else img)
+                           + f'<figcaption><b>({e(r["id"])})</b> {e(r["claim"])} <span class="{cls}">'
+                             f'{e(r["verdict"])}</span>: {e(r["figure"] or "")}</figcaption></figure>')
+    return f"""<h2>The papers' claims</h2>
+<p class="small">Verdict: the 95% interval of the difference the claim says is positive lies above 0: reproduced;
+below 0: not reproduced; across 0: inconclusive (rqlab/report/claims.py). rqlab's figures are Fashion-MNIST,
+the papers' mostly CIFAR-10: compare directions and gaps, not levels.</p>
+<table class="claims">
+<thead><tr><th>claim</th><th>paper's figure</th><th>rqlab's figure</th><th>verdict</th><th>run</th></tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody>
+</table>
+{chr(10).join(figures)}
 """

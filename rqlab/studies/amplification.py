@@ -21,6 +21,7 @@ from . import params as P
 from .common import Results, write_results
 
 LIVE_POLICY = "w32a4"   # the live DQ models' precision: the zoo's vanilla and DQ setting
+CLAIM_BITS = 4          # activation bits at which DQ is compared with vanilla quantization (dq_vs_vanilla)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
     Returns {"amplification_logits", "robust_accuracy_at_stored_precision", "lipschitz_bound",
     "local_lipschitz_mean" (each {label: value}), "beta", "beta_row", "n_examples", "bits",
     "craft_on", "models", "precision", "amplification", "accuracy_vs_bits", "lipschitz",
-    "beta_sweep", "threat", "reading" ({"amplification", "beta"})}; `.models` holds the three
+    "beta_sweep", "threat", "dq_vs_vanilla" (`readings.dq_comparison` at CLAIM_BITS), "reading"
+    ({"amplification", "beta"})}; `.models` holds the three
     models and the live DQ model at beta.
     """
     import torch
@@ -135,6 +137,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
         "lipschitz": lip,
         "beta_sweep": beta_rows,
         "threat": threat.to_dict(),
+        # Defensive Quantization's claim at the zoo models' precision (w32a4): None without 4 in bits
+        "dq_vs_vanilla": readings.dq_comparison(acc, amp, params.n_examples, bits=CLAIM_BITS),
         "reading": {"amplification": readings.amplification_reading(amp)["text"],
                     "beta": readings.beta_reading(beta_rows, n=params.n_examples)["text"]},
     }
@@ -251,4 +255,4 @@ def explorer(params: Params, inputs: common.Inputs, results: Results):
 
 
 __all__ = ["Params", "load_inputs", "run", "plot_amplification", "plot_lipschitz", "plot_beta", "reading",
-           "beta_reading", "explorer", "write_results", "LIVE_POLICY"]
+           "beta_reading", "explorer", "write_results", "LIVE_POLICY", "CLAIM_BITS"]

@@ -84,7 +84,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
     """Sensitivities, then every method's allocation at every budget, attacked white-box.
 
     Returns {"robust_accuracy", "clean_accuracy" ({method: [mean per budget]}), "budgets",
-    "budget_met", "lipschitz_wins", "lipschitz_gain_mean", "n_examples", "bits", "model",
+    "budget_met", "lipschitz_wins", "lipschitz_gain_mean", "lipschitz_gain_ci95", "n_examples", "bits", "model",
     "threat", "allocations" (compare_allocations rows), "sensitivity", "reading"}.
     """
     import torch
@@ -116,7 +116,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
         "budgets": list(params.budgets),
         "budget_met": all(r["cost"] <= r["budget"] + 1e-9 for r in rows),
         "lipschitz_wins": read["wins"] if read else None,
-        "lipschitz_gain_mean": _mean(read["gains"]) if read else None,
+        "lipschitz_gain_mean": read["gain_mean"] if read else None,
+        "lipschitz_gain_ci95": read["gain_mean_ci95"] if read else None,
         "n_examples": params.n_examples,
         "bits": list(params.bits),
         "model": params.model,

@@ -89,13 +89,15 @@ def load_inputs(params: Params) -> common.Inputs:
 
 def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Results:
     """Every configuration under the paper's protocol and each adaptive attack (AutoAttack
-    on the first aa_n_examples), BitOPs, and the gains reading.
+    on the first aa_n_examples), BitOPs, the gains reading, and the same-model control of
+    each random configuration (its weights at the set's largest precision, same attacks).
 
     Returns {"robust_accuracy", "robust_worst_accuracy" ({config: {protocol: value}}),
     "clean_accuracy", "bitops" ({config: value}), "verdict", "paper_gain", "adaptive_gain",
     "strongest" ({config: ...} for the random configurations), "aa_n_iter",
     "aa_n_examples", "aa_reduced", "passes", "n_examples", "bits", "models", "policies",
-    "scores" (`evaluate_protocols` records), "reading", "paper"}.
+    "scores" (`evaluate_protocols` records), "same_model" ({"RPI", "RPI+RPT"}: the same
+    weights at Fixed(max(bits)), its scores and `readings.same_model_gain`), "reading", "paper"}.
     """
     import torch
 
@@ -126,6 +128,21 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
             + "  ".join(f"{p} {100 * s['robust_accuracy']:5.1f}% (worst {100 * s['robust_worst_accuracy']:5.1f}%)"
                         for p, s in scores[label].items())
             + f"  {bitops[label] / 1e6:.1f} M BitOPs")
+    # The same-model control: each random configuration's weights at one fixed precision
+    # (the largest of the set), under the same attacks; RPI's weights are fmnist-q8-pgd7's.
+    control = quant.Fixed(max(params.bits))
+    controls = {}
+    for label in ("RPI", "RPI+RPT"):
+        fixed = A.evaluate_protocols(inputs.models[label], control, (x, y), eot=params.eot,
+                                     adaptive=[p for p in params.adaptive if p != "autoattack"], **common_args)
+        if "autoattack" in params.adaptive:
+            fixed["autoattack"] = A.evaluate_protocols(
+                inputs.models[label], control, (x[:aa_n], y[:aa_n]), adaptive=["autoattack"],
+                aa_n_iter=params.aa_n_iter, **common_args)["autoattack"]
+        controls[label] = {"policy": str(control), "scores": fixed,
+                           **readings.same_model_gain(scores[label], fixed)}
+        log(f"{label:>8} control ({control}): {100 * controls[label]['fixed']:5.1f}% under its strongest attack "
+            f"({controls[label]['fixed_strongest']}); random minus fixed {100 * controls[label]['gain']:+.1f} points")
     gains = readings.gains_reading(scores, baseline="FP", n=params.n_examples)
     results = {
         "robust_accuracy": {c: {p: s["robust_accuracy"] for p, s in scores[c].items()} for c in scores},
@@ -145,6 +162,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
         "models": dict(inputs.specs),
         "policies": {c: p.to_dict() for c, p in policies.items()},
         "scores": scores,
+        "same_model": controls,
         "reading": gains["text"],
         "paper": paper.DWQ_ROBUST,
     }

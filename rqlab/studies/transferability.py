@@ -74,7 +74,7 @@ def load_inputs(params: Params) -> common.Inputs:
 def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Results:
     """Measure one transfer matrix per model and read it against the paper's.
 
-    Returns {"diagonal_mean", "off_diagonal_mean", "gap", "verdict", "eot_mean", "rpi_mean",
+    Returns {"diagonal_mean", "off_diagonal_mean", "gap", "gap_ci95", "verdict", "eot_mean", "rpi_mean",
     "reading" (each {label: value}), "n_examples", "bits", "threat", "models" ({label:
     {"spec", "row_labels", "col_labels", "matrix", "clean", "n", ...}}), "paper"}.
     """
@@ -97,7 +97,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
             "inference settings)")
     read = {label: readings.transfer_reading(tm, n=tm["n"], paper=paper.DWQ_TRANSFER) for label, tm in tms.items()}
     results = {key: {k: r[key] for k, r in read.items()}
-               for key in ("diagonal_mean", "off_diagonal_mean", "gap", "verdict", "eot_mean", "rpi_mean")}
+               for key in ("diagonal_mean", "off_diagonal_mean", "gap", "gap_ci95", "verdict", "eot_mean", "rpi_mean")}
     results.update({"n_examples": params.n_examples, "bits": list(params.bits), "threat": threat.to_dict(),
                     "models": {k: {"spec": inputs.specs[k], **tm} for k, tm in tms.items()},
                     "reading": {k: r["text"] for k, r in read.items()}, "paper": paper.DWQ_TRANSFER})

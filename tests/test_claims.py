@@ -1,0 +1,353 @@
+"""The report's claims table (rqlab/report/claims.py), its place in index.html, the
+findings page generated from summary.json (rqlab/report/findings.py), and a default grid
+without repeated runs. Synthetic results.json files in tmp_path, built with the same
+readings the studies use; no notebook runs.
+"""
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from rqlab.analysis import readings
+from rqlab.report import claims as C
+from rqlab.report.html import index_html
+from rqlab.stats import diff_half_width
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the verdict rule and the intervals behind it ---------------------------------------------
+
+@pytest.mark.parametrize("ci, expected", [((0.01, 0.2), "reproduced"), ((-0.2, -0.01), "not reproduced"),
+                                          ((-0.1, 0.1), "inconclusive"), ((0.0, 0.1), "inconclusive"),
+                                          ((-0.1, 0.0), "inconclusive")])
+def test_verdict_rule(ci, expected):
+    assert C.verdict(ci) == expected
+
+
+def test_difference_interval_is_the_stats_half_width():
+    d = readings.difference(0.6, 0.5, 100)   # stats docstring: diff_half_width(0.6, 0.5, 100) = 0.137
+    assert d["difference"] == pytest.approx(0.1)
+    assert d["ci95"] == pytest.approx([0.1 - 0.1371, 0.1 + 0.1371], abs=1e-3)
+
+
+def dq_results(dq: float, vanilla: float, n: int) -> dict:
+    acc = {"DQ": [{"bits": 2, "clean_accuracy": 0.5, "robust_accuracy": 0.1},
+                  {"bits": 4, "clean_accuracy": 0.8, "robust_accuracy": dq}],
+           "vanilla": [{"bits": 2, "clean_accuracy": 0.5, "robust_accuracy": 0.3},
+                       {"bits": 4, "clean_accuracy": 0.8, "robust_accuracy": vanilla}]}
+    amp = {"DQ": {"layers": ["conv1", "logits"], "amplification": [0.2, 0.3]},
+           "vanilla": {"layers": ["conv1", "logits"], "amplification": [0.2, 0.5]}}
+    return {"dq_vs_vanilla": readings.dq_comparison(acc, amp, n, bits=4), "n_examples": n}
+
+
+def double_win_results(random: float, fixed: float, n: int) -> dict:
+    def scores(acc):
+        return {"paper": {"robust_accuracy": acc + 0.05, "n": n}, "eot_pgd": {"robust_accuracy": acc, "n": n}}
+    same = {label: {"policy": "8", **readings.same_model_gain(scores(random), scores(fixed))}
+            for label in ("RPI", "RPI+RPT")}
+    return {"same_model": same, "aa_reduced": True, "n_examples": n}
+
+
+def transfer_results(diag: float, off: float, n: int, model: str = "fmnist-q4-pgd7-small") -> dict:
+    tm = {"row_labels": ["4", "8"], "col_labels": ["4", "8"], "matrix": [[diag, off], [off, diag]]}
+    r = readings.transfer_reading(tm, n=n)
+    return {**{k: {model: r[k]} for k in ("diagonal_mean", "off_diagonal_mean", "gap", "gap_ci95")},
+            "n_examples": n, "bits": [4, 8]}
+
+
+def bit_selection_results(lipschitz: list, uniform: list, n: int) -> dict:
+    budgets = [3.0, 4.0]
+    rows = [{"budget": b, "method": m, "robust_accuracy": a} for m, accs in (("lipschitz", lipschitz),
+                                                                           ("uniform", uniform))
+            for b, a in zip(budgets, accs)]
+    r = readings.allocation_reading(rows, n=n)
+    return {"robust_accuracy": {"lipschitz": lipschitz, "uniform": uniform}, "budgets": budgets,
+            "model": "fmnist-fp-pgd7-small", "n_examples": n, "lipschitz_wins": r["wins"],
+            "lipschitz_gain_mean": r["gain_mean"], "lipschitz_gain_ci95": r["gain_mean_ci95"]}
+
+
+def odgq_results(odgq: float, natural: float, ratio: float, n: int = 200) -> dict:
+    curves = {"natural": {"robust_accuracy": [natural]}, "odgq": {"robust_accuracy": [odgq]}}
+    r = readings.curves_reading(curves, {"natural": 1.0, "odgq": ratio}, n=n)
+    return {"bits": [4], "source": "zoo", "final_robust_accuracy": {"4": r["final_robust_accuracy"]},
+            "odgq_gain": {"4": {"gain": r["robust_gain"], "ci95": r["robust_gain_ci95"], "n": n,
+                                "time_ratio": ratio, "cheap": r["cheap"]}}}
+
+
+def test_readings_give_the_intervals_the_claims_use():
+    dq = dq_results(0.4, 0.2, 500)["dq_vs_vanilla"]
+    h = diff_half_width(0.4, 0.2, 500)
+    assert dq["gain"] == pytest.approx(0.2) and dq["ci95"] == pytest.approx([0.2 - h, 0.2 + h])
+    assert dq["amplification_logits"] == {"DQ": 0.3, "vanilla": 0.5}
+    assert readings.dq_comparison({"DQ": [], "vanilla": []}, {}, 10, bits=4) is None   # bits not measured
+
+    same = double_win_results(0.3, 0.5, 200)["same_model"]["RPI+RPT"]
+    assert (same["random_strongest"], same["fixed_strongest"]) == ("eot_pgd", "eot_pgd")  # the lower of each
+    assert same["gain"] == pytest.approx(-0.2) and same["paper_gain"] == pytest.approx(-0.2)
+    assert same["ci95"][1] < 0
+
+    t = transfer_results(0.5, 0.7, 300)
+    assert t["gap"]["fmnist-q4-pgd7-small"] == pytest.approx(0.2)
+    h = diff_half_width(0.7, 0.5, 300)
+    assert t["gap_ci95"]["fmnist-q4-pgd7-small"] == pytest.approx([0.2 - h, 0.2 + h])
+
+    b = bit_selection_results([0.55, 0.65], [0.60, 0.60], 200)
+    hs = [diff_half_width(0.55, 0.6, 200), diff_half_width(0.65, 0.6, 200)]
+    assert b["lipschitz_gain_mean"] == pytest.approx(0.0)
+    assert b["lipschitz_gain_ci95"] == pytest.approx([-sum(hs) / 2, sum(hs) / 2])
+
+    o = odgq_results(0.5, 0.1, 3.0)["odgq_gain"]["4"]
+    assert o["gain"] == pytest.approx(0.4) and o["ci95"][0] > 0 and o["cheap"] is False
+
+
+# ---- a synthetic report folder ----------------------------------------------------------------
+
+def run_row(run_id: str, notebook: str, status: str = "ok", params: dict | None = None) -> dict:
+    stem = notebook
+    files = {"notebook": f"{run_id}/{stem}.ipynb", "html": f"{run_id}/{stem}.html", "figure": f"{run_id}/figure.png"}
+    return {"run_id": run_id, "notebook": notebook, "entry": "runs[0]", "status": status,
+            "error": None if status == "ok" else "RuntimeError: boom", "traceback": None, "params": params or {},
+            "grid": {}, "results": {}, "result_files": ["results.json"], "warnings": [], "files": files,
+            "seconds": 1.0}
+
+
+def make_report(out: Path, results: dict, extra_rows=()) -> list[dict]:
+    """OUT/<run-id>/results.json for each {(run_id, notebook, params): results}; returns the rows."""
+    rows = []
+    for (run_id, notebook, params), res in results.items():
+        (out / run_id).mkdir(parents=True)
+        (out / run_id / "results.json").write_text(json.dumps(res))
+        (out / run_id / "figure.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+        rows.append(run_row(run_id, notebook, params=dict(params)))
+    return rows + list(extra_rows)
+
+
+def full_report(out: Path) -> list[dict]:
+    return make_report(out, {
+        ("02_lipschitz_error_amplification", "02_lipschitz_error_amplification", ()): dq_results(0.4, 0.2, 500),
+        ("05_double_win_quant", "05_double_win_quant", ()): double_win_results(0.3, 0.5, 200),
+        # two transfer runs: the claim reads the 4-bit model's, whatever the order
+        ("01__model=fp", "01_precision_transferability", (("model", "fmnist-fp-pgd7-small"),)):
+            transfer_results(0.5, 0.9, 200, "fmnist-fp-pgd7-small"),
+        ("01__model=q4", "01_precision_transferability", (("model", "fmnist-q4-pgd7-small"),)):
+            transfer_results(0.60, 0.61, 200),
+        ("03_bit_selection", "03_bit_selection", ()): bit_selection_results([0.55, 0.65], [0.60, 0.60], 200),
+        ("04_odgq_training_curves", "04_odgq_training_curves", ()): odgq_results(0.5, 0.1, 1.1),
+    })
+
+
+def test_claims_from_a_report(tmp_path):
+    rows = C.claims_table(tmp_path, full_report(tmp_path))
+    assert [r["id"] for r in rows] == ["a", "b", "t", "c", "d"]
+    by = {r["id"]: r for r in rows}
+    assert {k: r["verdict"] for k, r in by.items()} == {"a": "reproduced", "b": "not reproduced", "t": "inconclusive",
+                                                        "c": "inconclusive", "d": "reproduced"}
+    assert by["t"]["run_id"] == "01__model=q4" and by["t"]["value"] == pytest.approx(0.01)
+    assert by["a"]["value"] == pytest.approx(0.2) and by["a"]["n"] == 500
+    assert by["b"]["value"] == pytest.approx(-0.2) and by["b"]["details"]["RPI"]["gain"] == pytest.approx(-0.2)
+    for r in rows:
+        assert r["link"] == f"{r['run_id']}/{r['notebook']}.html" and r["figure_file"] == f"{r['run_id']}/figure.png"
+        assert r["ci95"][0] <= r["value"] <= r["ci95"][1]
+        assert r["paper"] and r["claim"] and r["paper_figure"] and r["reason"]
+    assert "+20.0 points" in by["a"]["reason"] and "+1.0 points" in by["t"]["figure"]
+    json.dumps(rows)  # summary.json holds them
+
+
+def test_odgq_too_slow_is_not_reproduced(tmp_path):
+    rows = make_report(tmp_path, {("04", "04_odgq_training_curves", ()): odgq_results(0.5, 0.1, 3.0)})
+    d = C.claims_table(tmp_path, rows)[-1]
+    assert d["ci95"][0] > 0 and d["verdict"] == "not reproduced" and "3.00x" in d["reason"]
+
+
+def test_missing_failed_and_outdated_runs(tmp_path):
+    rows = make_report(tmp_path, {("02", "02_lipschitz_error_amplification", ()): {"n_examples": 200},
+                                  ("04", "04_odgq_training_curves", ()): odgq_results(0.5, 0.1, 1.0)},
+                       extra_rows=[run_row("05", "05_double_win_quant", status="failed")])
+    by = {r["id"]: r for r in C.claims_table(tmp_path, rows)}
+    assert by["t"]["verdict"] == "not run" and by["t"]["run_id"] is None and "--only" in by["t"]["reason"]
+    assert by["c"]["verdict"] == "not run"
+    assert by["b"]["verdict"] == "not run" and "failed" in by["b"]["reason"] and by["b"]["value"] is None
+    assert by["a"]["verdict"] == "inconclusive" and "lacks" in by["a"]["reason"]   # an older results.json
+    assert by["d"]["verdict"] == "reproduced"
+    assert {r["id"] for r in C.claims_table(tmp_path, [])} == {"a", "b", "t", "c", "d"}
+    assert all(r["verdict"] == "not run" for r in C.claims_table(tmp_path, []))
+
+
+# ---- index.html ---------------------------------------------------------------------------------
+
+def summary_of(out: Path, rows: list[dict]) -> dict:
+    return {"format": "rqlab-report", "version": 1,
+            "environment": {"rqlab": "0", "git_commit": "abc123", "device": "cpu", "torch": "2", "python": "3",
+                            "platform": "linux", "cpu": "AMD EPYC 7B13"},
+            "config": "reports/default.yaml", "profile": "quick", "only": None, "jobs": 1,
+            "started": "2026-12-03T00:00:00+00:00", "wall_time_s": 12.0, "in_progress": False,
+            "batch": [r["run_id"] for r in rows], "n_runs": len(rows), "n_failed": 0, "runs": rows,
+            "zoo": [{"name": "fmnist-q8-pgd7-small", "summary": "PGD-7 at 8 bits", "precision": "8",
+                     "clean_accuracy": 0.722, "standard": 0.596, "standard_ci95": [0.552, 0.638], "standard_n": 500,
+                     "strongest": "apgd-t", "unreliable": [], "device": "cpu (AMD EPYC)", "pgd20": 0.618}],
+            "claims": C.claims_table(out, rows)}
+
+
+class Tables(HTMLParser):
+    """The tables of a page, in order: for each, its class and the hrefs inside it; and
+    the img src values outside tables, with the href of the link around each."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.depth, self.images, self.href = [], 0, [], None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.depth += 1
+            if self.depth == 1:
+                self.tables.append({"class": a.get("class"), "hrefs": []})
+        elif tag == "a" and self.depth:
+            self.tables[-1]["hrefs"].append(a["href"])
+        elif tag == "a":
+            self.href = a["href"]
+        elif tag == "img" and not self.depth:
+            self.images.append((a["src"], self.href))
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.depth -= 1
+
+
+def test_index_opens_with_the_claims_table(tmp_path):
+    summary = summary_of(tmp_path, full_report(tmp_path))
+    page = index_html(summary)
+    parser = Tables()
+    parser.feed(page)
+    first = parser.tables[0]
+    assert first["class"] == "claims"
+    assert first["hrefs"] == [r["link"] for r in summary["claims"]]       # each claim links its run
+    # then one large figure per claim, linked to its run's page
+    assert parser.images == [(r["figure_file"], r["link"]) for r in summary["claims"]]
+    assert page.index('class="claims"') < page.index('class="env"') < page.index("<th>run</th><th>figure</th>")
+    for r in summary["claims"]:
+        assert f'class="v-{r["verdict"].replace(" ", "-")}">{r["verdict"]}<' in page
+
+
+def test_index_without_claims_still_renders(tmp_path):
+    summary = summary_of(tmp_path, [])
+    del summary["claims"]
+    assert 'class="claims"' not in index_html(summary)
+
+
+# ---- docs/findings.md from summary.json -----------------------------------------------------------
+
+def test_findings_page_carries_the_summary_numbers(tmp_path):
+    from rqlab.report import findings
+
+    out = tmp_path / "reports" / "out"
+    summary = summary_of(out, full_report(out))
+    (out / "summary.json").write_text(json.dumps(summary))
+    md = tmp_path / "docs" / "findings.md"
+    md.parent.mkdir()
+    assert findings.main([str(out / "summary.json"), str(md)]) == 0
+    text = md.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| (")]
+    assert len(table) == len(summary["claims"]) == 5
+    for r, line in zip(summary["claims"], table):
+        assert f"**{r['verdict']}**" in line and f"({r['id']})" in line
+        lo, hi = r["ci95"]
+        assert f"[{100 * lo:+.1f}, {100 * hi:+.1f}] points, n = {r['n']}" in line
+        assert r["figure"] in text and r["reason"] in text
+        assert f"difference {100 * r['value']:+.1f} points" in text
+        assert f"[`{r['run_id']}`](../reports/out/{r['link']})" in line     # relative to docs/
+    assert "AMD EPYC 7B13" in text and "abc123" in text and "`quick`" in text
+    assert "| fmnist-q8-pgd7-small | 8 | 72.2% | 59.6% [55.2%, 63.8%] | 500 |" in text
+    # every percentage in the page is one of summary.json's numbers (or the paper's, quoted in it)
+    quoted = json.dumps(summary)
+    for m in set(re.findall(r"(\d+\.\d)%", text)):
+        v = float(m) / 100
+        assert any(abs(v - float(x)) < 6e-4 for x in re.findall(r"\d+\.\d+(?:e-?\d+)?", quoted)) \
+            or f"{m}%" in quoted, m
+
+
+def test_findings_refuses_what_is_not_a_summary(tmp_path):
+    from rqlab.report import findings
+    from rqlab.validate import RqlabError
+
+    with pytest.raises(RqlabError, match="summary"):
+        findings.findings_markdown({"format": "something else"})
+    assert findings.main([str(tmp_path / "missing.json"), str(tmp_path / "f.md")]) == 2
+    assert not (tmp_path / "f.md").exists()
+
+
+# ---- the default grid ---------------------------------------------------------------------------
+
+# Parameters that only choose what a run highlights, with what the run computes instead:
+# notebook 02 trains `betas` and `beta` (Params.sweep_betas); `beta` picks the one shown.
+def effective(run) -> dict:
+    params = dict(run.params)
+    if run.notebook == "02_lipschitz_error_amplification":
+        from rqlab.studies.amplification import Params
+
+        d = Params.defaults()
+        params["trained_betas"] = sorted({*params.pop("betas", d["betas"]), params.pop("beta", d["beta"])})
+    return params
+
+
+def repeated_runs(config_path) -> list:
+    pytest.importorskip("nbformat")
+    pytest.importorskip("yaml")
+    from rqlab import report
+
+    cfg = report.load_config(config_path, notebooks_dir=ROOT / "notebooks")
+    repeats = []
+    for profile in cfg.profiles:
+        runs = report.plan(cfg, profile)
+        for i, a in enumerate(runs):
+            for b in runs[i + 1:]:
+                if a.notebook == b.notebook and effective(a) == effective(b):
+                    repeats.append((profile, a.run_id, b.run_id))
+    return repeats
+
+
+def test_the_default_grid_repeats_no_run():
+    assert repeated_runs(ROOT / "reports" / "default.yaml") == []
+
+
+def test_a_beta_grid_over_the_same_sweep_is_a_repeat(tmp_path):
+    """What the check catches: notebook 02 gridded over beta values the sweep trains anyway."""
+    yaml = pytest.importorskip("yaml")
+    cfg = yaml.safe_load((ROOT / "reports" / "default.yaml").read_text())
+    entry = next(e for e in cfg["runs"] if e["notebook"] == "02_lipschitz_error_amplification")
+    entry["params"].pop("beta", None)
+    entry["grid"] = {"beta": [0.001, 0.003]}
+    cfg["notebooks_dir"] = str(ROOT / "notebooks")
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    repeats = repeated_runs(path)
+    assert {p for p, _, _ in repeats} == {"quick", "full"}   # smoke sets betas [0.0]: the two runs differ there
+
+
+def test_index_claim_rows_without_a_run_page(tmp_path):
+    """Not run: no link; a run whose HTML export failed: its id, no link to a missing page."""
+    rows = make_report(tmp_path, {("03", "03_bit_selection", ()): bit_selection_results([0.6, 0.6], [0.6, 0.6], 50)})
+    rows[0]["files"]["html"] = None
+    page = index_html(summary_of(tmp_path, rows))
+    parser = Tables()
+    parser.feed(page)
+    assert parser.tables[0]["hrefs"] == [] and parser.images == [("03/figure.png", None)]
+    assert '<span class="kv">03</span>' in page
+    assert page.count('class="v-not-run"') == 4   # the other four claims: a table row each, no figure
+
+
+@pytest.mark.parametrize("model", ["fmnist-q4-pgd7", "fmnist-q4-pgd7-small"])
+def test_the_transfer_claim_reads_the_4_bit_model(tmp_path, model):
+    rows = make_report(tmp_path, {
+        ("fp", "01_precision_transferability", (("model", "fmnist-fp-pgd7"),)): transfer_results(0.5, 0.9, 200),
+        ("q4", "01_precision_transferability", (("model", model),)): transfer_results(0.6, 0.61, 200)})
+    t = next(r for r in C.claims_table(tmp_path, rows) if r["id"] == "t")
+    assert t["run_id"] == "q4" and t["value"] == pytest.approx(0.01)
+    rows[1]["status"] = "failed"   # a failed preferred run: the claim says so rather than read another model
+    t = next(r for r in C.claims_table(tmp_path, rows) if r["id"] == "t")
+    assert t["run_id"] == "q4" and t["verdict"] == "not run" and "failed" in t["reason"]
