@@ -34,6 +34,16 @@ def load_fmnist(split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     return ds.x.float() / 255, ds.y
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module of tiny passes (more threads only add
+    overhead and oversubscribe a shared CPU): `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fmnist_test():
     """500 Fashion-MNIST test examples (x in [0, 1], y)."""

@@ -25,13 +25,7 @@ from conftest import load_fmnist
 BITS = (2, 3, 4, 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny double-backward passes: intra-op threads only add overhead on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny passes: intra-op threads only add overhead
 
 
 class TwoLayer(nn.Module):

@@ -18,13 +18,7 @@ from rqlab.validate import RqlabError
 from conftest import load_fmnist
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches: intra-op threads only add overhead (and oversubscribe a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny passes: intra-op threads only add overhead
 
 
 @pytest.fixture(scope="module")
