@@ -45,7 +45,15 @@ def spawn(argv: list[str], cwd: Path, **kw) -> subprocess.Popen:
     """`python -m rqlab ARGV` in its own process group (so a kill reaches its kernels too)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RQLAB_LOG_DIR": str(cwd / "logs")}
     return subprocess.Popen([sys.executable, "-m", "rqlab", *map(str, argv)], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_default_sigint, **kw)
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default. A suite started as a shell's background job
+    (`make test &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt;
+    a user's terminal, where Ctrl-C is pressed, does not ignore it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def children(pid: int) -> list[int]:
