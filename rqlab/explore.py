@@ -5,7 +5,10 @@ eps, and read the clean and robust accuracy on a small batch, recomputed on the 
     >>> ex = Explorer(probe, models=["q4"], bits=[2, 4, 8, 32], eps=(0.0, 0.3, 0.1))
     >>> ex                                   # in a notebook: the widgets
     >>> ex.bits.value = 4                    # recomputes; ex.result.value holds the text:
-    'robust accuracy at b=4, eps=0.100: 63.0% (clean 80.0%; q4, 64 examples, pgd-10)'
+    'robust accuracy at b=4, eps=0.100: 63.0% (clean 80.0%; q4, 64 examples, pgd-10 (bf16, active set))'
+
+The probe's attack runs fast by default (active set, bf16 where the hardware has it;
+`robustness_probe(fast=False)` for the full fp32 attack): the text says which.
 
 Widgets (stable descriptions, for people and browser tests): Dropdown "model",
 SelectionSlider "bits", FloatSlider "eps" (both continuous_update=False: one
@@ -35,32 +38,45 @@ def bits_label(b) -> str:
 def result_text(name: str, bits, eps: float, r: dict) -> str:
     """'robust accuracy at b=4, eps=0.100: 63.0% (clean 80.0%; NAME, 64 examples, pgd-10)'."""
     extra = f", {r['attack']}" if r.get("attack") else ""
+    how = r.get("attack_settings") or {}
+    fast = [w for w, on in (("bf16", how.get("arithmetic") == "bf16"), ("active set", how.get("active_set"))) if on]
+    extra += f" ({', '.join(fast)})" if fast and extra else ""
     worst = (f", worst case {100 * r['robust_worst_accuracy']:.1f}%"
              if r.get("robust_worst_accuracy") is not None and r.get("passes", 1) > 1 else "")
     return (f"robust accuracy at b={bits_label(bits)}, eps={eps:.3f}: {100 * r['robust_accuracy']:.1f}% "
             f"(clean {100 * r['clean_accuracy']:.1f}%{worst}; {name}, {r['n']} examples{extra})")
 
 
-def robustness_probe(models: dict, x, y, threat, policy: Callable | None = None, passes: int = 1) -> Callable:
+def robustness_probe(models: dict, x, y, threat, policy: Callable | None = None, passes: int = 1,
+                     fast: bool = True) -> Callable:
     """A probe: clean and robust accuracy of models[name] on (x, y) under `threat` at
     radius eps, with the defender's precision `policy(name, bits)` (default Fixed(bits);
-    return a RandomPrecision to score random inference with `passes` passes)."""
-    from . import quant
+    return a RandomPrecision to score random inference with `passes` passes).
+
+    fast (default True): the slider's attack runs with the active set and "auto"
+    arithmetic (bf16 where the hardware has it; docs/performance.md: 1.5-2x, robust
+    accuracy within the interval of the fp32 full attack on every zoo model), and the
+    result says so ("attack_settings"). Headline numbers (cards, report, `rqlab eval`)
+    keep fp32 and the full attack; fast=False gives those here too."""
+    import contextlib
+
+    from . import attacks, quant
     from .evaluation import evaluate
 
     policy = policy or (lambda name, bits: quant.Fixed(bits))
+    if not isinstance(fast, bool):
+        raise RqlabError(f"fast={fast!r}: must be True or False")
 
     def probe(name, bits, eps):
         p = policy(name, bits)
         k = passes if isinstance(p, quant.RandomPrecision) else 1
-        if eps == 0:
-            rec = evaluate(models[name], (x, y), threat.replace(attack="fgsm", eps=0.0, steps=1), policy=p,
-                           passes=k, progress=False)
-        else:
-            rec = evaluate(models[name], (x, y), threat.replace(eps=float(eps)), policy=p, passes=k, progress=False)
+        t = threat.replace(attack="fgsm", eps=0.0, steps=1) if eps == 0 else threat.replace(eps=float(eps))
+        with (attacks.arithmetic("auto") if fast else contextlib.nullcontext()), attacks.active_set(fast):
+            rec = evaluate(models[name], (x, y), t, policy=p, passes=k, progress=False)
         return {"clean_accuracy": rec["clean_accuracy"], "robust_accuracy": rec["robust_accuracy"],
                 "robust_worst_accuracy": rec["robust_worst_accuracy"], "passes": k, "n": rec["n"],
-                "attack": f"{threat.attack}-{threat.steps}", "policy": str(p)}
+                "attack": f"{threat.attack}-{threat.steps}", "policy": str(p),
+                "attack_settings": rec["attack_settings"]}
 
     return probe
 

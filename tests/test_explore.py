@@ -82,3 +82,27 @@ def test_robustness_probe_on_a_model():
                             policy=lambda name, b: quant.RandomPrecision((4, 8)), passes=3)("m", 4, 0.1)
     assert rand["passes"] == 3
     assert quant.current(m) == quant.Fixed(32)
+
+
+def test_robustness_probe_is_fast_by_default_and_says_so():
+    """The slider's attack: active set + "auto" arithmetic unless fast=False; the result
+    names what ran, and the global settings are back to their defaults afterwards."""
+    from rqlab import attacks
+    from rqlab.attacks.base import arithmetic_in_use
+
+    torch.manual_seed(0)
+    m = models.create("smallcnn", input_shape=(1, 28, 28), mean=(0.3,), std=(0.3,)).eval()
+    quant.calibrate(m, [torch.rand(16, 1, 28, 28)], bits=[4])
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    fast = robustness_probe({"m": m}, x, y, ThreatModel("pgd", eps=0.1, steps=2))("m", 4, 0.1)
+    with attacks.arithmetic("auto"):
+        expected = arithmetic_in_use("cpu", quant.Fixed(4))
+    assert fast["attack_settings"] == {"arithmetic": expected, "active_set": True}
+    full = robustness_probe({"m": m}, x, y, ThreatModel("pgd", eps=0.1, steps=2), fast=False)("m", 4, 0.1)
+    assert full["attack_settings"] == {"arithmetic": "fp32", "active_set": False}
+    assert fast["clean_accuracy"] == full["clean_accuracy"]  # final scores stay fp32
+    assert result_text("m", 4, 0.1, fast).endswith(f"pgd-2 ({'bf16, ' if expected == 'bf16' else ''}active set))")
+    assert result_text("m", 4, 0.1, full).endswith("pgd-2)")
+    assert attacks.base.ARITHMETIC == "fp32" and attacks.base.ACTIVE_SET is False
+    with pytest.raises(RqlabError, match="fast="):
+        robustness_probe({"m": m}, x, y, ThreatModel("pgd", eps=0.1), fast="yes")
