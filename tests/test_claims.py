@@ -351,3 +351,14 @@ def test_the_transfer_claim_reads_the_4_bit_model(tmp_path, model):
     rows[1]["status"] = "failed"   # a failed preferred run: the claim says so rather than read another model
     t = next(r for r in C.claims_table(tmp_path, rows) if r["id"] == "t")
     assert t["run_id"] == "q4" and t["verdict"] == "not run" and "failed" in t["reason"]
+
+
+def test_bit_selection_claim_names_the_sensitivity_baselines_when_the_run_had_them():
+    from rqlab.report.claims import _bit_selection
+
+    res = bit_selection_results([0.55, 0.65], [0.60, 0.60], 200)
+    assert "hessian" not in _bit_selection(res)["reason"]
+    res["robust_accuracy"].update(hessian=[0.62, 0.60], margin=[0.58, 0.56])
+    row = _bit_selection(res)
+    assert row["details"]["baselines_minus_uniform"] == pytest.approx({"hessian": 0.01, "margin": -0.03})
+    assert "hessian +1.0" in row["reason"] and "margin -3.0" in row["reason"]

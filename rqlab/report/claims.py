@@ -103,16 +103,22 @@ def _bit_selection(res: dict) -> dict:
     g, ci = res["lipschitz_gain_mean"], res["lipschitz_gain_ci95"]
     if g is None:
         raise KeyError("lipschitz_gain_mean (the run compared no lipschitz and uniform allocations)")
-    gains = [a - u for a, u in zip(res["robust_accuracy"]["lipschitz"], res["robust_accuracy"]["uniform"])]
+    acc = res["robust_accuracy"]
+    gains = [a - u for a, u in zip(acc["lipschitz"], acc["uniform"])]
+    # the other sensitivity baselines (issue 14: HAWQ-v2 Hessian trace, margin at x_adv), where the run had them
+    others = {m: sum(a - u for a, u in zip(acc[m], acc["uniform"])) / len(acc[m])
+              for m in ("hessian", "margin") if m in acc}
+    others_text = (" Beside it, mean over budgets minus uniform: " + ", ".join(f"{m} {pts(v)}" for m, v in others.items())
+                   + ".") if others else ""
     return {"value": g, "ci95": ci, "n": res["n_examples"],
             "figure": f"Lipschitz minus uniform robust accuracy, mean over {len(res['budgets'])} budgets: {pts(g)}",
             "reason": f"At budgets {res['budgets']} (average weight bits) on {res['model']}, the Lipschitz-guided "
                       f"allocation's robust accuracy minus uniform bits' is "
                       + ", ".join(f"{100 * x:+.1f}" for x in gains)
                       + f" points: mean {pts(g)}, 95% interval {interval(ci)} (n = {res['n_examples']}); "
-                        f"it wins beyond the noise at {res['lipschitz_wins']} budget(s).",
+                        f"it wins beyond the noise at {res['lipschitz_wins']} budget(s)." + others_text,
             "details": {"model": res["model"], "budgets": res["budgets"], "gains": gains,
-                        "wins": res["lipschitz_wins"]}}
+                        "wins": res["lipschitz_wins"], "baselines_minus_uniform": others}}
 
 
 def _odgq(res: dict) -> dict:
