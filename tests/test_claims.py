@@ -281,6 +281,42 @@ def test_findings_refuses_what_is_not_a_summary(tmp_path):
     assert not (tmp_path / "f.md").exists()
 
 
+def b_standard(fixed: list, rpi: list) -> dict:
+    """A b_standard.json as scripts/findings.py --section B writes it, from per-example scores."""
+    from rqlab.stats import paired_difference
+
+    diff, ci = paired_difference(rpi, fixed)
+    side = lambda v: {"clean": 0.8, "robust": sum(v) / len(v), "ci95": [0.5, 0.7], "strongest": "autoattack",  # noqa: E731
+                      "unreliable": [], "device": "cpu (AMD EPYC 7B13)"}
+    return {"n": len(fixed), "passes": 5, "torch": "2.14.1", "seconds": 3600.0,
+            "rows": [{"model": "fmnist-rpt-pgd7-small", "difference": diff, "difference_ci95": list(ci),
+                      "fixed8": side(fixed), "rpi": side(rpi)}]}
+
+
+def test_findings_page_adds_claim_b_under_the_standard_protocol(tmp_path):
+    from rqlab.report import findings
+    from rqlab.validate import RqlabError
+
+    out = tmp_path / "reports" / "out"
+    summary = summary_of(out, full_report(out))
+    (out / "summary.json").write_text(json.dumps(summary))
+    worse = b_standard([1, 1, 1, 0] * 25, [1, 0, 0, 0] * 25)        # RPI loses 50 points: not reproduced
+    (tmp_path / "b.json").write_text(json.dumps(worse))
+    md = tmp_path / "findings.md"
+    assert findings.main([str(out / "summary.json"), str(md), "--standard-b", str(tmp_path / "b.json")]) == 0
+    text = md.read_text()
+    section = text[text.index("## (b) at full strength"):]
+    assert section.index("**not reproduced**") < section.index(findings.NOTES.splitlines()[0])  # before the notes
+    assert "| fmnist-rpt-pgd7-small | RPI 4..8 | 80.0% | 25.0% [50.0%, 70.0%] | autoattack | - | -50.0 [" in text
+    assert "AMD EPYC 7B13" in section and "--section B --n 500" in section
+    even = findings.standard_b_markdown(b_standard([1, 0] * 50, [0, 1] * 50))
+    assert "**inconclusive**" in even
+    with pytest.raises(RqlabError, match="standard_b"):
+        findings.standard_b_markdown({"rows": [{}], "n": 1, "passes": 1})
+    assert findings.main([str(out / "summary.json"), str(md), "--standard-b", str(tmp_path / "nope.json")]) == 2
+    assert md.read_text() == text  # a failed run leaves the page as it was
+
+
 # ---- the default grid ---------------------------------------------------------------------------
 
 # Parameters that only choose what a run highlights, with what the run computes instead:
