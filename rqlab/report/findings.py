@@ -124,21 +124,26 @@ def findings_markdown(summary: dict, links_from=None) -> str:
             lines += ["", f"![main figure of {r['run_id']}]({_rel(links_from, r['figure_file'])})"]
     zoo = summary.get("zoo") or []
     if zoo:
-        lines += ["", "## The zoo: headline robust accuracy", "",
-                  "The standard protocol's robust accuracy per model, from the zoo's cards (`rqlab zoo measure`), "
-                  "PGD-20 beside it.", "",
-                  "| model | precision | clean | standard protocol [95% CI] | n | strongest | PGD-20 | flags |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for z in zoo:
-            ci = (f" [{_pct(z['standard_ci95'][0])}, {_pct(z['standard_ci95'][1])}]"
-                  if z.get("standard_ci95") else "")
-            lines.append(f"| {z['name']} | {z['precision']} | {_pct(z['clean_accuracy'])} | "
-                         f"{_pct(z['standard'])}{ci} | {z.get('standard_n') or '-'} | {z.get('strongest') or '-'} | "
-                         f"{_pct(z['pgd20'])} | {_cell('; '.join(z.get('unreliable') or [])) or '-'} |")
-        devices = sorted({z["device"] for z in zoo if z.get("device")})
-        if devices:
-            lines += ["", f"Measured on {', '.join(devices)}."]
+        lines += ["", "## The zoo: headline robust accuracy", "", zoo_markdown(zoo)]
     lines += ["", NOTES]
+    return "\n".join(lines)
+
+
+def zoo_markdown(zoo: list[dict]) -> str:
+    """The zoo's headline table from `rqlab.zoo.headlines()` rows (summary.json's "zoo")."""
+    lines = ["The standard protocol's robust accuracy per model, from the zoo's cards (`rqlab zoo measure`), "
+             "PGD-20 beside it.", "",
+             "| model | precision | clean | standard protocol [95% CI] | n | strongest | PGD-20 | flags |",
+             "|---|---|---|---|---|---|---|---|"]
+    for z in zoo:
+        ci = (f" [{_pct(z['standard_ci95'][0])}, {_pct(z['standard_ci95'][1])}]"
+              if z.get("standard_ci95") else "")
+        lines.append(f"| {z['name']} | {z['precision']} | {_pct(z['clean_accuracy'])} | "
+                     f"{_pct(z['standard'])}{ci} | {z.get('standard_n') or '-'} | {z.get('strongest') or '-'} | "
+                     f"{_pct(z['pgd20'])} | {_cell('; '.join(z.get('unreliable') or [])) or '-'} |")
+    devices = sorted({z["device"] for z in zoo if z.get("device")})
+    if devices:
+        lines += ["", f"Measured on {', '.join(devices)}."]
     return "\n".join(lines)
 
 
@@ -221,4 +226,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["NOTES", "findings_markdown", "standard_b_markdown", "write_findings", "main"]
+__all__ = ["NOTES", "findings_markdown", "standard_b_markdown", "zoo_markdown", "write_findings", "main"]
