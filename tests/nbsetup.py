@@ -16,7 +16,7 @@ NOTEBOOKS = ROOT / "notebooks"
 CONFIG = ROOT / "reports" / "default.yaml"
 STEMS = ["01_precision_transferability", "02_lipschitz_error_amplification", "03_bit_selection",
          "04_odgq_training_curves", "05_double_win_quant", "06_deployed_int8"]
-TINY = "notebook-tiny-v1"  # change to retrain the cached stand-ins
+TINY = "notebook-tiny-v2"  # change to retrain the cached stand-ins
 
 # The model parameters of each notebook and the stand-in that replaces a zoo model not built yet.
 MODEL_ROLES = {
@@ -72,8 +72,8 @@ def train_tiny(path: Path, role: str) -> Path:
         seed_everything(0)
         model = models.create("smallcnn", input_shape=ds.input_shape, mean=ds.mean, std=ds.std, sbn_bits=sbn)
         quant.apply(model, policy)
-        fit(model, data.Loader(ds, 128, shuffle=True), TrainConfig(epochs=2, device="cpu"),
-            hooks=defenses.build(defense, bits=sbn, **({"beta": 3e-3} if "beta" in defenses.get(defense).params else {})),
+        hooks = defenses.build(defense, bits=sbn, **({"beta": 3e-3} if "beta" in defenses.get(defense).params else {}))
+        fit(model, data.Loader(ds, 128, shuffle=True), TrainConfig(epochs=2, device="cpu"), hooks=hooks,
             progress=False, log=None)
         model.eval()
         x = ds.x.float().div(255)
@@ -85,7 +85,7 @@ def train_tiny(path: Path, role: str) -> Path:
     finally:
         torch.set_num_threads(threads)
     checkpoint.save(path, {"model": model.config.to_dict(), "state_dict": model.state_dict(),
-                           "policy": policy.to_dict()})
+                           "policy": policy.to_dict(), "hooks": {"name": hooks.name, "config": hooks.config()}})
     return path
 
 

@@ -398,3 +398,17 @@ def test_bit_selection_claim_names_the_sensitivity_baselines_when_the_run_had_th
     row = _bit_selection(res)
     assert row["details"]["baselines_minus_uniform"] == pytest.approx({"hessian": 0.01, "margin": -0.03})
     assert "hessian +1.0" in row["reason"] and "margin -3.0" in row["reason"]
+
+
+def test_dq_claim_names_the_beta_sweep_and_its_source():
+    from rqlab.report.claims import _dq
+
+    res = dq_results(0.4, 0.2, 500)
+    assert "Beta sweep" not in _dq(res)["reason"]
+    res.update(beta_sweep=[{"beta": 0.0, "robust_accuracy": 0.2}, {"beta": 0.001, "robust_accuracy": 0.25},
+                           {"beta": 0.01, "robust_accuracy": 0.3}], beta_source="models")
+    row = _dq(res)
+    assert "Beta sweep (trained models, 3 strengths), robust accuracy at w32a4: beta 0 20.0%, beta 0.001 25.0%, " \
+           "beta 0.01 30.0%." in row["reason"]
+    assert row["details"]["beta_sweep"] == {"0": 0.2, "0.001": 0.25, "0.01": 0.3}
+    assert "trained live on a subset" in _dq({**res, "beta_source": "live"})["reason"]

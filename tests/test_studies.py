@@ -108,6 +108,37 @@ def test_amplification_sweep_betas_add_beta_once():
     assert amplification.Params(beta=0.0, betas=[]).sweep_betas == [0.0]
 
 
+def test_amplification_beta_sweep_from_trained_models(tiny):
+    """sweep_models: the sweep's rows are the given models, betas read from their
+    checkpoints (natural = 0, dq = its beta), measured like the live sweep's; nothing trains."""
+    from rqlab.analysis import sweeps
+
+    a4, dq, fp = tiny("a4"), tiny("dq"), tiny("fp")  # stand-ins: natural w32a4, DQ beta 3e-3, natural FP
+    assert amplification.trained_beta(a4) == 0.0 and amplification.trained_beta(dq) == 0.003
+    params = amplification.Params(model=dq, fp_model=fp, vanilla_model=a4, bits=[4, 32], steps=2, n_examples=16,
+                                  sweep_models=[dq, a4], beta=0.003, device="cpu", interactive=False)
+    results = amplification.run(params, log=None)
+    assert results["beta_source"] == "models"
+    assert [(r["beta"], r["model"]) for r in results["beta_sweep"]] == [(0.0, a4), (0.003, dq)]
+    assert results["beta_row"]["beta"] == 0.003 and "DQ beta=0.003" in results.models
+    # the same row as measuring that model directly (no training in between)
+    from rqlab import quant, zoo
+    inputs = amplification.load_inputs(params)
+    direct = sweeps.beta_row(0.003, zoo.load(dq), (inputs.x, inputs.y), params.threat(), quant.parse_policy("w32a4"))
+    assert {k: v for k, v in results["beta_sweep"][1].items() if k != "model"} == direct
+    assert "(" + a4 + ")" in amplification.beta_reading(results)
+    json.dumps(results)
+    with pytest.raises(RqlabError, match="beta=0.01 is none of the sweep models' betas: choose one of 0, 0.003"):
+        amplification.run(amplification.Params(**{**params.to_dict(), "beta": 0.01}), log=None)
+    with pytest.raises(RqlabError, match="both trained with beta=0"):
+        amplification.run(amplification.Params(**{**params.to_dict(), "sweep_models": [a4, fp], "beta": 0.0}),
+                          log=None)
+    with pytest.raises(RqlabError, match="sweep_models="):
+        amplification.Params(sweep_models=a4)
+    with pytest.raises(RqlabError, match=r"sweep_models\[0\]"):
+        amplification.Params(sweep_models=["no/such.pt"])
+
+
 def test_double_win_policies_and_reduced_autoattack():
     p = double_win.Params(bits=[4, 8], aa_n_iter=10)
     assert str(p.policies()["FP"]) == "fp" and p.policies()["RPI"].choices == (4, 8) and p.aa_reduced

@@ -181,7 +181,6 @@ def beta_sweep(betas, train_set, test_data, threat: ThreatModel, policy=None, ep
     {beta: trained model} at `policy`, eval mode.
     """
     from .. import data as data_mod
-    from ..defenses import orthogonality_penalty
     from ..experiment import RunSpec, TrainConfig, train
 
     if not isinstance(betas, (list, tuple)) or not betas:
@@ -200,15 +199,27 @@ def beta_sweep(betas, train_set, test_data, threat: ThreatModel, policy=None, ep
         spec = RunSpec(model="smallcnn", data=train_set.name, policy=policy, defense="dq",
                        defense_config={"beta": beta}, train=cfg)
         model, history = train(spec, None, train_set=train_set, test_set=test_set, progress=progress, log=None)
-        dev = next(model.parameters()).device
-        rec = evaluate(model, (x.to(dev), y.to(dev)), threat, policy=policy, progress=False)
-        rows.append({"beta": beta, "orthogonality": float(orthogonality_penalty(model).detach()),
-                     "bound": network_bound(model, iters=iters)["bound"],
-                     "clean_accuracy": rec["clean_accuracy"], "robust_accuracy": rec["robust_accuracy"],
-                     "robust_ci95": rec["robust_ci95"], "n": rec["n"],
-                     "train_loss": history[-1]["train_loss"], "time_s": history[-1]["cumulative_time_s"]})
+        rows.append(beta_row(beta, model, (x, y), threat, policy, iters=iters, train_loss=history[-1]["train_loss"],
+                             time_s=history[-1]["cumulative_time_s"]))
         trained[beta] = model
     return rows, trained
+
+
+def beta_row(beta: float, model, test_data, threat: ThreatModel, policy, iters: int = 100,
+             train_loss: float | None = None, time_s: float | None = None) -> dict:
+    """One row of `beta_sweep` for a model trained with DQ's `beta` (0: vanilla): the
+    orthogonality penalty, the network Lipschitz bound, clean and robust accuracy under
+    `threat` at `policy` on test_data ((x, y) float in [0, 1]). train_loss and time_s:
+    from its training, where known (None for a model trained elsewhere, e.g. the zoo's)."""
+    from ..defenses import orthogonality_penalty
+
+    x, y = test_data
+    dev = next(model.parameters()).device
+    rec = evaluate(model, (x.to(dev), y.to(dev)), threat, policy=policy, progress=False)
+    return {"beta": beta, "orthogonality": float(orthogonality_penalty(model).detach()),
+            "bound": network_bound(model, iters=iters)["bound"],
+            "clean_accuracy": rec["clean_accuracy"], "robust_accuracy": rec["robust_accuracy"],
+            "robust_ci95": rec["robust_ci95"], "n": rec["n"], "train_loss": train_loss, "time_s": time_s}
 
 
 def _as_dataset(test_data, like):
@@ -223,4 +234,4 @@ def _as_dataset(test_data, like):
 
 
 __all__ = ["precision", "accuracy_vs_bits", "accuracy_vs_eps", "transfer_in_batches", "craft", "craft_all",
-           "amplification", "lipschitz_table", "beta_sweep"]
+           "amplification", "lipschitz_table", "beta_sweep", "beta_row"]

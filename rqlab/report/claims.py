@@ -58,15 +58,20 @@ def _dq(res: dict) -> dict:
         raise KeyError("dq_vs_vanilla (the run's bits leave out the compared activation precision)")
     amp = c["amplification_logits"]
     lower = amp["DQ"] < amp["vanilla"]
+    sweep = res.get("beta_sweep") or []
+    how = "trained models" if res.get("beta_source") == "models" else "trained live on a subset"
+    sweep_text = (f" Beta sweep ({how}, {len(sweep)} strengths), robust accuracy at w32a4: "
+                  + ", ".join(f"beta {r['beta']:g} {pct(r['robust_accuracy'])}" for r in sweep) + ".") if sweep else ""
     return {"value": c["gain"], "ci95": c["ci95"], "n": c["n"],
             "figure": f"DQ {pct(c['dq'])} vs vanilla {pct(c['vanilla'])} robust accuracy at a{c['bits']}: "
                       f"{pts(c['gain'])}",
             "reason": f"At {c['bits']}-bit activations DQ's robust accuracy minus vanilla quantization's is "
                       f"{pts(c['gain'])}, 95% interval {interval(c['ci95'])} (n = {c['n']}); the relative error at "
                       f"the logits is {amp['DQ']:.3f} for DQ and {amp['vanilla']:.3f} for vanilla "
-                      f"({'lower' if lower else 'not lower'} for DQ).",
+                      f"({'lower' if lower else 'not lower'} for DQ)." + sweep_text,
             "details": {"bits": c["bits"], "dq": c["dq"], "vanilla": c["vanilla"], "dq_clean": c["dq_clean"],
-                        "vanilla_clean": c["vanilla_clean"], "amplification_logits": amp}}
+                        "vanilla_clean": c["vanilla_clean"], "amplification_logits": amp,
+                        "beta_sweep": {f"{r['beta']:g}": r["robust_accuracy"] for r in sweep}}}
 
 
 def _double_win(res: dict) -> dict:

@@ -4,7 +4,8 @@ Gan, Han, ICLR 2019; METHODS section 3).
 Three models (FP, vanilla w32a4, DQ w32a4): D_l per layer at adversarial inputs
 (`analysis.sweeps.amplification`), clean and adversarial accuracy against activation bits,
 per-layer Lipschitz estimates; and DQ's beta trained live, one SmallCNN per beta through
-`rqlab.train` (`analysis.sweeps.beta_sweep`).
+`rqlab.train` (`analysis.sweeps.beta_sweep`), or read from trained models (`sweep_models`,
+e.g. the zoo's full-budget DQ models at three betas).
 
     >>> params = Params(bits=[1, 2, 4, 8, 32], betas=[0.0], train_n=256, epochs=1)
     >>> results = run(params)
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..extras import require
-from ..validate import check_choice, check_float, check_int
+from ..validate import RqlabError, check_choice, check_float, check_int
 from . import common
 from . import params as P
 from .common import Results, write_results
@@ -34,6 +35,10 @@ class Params(common.StudyParams):
     craft_on: x_adv for D_l crafted on "each" model at its own precision or once on "fp".
     beta: the DQ beta highlighted (trained live); betas: the live sweep (beta is added).
     train_n, epochs: training images and epochs of each live DQ model.
+    sweep_models: trained models (zoo names or checkpoints, trained with defense "dq" or
+        "natural" = beta 0) that make the sweep instead of live training: their betas are
+        read from their checkpoints, `betas`, `train_n` and `epochs` are then unused, and
+        `beta` must be one of theirs. Empty (default): the live sweep.
     """
 
     dataset: str = "fashion-mnist"
@@ -49,6 +54,7 @@ class Params(common.StudyParams):
     betas: tuple = (0.0, 0.0003, 0.001, 0.003, 0.01)
     train_n: int = 1000
     epochs: int = 2
+    sweep_models: tuple = ()
     n_examples: int = 200
     seed: int = 0
     device: str = "auto"
@@ -67,11 +73,57 @@ class Params(common.StudyParams):
         info = P.check_dataset(self.dataset)
         self._set("train_n", check_int(self.train_n, "train_n", 1, info.sizes["train"]))
         self._set("epochs", check_int(self.epochs, "epochs", 1))
+        if isinstance(self.sweep_models, str) or not isinstance(self.sweep_models, (list, tuple)):
+            raise RqlabError(f"sweep_models={self.sweep_models!r} must be a list of zoo names or checkpoint paths "
+                             "(empty: train the sweep live)")
+        self._set("sweep_models", tuple(P.check_model_spec(s, f"sweep_models[{i}]")
+                                        for i, s in enumerate(self.sweep_models)))
 
     @property
     def sweep_betas(self) -> list[float]:
         """The betas trained live: betas and beta, sorted, each once."""
         return sorted(set(self.betas) | {self.beta})
+
+
+def trained_beta(spec: str, field: str = "sweep_models") -> float:
+    """The DQ beta model `spec` was trained with, from its checkpoint's training hooks:
+    beta for defense "dq", 0 for "natural"; RqlabError for any other training."""
+    from .. import checkpoint, zoo
+
+    hooks = checkpoint.load(zoo.weights_file(spec)).get("hooks") or {}
+    name, config = hooks.get("name"), hooks.get("config") or {}
+    if name == "dq" and "beta" in config:
+        return float(config["beta"])
+    if name == "natural":
+        return 0.0
+    raise RqlabError(f"{field}: {spec} was trained with defense {name!r}: the beta sweep takes models trained "
+                     "with dq or natural (beta 0)")
+
+
+def sweep_of_models(params: Params, x, y, threat, device, log=print) -> tuple[list[dict], dict]:
+    """The beta sweep from params.sweep_models (one row each, `sweeps.beta_row`, at
+    LIVE_POLICY, sorted by beta): (rows, {beta: model}). Two models with one beta, or a
+    `beta` none of them has, is an RqlabError naming the field."""
+    from .. import quant
+    from ..analysis import sweeps
+    from ..zoo import load
+
+    betas = {}
+    for i, spec in enumerate(params.sweep_models):
+        b = trained_beta(spec, f"sweep_models[{i}]")
+        if b in betas:
+            raise RqlabError(f"sweep_models: {betas[b][0]} and {spec} were both trained with beta={b:g}")
+        betas[b] = (spec, load(spec, device=device))
+    if params.beta not in betas:
+        raise RqlabError(f"beta={params.beta:g} is none of the sweep models' betas: choose one of "
+                         f"{', '.join(f'{b:g}' for b in sorted(betas))}")
+    policy = quant.parse_policy(LIVE_POLICY)
+    rows = []
+    for b in sorted(betas):
+        spec, model = betas[b]
+        rows.append({**sweeps.beta_row(b, model, (x, y), threat, policy), "model": spec})
+        log(f"beta={b:g}: {spec}")
+    return rows, {b: m for b, (_, m) in betas.items()}
 
 
 def load_inputs(params: Params) -> common.Inputs:
@@ -111,12 +163,17 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
     amp = sweeps.amplification(nets, x, adv)
     acc = {k: sweeps.accuracy_vs_bits(net, (x, y), threat, params.bits, act_only=True) for k, net in nets.items()}
     lip = sweeps.lipschitz_table(nets, x, adv)
-    log(f"amplification, accuracy against bits and Lipschitz estimates done; training betas {params.sweep_betas}")
-    train_set = data.load(params.dataset, "train", n=params.train_n, seed=params.seed)
-    beta_rows, live = sweeps.beta_sweep(params.sweep_betas, train_set, (x, y), threat,
-                                        policy=quant.parse_policy(LIVE_POLICY), epochs=params.epochs,
-                                        seed=params.seed, device=str(inputs.device),
-                                        progress=params.interactive if progress is None else progress)
+    if params.sweep_models:
+        log("amplification, accuracy against bits and Lipschitz estimates done; the beta sweep from "
+            f"{len(params.sweep_models)} trained models")
+        beta_rows, live = sweep_of_models(params, x, y, threat, inputs.device, log)
+    else:
+        log(f"amplification, accuracy against bits and Lipschitz estimates done; training betas {params.sweep_betas}")
+        train_set = data.load(params.dataset, "train", n=params.train_n, seed=params.seed)
+        beta_rows, live = sweeps.beta_sweep(params.sweep_betas, train_set, (x, y), threat,
+                                            policy=quant.parse_policy(LIVE_POLICY), epochs=params.epochs,
+                                            seed=params.seed, device=str(inputs.device),
+                                            progress=params.interactive if progress is None else progress)
     at_stored = {k: next((r["robust_accuracy"] for r in acc[k]
                           if str(sweeps.precision(r["bits"], True)) == precision[k]), None)
                  for k in nets}   # None when `bits` leaves out the model's own precision
@@ -136,13 +193,15 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
         "accuracy_vs_bits": acc,
         "lipschitz": lip,
         "beta_sweep": beta_rows,
+        "beta_source": "models" if params.sweep_models else "live",
         "threat": threat.to_dict(),
         # Defensive Quantization's claim at the zoo models' precision (w32a4): None without 4 in bits
         "dq_vs_vanilla": readings.dq_comparison(acc, amp, params.n_examples, bits=CLAIM_BITS),
         "reading": {"amplification": readings.amplification_reading(amp)["text"],
                     "beta": readings.beta_reading(beta_rows, n=params.n_examples)["text"]},
     }
-    return Results(results, models={**nets, f"live DQ beta={params.beta:g}": live[params.beta]})
+    label = "DQ" if params.sweep_models else "live DQ"
+    return Results(results, models={**nets, f"{label} beta={params.beta:g}": live[params.beta]})
 
 
 # ---- figures and readings -------------------------------------------------------------------
@@ -237,7 +296,8 @@ def beta_reading(results: dict) -> str:
     """One line per live DQ model, then `readings.beta_reading`'s text."""
     lines = [f"beta={r['beta']:<7g} orthogonality {r['orthogonality']:9.4g}  bound {r['bound']:9.4g}  "
              f"clean {100 * r['clean_accuracy']:5.1f}%  adversarial {100 * r['robust_accuracy']:5.1f}%  "
-             f"({r['time_s']:.1f}s)" for r in results["beta_sweep"]]
+             + (f"({r['time_s']:.1f}s)" if r.get("time_s") is not None else f"({r.get('model', 'trained')})")
+             for r in results["beta_sweep"]]
     return "\n".join(lines + ["", results["reading"]["beta"]])
 
 
@@ -254,5 +314,5 @@ def explorer(params: Params, inputs: common.Inputs, results: Results):
                                  "{k} examples")
 
 
-__all__ = ["Params", "load_inputs", "run", "plot_amplification", "plot_lipschitz", "plot_beta", "reading",
+__all__ = ["Params", "load_inputs", "run", "trained_beta", "sweep_of_models", "plot_amplification", "plot_lipschitz", "plot_beta", "reading",
            "beta_reading", "explorer", "write_results", "LIVE_POLICY", "CLAIM_BITS"]
