@@ -193,17 +193,19 @@ def check_curves(res, params, live: bool):
 
 
 def test_04_odgq_training_curves_from_the_zoo(kernel, tmp_path, monkeypatch):
-    from rqlab.studies.odgq_curves import ZOO_CURVES
+    from rqlab.studies.odgq_curves import zoo_curve_models
+    from rqlab.validate import RqlabError
 
-    missing = [n for n in ZOO_CURVES[4].values() if n not in zoo.names(trained_only=True)]
-    if missing:
-        pytest.skip(f"zoo models not built yet: {missing} (rqlab zoo build)")
+    try:
+        names = zoo_curve_models(4)
+    except RqlabError as e:
+        pytest.skip(f"zoo models not built yet: {e}")
     stem = STEMS[3]
     params = {"live": False, "bits": [4], "n_examples": 32, "steps": 3, "interactive": False}
     res, nb = execute(stem, params, tmp_path, monkeypatch)
     check_report_contract(nb, tmp_path)
     check_curves(res, params, live=False)
-    for m, name in ZOO_CURVES[4].items():
+    for m, name in names.items():
         assert res["curves"]["4"][m]["epoch"] == [r["epoch"] for r in zoo.card(name)["history"]]
 
 

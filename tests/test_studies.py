@@ -44,7 +44,7 @@ BAD = [
     (bit_selection, {"methods": ["lipschitz", "greedy"]}, "methods: 'greedy' is unknown"),
     (bit_selection, {"random_seeds": 0}, "random_seeds=0 is out of range"),
     (bit_selection, {"iters": 0}, "iters=0 is out of range"),
-    (odgq_curves, {"bits": [2]}, "bits=[2]: the zoo has the four methods' histories at [4] bits only"),
+    (odgq_curves, {"bits": [2]}, "bits=[2]: the zoo has the four methods' histories at [1, 4] bits only"),
     (odgq_curves, {"live": "no"}, "live='no' must be True or False"),
     (odgq_curves, {"methods": ["natural", "natural"]}, "repeats an entry"),
     (odgq_curves, {"live": True, "train_n": 60001}, "train_n=60001 is out of range"),

@@ -21,17 +21,33 @@ def test_methods_are_checked():
         S.check_methods(["natural", "fgsm"])
 
 
-def test_zoo_curves_exist_at_4_bits_only():
-    with pytest.raises(RqlabError, match=r"at \[4\] bits only, not at bits=2.*live"):
+def test_zoo_curves_exist_at_4_and_1_bits_only():
+    with pytest.raises(RqlabError, match=r"at \[1, 4\] bits only, not at bits=2.*live"):
         S.zoo_curves(2)
-    missing = [n for n in S.ZOO_CURVES[4].values() if n not in zoo.names(trained_only=True)]
+    missing = [n for n in S.SMALL_CURVES[4].values() if n not in zoo.names(trained_only=True)]
     if missing:
         pytest.skip(f"zoo models not built yet: {missing}")
+    names = S.zoo_curve_models(4)
     curves = S.zoo_curves(4)
-    for m, name in S.ZOO_CURVES[4].items():
+    for m, name in names.items():
         hist = zoo.card(name)["history"]
+        assert curves[m]["source"] == f"zoo {name}"
         assert curves[m]["robust_accuracy"] == [r["robust_accuracy"] for r in hist]
         assert curves[m]["cumulative_time_s"] == [r["cumulative_time_s"] for r in hist]
+
+
+def test_zoo_curves_read_the_full_set_only_when_all_four_are_built(monkeypatch):
+    """Never a mix of full-budget and -small histories; binary curves need the full set."""
+    built = set(S.SMALL_CURVES[4].values()) | {"fmnist-q4-natural", "fmnist-q4-pgd7"}
+    monkeypatch.setattr(zoo, "names", lambda trained_only=False: sorted(built))
+    assert S.zoo_curve_models(4) == S.SMALL_CURVES[4]
+    assert S.zoo_curve_models(4, ["natural", "pgd-at"]) == {"natural": "fmnist-q4-natural", "pgd-at": "fmnist-q4-pgd7"}
+    built |= set(S.ZOO_CURVES[4].values())
+    assert S.zoo_curve_models(4) == S.ZOO_CURVES[4]
+    assert S.zoo_eval_n("fmnist-q4-pgd7") == 1000 and S.zoo_eval_n("fmnist-q4-pgd7-small") == 200
+    with pytest.raises(RqlabError, match="bits=1: the zoo's curves need fmnist-bin-natural, fmnist-bin-fgsm-rs, "
+                                         "fmnist-bin-pgd7, fmnist-odgq-bin .*live=True"):
+        S.zoo_curve_models(1)
 
 
 def test_history_of_a_checkpoint(tmp_path):

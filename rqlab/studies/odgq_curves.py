@@ -23,10 +23,43 @@ from .common import Results, write_results
 
 METHOD_LABELS = {"natural": "natural", "fgsm-rs": "FGSM-RS", "pgd-at": "PGD-7 AT", "odgq": "ODG-Q"}
 METHODS = tuple(METHOD_LABELS)
-# The zoo's recipes with a per-epoch PGD-20 history, by training precision and method.
-ZOO_CURVES = {4: {"natural": "fmnist-q4-natural-small", "fgsm-rs": "fmnist-q4-fgsm-rs-small",
-                  "pgd-at": "fmnist-q4-pgd7-small", "odgq": "fmnist-odgq-q4-small"}}
-ZOO_EVAL_N = 200   # test images of the zoo's per-epoch PGD-20
+# The zoo's recipes with a per-epoch PGD-20 history, by training precision and method: the
+# full-budget ones (issue 14), and the -small zoo's where it has all four methods. Notebook 04
+# reads the full set at a precision once all four of its models are built, else the -small
+# one (never a mix: the curves compare like with like), and its results say which.
+ZOO_CURVES = {4: {"natural": "fmnist-q4-natural", "fgsm-rs": "fmnist-q4-fgsm-rs",
+                  "pgd-at": "fmnist-q4-pgd7", "odgq": "fmnist-odgq-q4"},
+              1: {"natural": "fmnist-bin-natural", "fgsm-rs": "fmnist-bin-fgsm-rs",
+                  "pgd-at": "fmnist-bin-pgd7", "odgq": "fmnist-odgq-bin"}}
+SMALL_CURVES = {4: {m: f"{name}-small" for m, name in ZOO_CURVES[4].items()}}
+
+
+def zoo_curve_models(bits: int, methods=METHODS) -> dict[str, str]:
+    """{method: zoo name} whose histories make the curves at `bits`: the full-budget models
+    when all of `methods` are built, else the -small ones; RqlabError naming what to build
+    when neither set is complete."""
+    from .. import zoo
+
+    methods = check_methods(methods)
+    built = set(zoo.names(trained_only=True))
+    for table in (ZOO_CURVES, SMALL_CURVES):
+        names = {m: table[bits][m] for m in methods} if bits in table else None
+        if names and set(names.values()) <= built:
+            return names
+    if bits not in ZOO_CURVES:
+        raise RqlabError(f"the zoo has training curves of all four methods at {sorted(ZOO_CURVES)} bits only, "
+                         f"not at bits={bits}: train them live (live=True, train_curves)")
+    missing = [ZOO_CURVES[bits][m] for m in methods if ZOO_CURVES[bits][m] not in built]
+    raise RqlabError(f"bits={bits}: the zoo's curves need {', '.join(missing)} (not built yet: `rqlab zoo build "
+                     f"NAME`, or scripts/zoo_queue.py)" + (" or the -small set" if bits in SMALL_CURVES else "")
+                     + "; or set live=True to train them here")
+
+
+def zoo_eval_n(name: str) -> int:
+    """Test images of zoo model `name`'s per-epoch PGD-20 (its recipe's eval_pgd)."""
+    from .. import zoo
+
+    return zoo.recipe(name).spec.eval_pgd
 
 
 def check_methods(methods, field: str = "methods") -> list[str]:
@@ -39,7 +72,8 @@ class Params(common.StudyParams):
     """The parameters of notebook 04 (its parameters cell), validated at construction.
 
     bits: training precisions (1 gives binary networks); live=False reads the zoo's
-    histories, which exist at ZOO_CURVES' precisions only. methods: out of natural,
+    histories (`zoo_curve_models`: full-budget models where built, else -small; 4 and 1
+    bits only). methods: out of natural,
     fgsm-rs, pgd-at, odgq. epochs, train_n: live training. attack, steps, n_examples: the
     per-epoch robust accuracy of live runs (and the explorer's attack).
     """
@@ -73,8 +107,8 @@ class Params(common.StudyParams):
                 raise RqlabError(f"bits={list(self.bits)}: the zoo has the four methods' histories at "
                                  f"{sorted(ZOO_CURVES)} bits only, not at {missing}: set live=True to train them here")
             for b in self.bits:
-                for m in self.methods:
-                    P.check_model_spec(ZOO_CURVES[b][m], f"zoo model for {m} at {b} bits")
+                for m, name in zoo_curve_models(b, self.methods).items():
+                    P.check_model_spec(name, f"zoo model for {m} at {b} bits")
 
 
 def history_of(spec: str) -> list[dict]:
@@ -91,12 +125,8 @@ def zoo_curves(bits: int, methods=METHODS) -> dict[str, dict]:
     """{method: curve} from the zoo's histories at `bits` (ZOO_CURVES). The zoo measures
     PGD-20 accuracy on 200 test examples per epoch and clean accuracy on the test set."""
     bits = check_bits(bits)
-    methods = check_methods(methods)
-    if bits not in ZOO_CURVES:
-        raise RqlabError(f"the zoo has training curves of all four methods at {sorted(ZOO_CURVES)} bits only, "
-                         f"not at bits={bits}: train them live (live=True, train_curves)")
-    return {m: curve_from_history(history_of(ZOO_CURVES[bits][m]), source=f"zoo {ZOO_CURVES[bits][m]}",
-                                  attack="PGD-20 (zoo card)") for m in methods}
+    return {m: curve_from_history(history_of(name), source=f"zoo {name}", attack="PGD-20 (zoo card)")
+            for m, name in zoo_curve_models(bits, methods).items()}
 
 
 def train_curves(methods, bits: int, train_set, test_set, threat, epochs: int = 2, batch_size: int = 128,
@@ -153,7 +183,8 @@ def load_inputs(params: Params) -> common.Inputs:
     """The test images, and with live=False and interactive the zoo's models (for the
     explorer), labelled "ODG-Q (4-bit)" etc."""
     specs = {} if params.live or not params.interactive else {
-        f"{METHOD_LABELS[m]} ({b}-bit)": ZOO_CURVES[b][m] for b in params.bits for m in params.methods}
+        f"{METHOD_LABELS[m]} ({b}-bit)": name for b in params.bits
+        for m, name in zoo_curve_models(b, params.methods).items()}
     return common.load_inputs(params, specs)
 
 
@@ -191,7 +222,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
                 f"{100 * c['robust_accuracy'][-1]:5.1f}%  {c['cumulative_time_s'][-1]:7.1f}s for {len(c['epoch'])} "
                 f"epochs  ({c['source']}, {c['attack']})")
     ratios = {b: epoch_time_ratio(curves[b], "natural") if "natural" in curves[b] else None for b in params.bits}
-    n_eval = params.n_examples if params.live else ZOO_EVAL_N
+    n_eval = params.n_examples if params.live else min(zoo_eval_n(c["source"].split(" ", 1)[1])
+                                                       for b in params.bits for c in curves[b].values())
     labels = {m: METHOD_LABELS[m] for m in params.methods}
     full = {b: readings.curves_reading(curves[b], ratios[b], n=n_eval, labels=labels)
             for b in params.bits if ratios[b]}
@@ -282,6 +314,7 @@ def explorer(params: Params, inputs: common.Inputs, results: Results):
                            start_bits=params.bits[0])
 
 
-__all__ = ["Params", "METHODS", "METHOD_LABELS", "ZOO_CURVES", "check_methods", "history_of", "zoo_curves",
+__all__ = ["Params", "METHODS", "METHOD_LABELS", "ZOO_CURVES", "SMALL_CURVES", "zoo_curve_models", "zoo_eval_n",
+           "check_methods", "history_of", "zoo_curves",
            "train_curves", "load_inputs", "run", "plot_curves", "plot_time_ratios", "reading", "explorer",
            "write_results"]
