@@ -144,8 +144,9 @@ def standard_record(name: str, policy, test, n: int, passes: int):
     if path.is_file():
         return Record.from_json(path.read_text())
     print(f"  standard protocol: {name} at {policy}, n = {n} ...", file=sys.stderr, flush=True)
+    progress = path.with_suffix(".progress")  # finished batches: a stopped run resumes there
     rec = evaluate(zoo.load(name), test, PGD20, policy=policy, n=n, passes=passes, protocol="standard",
-                   model_id=name, progress=False)
+                   model_id=name, progress=False, batch_size=zoo.MEASURE_BATCH, resume=progress)
     checkpoint.save_json(path, rec.to_dict())
     return rec
 
