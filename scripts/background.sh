@@ -6,9 +6,13 @@
 #   - the measuring loop: `rqlab zoo measure` over every built card not yet measured (the
 #     standard protocol's headline; 500 examples, 1,000 for full-budget adversarial models),
 #     then again every 10 minutes, so that models the queue finishes get their headline.
-#     Measured cards are left for a person to commit (`git commit -- rqlab/zoo/store/`).
+#     Measured cards are left for a person to commit (`git commit -- rqlab/zoo/store/`);
+#   - findings (b) under the standard protocol (`scripts/findings.py --section B --n 500`,
+#     once: it resumes from its finished batches and writes docs/findings/b_standard.json).
 #
-#   scripts/background.sh            start both (a job already running is left alone)
+#   scripts/background.sh            start the queue and the loop (a job already running is
+#                                    left alone)
+#   scripts/background.sh start JOB...  start only those of: train, measure, findings
 #   scripts/background.sh status     what runs, and the last lines of each log
 #   scripts/background.sh pause      SIGSTOP both (e.g. while the test suite runs: it is
 #   scripts/background.sh resume     several times slower on a loaded machine), SIGCONT
@@ -19,20 +23,28 @@ QUEUE="scripts/zoo_queue.py"
 LOOP="rqlab-measure-loop"
 
 pids() { pgrep -f "$1"; }
-all_pids() { { pids "$QUEUE"; pids "$LOOP"; pids "rqlab zoo measure"; } | sort -u; }
+FINDINGS="scripts/findings.py --section B"
+all_pids() { { pids "$QUEUE"; pids "$LOOP"; pids "rqlab zoo measure"; pids "$FINDINGS"; } | sort -u; }
 
 case "${1:-start}" in
   start)
     [ -x .venv/bin/python ] || { echo "no .venv: run make setup first" >&2; exit 2; }
+    shift
+    jobs=" ${*:-train measure} "
+    for j in $jobs; do
+      case "$j" in train|measure|findings) ;; *) echo "unknown job $j: choose train, measure or findings" >&2; exit 2;; esac
+    done
     mkdir -p runs/measure
     export OMP_NUM_THREADS=1
-    if [ -z "$(pids "$QUEUE")" ]; then
+    if [[ "$jobs" != *" train "* ]]; then :
+    elif [ -z "$(pids "$QUEUE")" ]; then
       setsid nohup nice -n 5 .venv/bin/python "$QUEUE" --threads 1 >> runs/zoo_queue.log 2>&1 < /dev/null &
       echo "training queue started: runs/zoo_queue.log"
     else
       echo "training queue already running"
     fi
-    if [ -z "$(pids "$LOOP")" ]; then
+    if [[ "$jobs" != *" measure "* ]]; then :
+    elif [ -z "$(pids "$LOOP")" ]; then
       # exec -a names the loop's shell, so that status, pause and stop find it
       setsid nohup bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress; sleep 600; done'" \
         >> runs/measure/loop.log 2>&1 < /dev/null &
@@ -40,14 +52,22 @@ case "${1:-start}" in
     else
       echo "measuring loop already running"
     fi
+    if [[ "$jobs" != *" findings "* ]]; then :
+    elif [ -z "$(pids "$FINDINGS")" ]; then
+      setsid nohup nice -n 5 .venv/bin/python $FINDINGS --n 500 >> runs/findings_B.log 2>&1 < /dev/null &
+      echo "findings (b), standard protocol, started: runs/findings_B.log"
+    else
+      echo "findings (b) already running"
+    fi
     ;;
   status)
     for p in $(all_pids); do ps -o pid=,stat=,etime=,args= -p "$p" | cut -c1-150; done
     echo "--- runs/zoo_queue.log";        tail -n 3 runs/zoo_queue.log 2>/dev/null
     echo "--- runs/measure/loop.log";     tail -n 3 runs/measure/loop.log 2>/dev/null
+    echo "--- runs/findings_B.log";       tail -n 3 runs/findings_B.log 2>/dev/null
     ;;
   pause)  for p in $(all_pids); do kill -STOP "$p"; done; echo "paused: $(all_pids | xargs)";;
   resume) for p in $(all_pids); do kill -CONT "$p"; done; echo "resumed: $(all_pids | xargs)";;
   stop)   for p in $(all_pids); do kill -CONT "$p"; kill -TERM "$p"; done; echo "stopped";;
-  *) echo "usage: scripts/background.sh [start|status|pause|resume|stop]" >&2; exit 2;;
+  *) echo "usage: scripts/background.sh [start [train] [measure] [findings]|status|pause|resume|stop]" >&2; exit 2;;
 esac

@@ -287,7 +287,7 @@ def b_standard(fixed: list, rpi: list) -> dict:
 
     diff, ci = paired_difference(rpi, fixed)
     side = lambda v: {"clean": 0.8, "robust": sum(v) / len(v), "ci95": [0.5, 0.7], "strongest": "autoattack",  # noqa: E731
-                      "unreliable": [], "device": "cpu (AMD EPYC 7B13)"}
+                      "unreliable": [], "device": "cpu (AMD EPYC 7B13)", "wall_time_s": 1500.0}
     return {"n": len(fixed), "passes": 5, "torch": "2.14.1", "seconds": 3600.0,
             "rows": [{"model": "fmnist-rpt-pgd7-small", "difference": diff, "difference_ci95": list(ci),
                       "fixed8": side(fixed), "rpi": side(rpi)}]}
@@ -309,6 +309,7 @@ def test_findings_page_adds_claim_b_under_the_standard_protocol(tmp_path):
     assert section.index("**not reproduced**") < section.index(findings.NOTES.splitlines()[0])  # before the notes
     assert "| fmnist-rpt-pgd7-small | RPI 4..8 | 80.0% | 25.0% [50.0%, 70.0%] | autoattack | - | -50.0 [" in text
     assert "AMD EPYC 7B13" in section and "--section B --n 500" in section
+    assert "50 min of measurement in all" in section  # the records' own times (resumed runs), not the last run's
     even = findings.standard_b_markdown(b_standard([1, 0] * 50, [0, 1] * 50))
     assert "**inconclusive**" in even
     with pytest.raises(RqlabError, match="standard_b"):

@@ -161,11 +161,12 @@ def standard_b_markdown(b: dict) -> str:
                  "Difference: RPI minus fixed, per example (paired), 95% interval; verdict by the claims' rule.", "",
                  "| model | precision | clean | standard protocol [95% CI] | strongest | flags | "
                  "RPI - fixed [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|"]
-        devices = set()
+        devices, measured_s = set(), 0.0
         for r in rows:
             for key, prec in (("fixed8", "8 bits (fixed)"), ("rpi", "RPI 4..8")):
                 v = r[key]
                 devices.add(v.get("device"))
+                measured_s += v.get("wall_time_s") or 0.0
                 diff = (f"{100 * r['difference']:+.1f} [{100 * r['difference_ci95'][0]:+.1f}, "
                         f"{100 * r['difference_ci95'][1]:+.1f}]") if key == "rpi" else ""
                 lines.append(f"| {r['model']} | {prec} | {_pct(v['clean'])} | {_pct(v['robust'])} "
@@ -176,7 +177,9 @@ def standard_b_markdown(b: dict) -> str:
         raise RqlabError(f"standard_b: not a b_standard.json of scripts/findings.py --section B (missing {e})") from e
     lines += ["", f"Measured on {', '.join(sorted(str(d) for d in devices if d)) or 'an unrecorded machine'}"
               + (f", torch {b['torch']}" if b.get("torch") else "")
-              + (f", {b['seconds'] / 60:.0f} min" if b.get("seconds") else "")
+              + (f", {measured_s / 60:.0f} min of measurement in all (each record's wall time, summed over "
+                 "the sessions that resumed it)" if measured_s else
+                 f", {b['seconds'] / 60:.0f} min" if b.get("seconds") else "")
               + ". Re-measure: `.venv/bin/python scripts/findings.py --section B --n 500`."]
     return "\n".join(lines)
 
