@@ -25,4 +25,5 @@ def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({cpu_model()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{device.type} ({cpu_model()}, {n} thread{'' if n == 1 else 's'})"

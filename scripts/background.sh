@@ -36,29 +36,21 @@ case "${1:-start}" in
     done
     mkdir -p runs/measure
     export OMP_NUM_THREADS=1
-    if [[ "$jobs" != *" train "* ]]; then :
-    elif [ -z "$(pids "$QUEUE")" ]; then
-      setsid nohup nice -n 5 .venv/bin/python "$QUEUE" --threads 1 >> runs/zoo_queue.log 2>&1 < /dev/null &
-      echo "training queue started: runs/zoo_queue.log"
-    else
-      echo "training queue already running"
-    fi
-    if [[ "$jobs" != *" measure "* ]]; then :
-    elif [ -z "$(pids "$LOOP")" ]; then
-      # exec -a names the loop's shell, so that status, pause and stop find it
-      setsid nohup bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress; sleep 600; done'" \
-        >> runs/measure/loop.log 2>&1 < /dev/null &
-      echo "measuring loop started: runs/measure/loop.log"
-    else
-      echo "measuring loop already running"
-    fi
-    if [[ "$jobs" != *" findings "* ]]; then :
-    elif [ -z "$(pids "$FINDINGS")" ]; then
-      setsid nohup nice -n 5 .venv/bin/python $FINDINGS --n 500 >> runs/findings_B.log 2>&1 < /dev/null &
-      echo "findings (b), standard protocol, started: runs/findings_B.log"
-    else
-      echo "findings (b) already running"
-    fi
+    # launch JOB PATTERN LABEL LOG CMD...: start CMD unless JOB was not asked for or PATTERN runs
+    launch() {
+      local job=$1 pattern=$2 label=$3 log=$4; shift 4
+      [[ "$jobs" == *" $job "* ]] || return 0
+      if [ -n "$(pids "$pattern")" ]; then echo "$label already running"; return 0; fi
+      setsid nohup "$@" >> "$log" 2>&1 < /dev/null &
+      echo "$label started: $log"
+    }
+    launch train "$QUEUE" "training queue" runs/zoo_queue.log \
+      nice -n 5 .venv/bin/python "$QUEUE" --threads 1
+    # exec -a names the loop's shell, so that status, pause and stop find it
+    launch measure "$LOOP" "measuring loop" runs/measure/loop.log \
+      bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress; sleep 600; done'"
+    launch findings "$FINDINGS" "findings (b)" runs/findings_B.log \
+      nice -n 5 .venv/bin/python $FINDINGS --n 500
     ;;
   status)
     for p in $(all_pids); do ps -o pid=,stat=,etime=,args= -p "$p" | cut -c1-150; done
