@@ -36,9 +36,10 @@ def _rqlab(*argv, **kw) -> subprocess.CompletedProcess:
 
 
 def _comparable(record: dict) -> dict:
-    """A record without what differs between any two runs (times) or says how it ran."""
+    """A record without what differs between any two runs (times) or says how it ran (ranks,
+    and the threads each used, which device_name counts)."""
     r = json.loads(json.dumps(record))
-    for key in ("wall_time_s", "world_size"):
+    for key in ("wall_time_s", "world_size", "device_name"):
         r["extra"].pop(key, None)
     for a in r.get("attacks") or ():
         a.pop("time_s", None)
@@ -203,8 +204,9 @@ def test_eval_nproc_writes_the_single_process_record(tmp_path):
         zoo.load("fmnist-q4-pgd7-small")
     except RqlabError as e:
         pytest.skip(f"needs the zoo: {e}")
+    # the quick protocol: the standard one under 2 ranks is test_sharded_evaluation_...[standard]'s
     argv = ["eval", "--model", "fmnist-q4-pgd7-small", "--n", "24", "--batch-size", "8", "--steps", "3",
-            "--device", "cpu", "--no-progress"]
+            "--protocol", "quick", "--device", "cpu", "--no-progress"]
     two = _rqlab(*argv, "--nproc", "2", "--json", str(tmp_path / "two.json"))
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     assert two.stdout.count("robust") == 1  # one rank printed the table
