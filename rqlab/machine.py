@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,3 +28,10 @@ def device_name(device) -> str:
         return f"cuda ({torch.cuda.get_device_name(device)})"
     n = torch.get_num_threads()
     return f"{device.type} ({cpu_model()}, {n} thread{'' if n == 1 else 's'})"
+
+
+def devices_line(names) -> str:
+    """Distinct device names, sorted and comma-separated, for a "Measured on ..." line;
+    records written before device_name said "1 thread" read "1 threads" and are counted
+    with the new spelling."""
+    return ", ".join(sorted({re.sub(r"\b1 threads\b", "1 thread", str(n)) for n in names if n}))

@@ -413,3 +413,20 @@ def test_dq_claim_names_the_beta_sweep_and_its_source():
            "beta 0.01 30.0%." in row["reason"]
     assert row["details"]["beta_sweep"] == {"0": 0.2, "0.001": 0.25, "0.01": 0.3}
     assert "trained live on a subset" in _dq({**res, "beta_source": "live"})["reason"]
+
+
+def test_measured_on_names_each_machine_once_across_the_old_1_threads_spelling():
+    from rqlab.report import findings
+
+    row = dict(precision="4", clean_accuracy=0.8, standard=0.5, pgd20=0.6)
+    rows = [dict(row, name=f"m{i}", device=d) for i, d in
+            enumerate(["cpu (X, 1 threads)", "cpu (X, 1 thread)", "cpu (X, 2 threads)", None])]
+    assert findings.zoo_markdown(rows).endswith("\n\nMeasured on cpu (X, 1 thread), cpu (X, 2 threads).")
+    assert "Measured on cpu (X, 1 thread), cpu (X, 2 threads)." in " ".join(index_html_zoo(rows).split())
+
+
+def index_html_zoo(rows: list) -> str:
+    from rqlab.report import html
+
+    return html._zoo_table([dict(r, summary="", standard_ci95=[0.4, 0.6], standard_n=500, strongest="autoattack",
+                                 unreliable=[]) for r in rows])

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import atomic_write_bytes
+from ..machine import devices_line
 from ..validate import RqlabError
 from .batch import SUMMARY_FORMAT
 from .claims import verdict
@@ -141,9 +142,9 @@ def zoo_markdown(zoo: list[dict]) -> str:
         lines.append(f"| {z['name']} | {z['precision']} | {_pct(z['clean_accuracy'])} | "
                      f"{_pct(z['standard'])}{ci} | {z.get('standard_n') or '-'} | {z.get('strongest') or '-'} | "
                      f"{_pct(z['pgd20'])} | {_cell('; '.join(z.get('unreliable') or [])) or '-'} |")
-    devices = sorted({z["device"] for z in zoo if z.get("device")})
+    devices = devices_line(z.get("device") for z in zoo)
     if devices:
-        lines += ["", f"Measured on {', '.join(devices)}."]
+        lines += ["", f"Measured on {devices}."]
     return "\n".join(lines)
 
 
@@ -175,7 +176,7 @@ def standard_b_markdown(b: dict) -> str:
                              f"{'**' + verdict(r['difference_ci95']) + '**' if key == 'rpi' else ''} |")
     except (KeyError, TypeError, IndexError) as e:
         raise RqlabError(f"standard_b: not a b_standard.json of scripts/findings.py --section B (missing {e})") from e
-    lines += ["", f"Measured on {', '.join(sorted(str(d) for d in devices if d)) or 'an unrecorded machine'}"
+    lines += ["", f"Measured on {devices_line(devices) or 'an unrecorded machine'}"
               + (f", torch {b['torch']}" if b.get("torch") else "")
               + (f", {measured_s / 60:.0f} min of measurement in all (each record's wall time, summed over "
                  "the sessions that resumed it)" if measured_s else

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from urllib.parse import quote
 
+from ..machine import devices_line
+
 _INDEX_NUMBERS = 12     # key numbers shown per row of index.html (summary.json has all)
 
 
@@ -134,12 +136,12 @@ def _zoo_table(rows: list[dict]) -> str:
         body.append(f'<tr><td class="kv">{e(r["name"])}</td><td>{e(r["summary"])}</td><td>{e(r["precision"])}</td>'
                     f'<td>{pct(r["clean_accuracy"])}</td><td><b>{pct(r["standard"])}</b>{ci}{flags}</td>'
                     f'<td>{pct(r["pgd20"])}</td></tr>')
-    devices = sorted({r["device"] for r in rows if r["device"]})
+    devices = devices_line(r["device"] for r in rows)
     return f"""<h2>The zoo: headline robust accuracy</h2>
 <p class="small">Robust accuracy under the standard protocol (AutoAttack standard + PGD-20; for random
 precisions the support ensemble + EOT-PGD + expectation; Square and BPDA for binary ones; worst case per
 example; docs/protocol.md), from the zoo's cards, with PGD-20 beside it. Measured on
-{e(", ".join(devices) or "-")}.</p>
+{e(devices or "-")}.</p>
 <table>
 <thead><tr><th>model</th><th>summary</th><th>precision</th><th>clean</th><th>standard protocol [95% CI]</th>
 <th>PGD-20</th></tr></thead>
