@@ -3,6 +3,7 @@
     .venv/bin/python scripts/findings.py                 # every section (about 30 min on 2 CPU cores)
     .venv/bin/python scripts/findings.py --section b     # one section: a, b, c, d or t (transfer, behind b)
     .venv/bin/python scripts/findings.py --section B     # (b) under the standard protocol, same-model control
+    .venv/bin/python scripts/findings.py --section A     # (a)'s two robustness claims under the standard protocol
     .venv/bin/python scripts/findings.py --n 200         # fewer test examples, faster
 
 Each section writes its numbers to docs/findings/<section>.json (atomically) and prints
@@ -129,24 +130,24 @@ def section_b(test, n: int, aa_n: int, passes: int = 5) -> dict:
     return {"rows": rows, "n": n, "passes": passes}
 
 
-def standard_record(name: str, policy, test, n: int, passes: int):
-    """The standard protocol's record of zoo model `name` at `policy` on the first n test
-    examples (the card's subset): the card's own record when it is this one (`rqlab zoo
-    measure`), else measured here and kept in docs/findings/b_standard/ (so a stopped run
-    resumes). Reference budget: AutoAttack standard, 100 iterations, Square 5,000 queries."""
+def standard_record(name: str, policy, test, n: int, passes: int, model=None, folder: str = "b_standard"):
+    """The standard protocol's record of zoo model `name` (or of `model`, named `name`) at
+    `policy` on the first n test examples (the card's subset): the card's own record when it
+    is this one (`rqlab zoo measure`), else measured here and kept in docs/findings/<folder>/
+    (so a stopped run resumes). Reference budget: AutoAttack standard, 100 iterations,
+    Square 5,000 queries."""
     from rqlab.record import Record
 
-    c = zoo.card(name)
-    s = c.get("standard")
+    s = zoo.card(name).get("standard") if model is None else None
     if s and s["n"] == n and s["policy"] == policy.to_dict() and s["passes"] == passes and not s["requested_options"]:
         return Record.from_json((zoo.STORE / s["record"]).read_text())
-    path = OUT / "b_standard" / f"{name}__{str(policy).replace('(', '').replace(')', '')}__n{n}.json"
+    path = OUT / folder / f"{name}__{str(policy).replace('(', '').replace(')', '')}__n{n}.json"
     if path.is_file():
         return Record.from_json(path.read_text())
     print(f"  standard protocol: {name} at {policy}, n = {n} ...", file=sys.stderr, flush=True)
     progress = path.with_suffix(".progress")  # finished batches: a stopped run resumes there
-    rec = evaluate(zoo.load(name), test, PGD20, policy=policy, n=n, passes=passes, protocol="standard",
-                   model_id=name, progress=False, batch_size=zoo.MEASURE_BATCH, resume=progress)
+    rec = evaluate(zoo.load(name) if model is None else model, test, PGD20, policy=policy, n=n, passes=passes,
+                   protocol="standard", model_id=name, progress=False, batch_size=zoo.MEASURE_BATCH, resume=progress)
     checkpoint.save_json(path, rec.to_dict())
     return rec
 
@@ -204,6 +205,45 @@ def section_b_standard(test, n: int, passes: int = 5) -> dict:
     return {"rows": rows, "n": n, "passes": passes, "fp_pgd7_card": fp}
 
 
+def section_a_standard(test, n: int) -> dict:
+    """(a)'s robustness claims under the standard protocol, paired on the same n images: the
+    paper says vanilla quantization is less robust than FP (FP control minus vanilla w32a4 > 0)
+    and that DQ is more robust than vanilla (DQ minus vanilla > 0). Models as in section a,
+    each at its own precision; the zoo models' records are their cards' (`rqlab zoo measure`)."""
+    from rqlab.report.claims import verdict
+    from rqlab.stats import paired_difference
+
+    fp, a4 = quant.Fixed(32), quant.Fixed(32, act_bits=4)
+    recs = {"FP natural, 60k (fmnist-fp-natural-small)": standard_record("fmnist-fp-natural-small", fp, test, n, 1),
+            "FP natural, 6k (control)": standard_record("fmnist-fp-natural-6k", fp, test, n, 1,
+                                                        model=same_budget_fp_control(), folder="a_standard"),
+            "vanilla w32a4, 6k (fmnist-a4-natural-small)": standard_record("fmnist-a4-natural-small", a4, test, n, 1),
+            "DQ w32a4 beta 3e-3, 6k (fmnist-dq-natural-small)": standard_record("fmnist-dq-natural-small", a4,
+                                                                               test, n, 1)}
+    rows = [{"model": k, "clean": r["clean_accuracy"], "robust": r["robust_accuracy"], "ci95": r["robust_ci95"],
+             "strongest": r["strongest"], "attacks": {a["name"]: a["robust_accuracy"] for a in r.attacks},
+             "unreliable": list(r.unreliable), "wall_time_s": r["wall_time_s"],
+             "device": r.get("device_name") or r["device"]} for k, r in recs.items()]
+    control, vanilla, dq = (robust_scores(recs[k]) for k in list(recs)[1:])
+    claims = []
+    for claim, better, worse in (("vanilla w32a4 is less robust than FP (FP control - vanilla)", control, vanilla),
+                                 ("DQ is more robust than vanilla (DQ - vanilla)", dq, vanilla)):
+        diff, ci95 = paired_difference(better, worse)
+        claims.append({"claim": claim, "difference": diff, "difference_ci95": list(ci95), "verdict": verdict(ci95)})
+    print(f"\n### (a) under the standard protocol, n = {n}, each model at its own precision")
+    print("\n| model | clean | standard protocol [95% CI] | strongest | PGD-20 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {pct(r['clean'])} | {pct(r['robust'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] "
+              f"| {r['strongest']} | {pct(r['attacks']['pgd']) if 'pgd' in r['attacks'] else '-'} |")
+    print("\n| the paper's claim | difference, paired [95% CI] | verdict |")
+    print("|---|---|---|")
+    for c in claims:
+        print(f"| {c['claim']} | {100 * c['difference']:+.1f} [{100 * c['difference_ci95'][0]:+.1f}, "
+              f"{100 * c['difference_ci95'][1]:+.1f}] | **{c['verdict']}** |")
+    return {"rows": rows, "claims": claims, "n": n}
+
+
 def section_c(test, n: int) -> dict:
     """Lipschitz-guided bit selection against uniform, random and reverse at equal budgets."""
     model = zoo.load("fmnist-fp-pgd7-small")
@@ -239,6 +279,38 @@ def section_d() -> dict:
         print(f"| {m} | {t:.1f} | {ratio:.2f} | {pct(ev['clean_accuracy'])} | {pct(ev['robust_accuracy'])} | "
               + ", ".join(pct(h["robust_accuracy"]) for h in hist) + " |")
         out[m] = {"epoch_time_s": t, "ratio_to_natural": ratio, "eval": ev, "history": hist}
+    out["standard"] = standard_d(cards)
+    return out
+
+
+def standard_d(cards: dict) -> dict:
+    """The same models under the standard protocol, from their cards' records (same first
+    500 test images), each paired against natural training at its precision: the claim is
+    robust accuracy far above natural training (difference > 0)."""
+    from rqlab.record import Record
+    from rqlab.report.claims import verdict
+    from rqlab.stats import paired_difference
+
+    recs = {m: Record.from_json((zoo.STORE / c["standard"]["record"]).read_text())
+            for m, c in cards.items() if c.get("standard")}
+    if "natural" not in recs:
+        return {}
+    print("\n### (d) The same models under the standard protocol (their cards), paired against natural "
+          "training at 4 bits on the same images")
+    print("\n| method | standard protocol [95% CI] | n | strongest | minus natural, paired [95% CI] | verdict | flags |")
+    print("|---|---|---|---|---|---|---|")
+    out = {}
+    for m, r in recs.items():
+        diff, ci95 = paired_difference(robust_scores(r), robust_scores(recs["natural"]))
+        v = verdict(ci95) if m == "odgq" else ""  # the claim under test; -small has no binary natural control
+        out[m] = {"robust": r["robust_accuracy"], "ci95": r["robust_ci95"], "n": r["n"], "strongest": r["strongest"],
+                  "minus_natural": diff, "minus_natural_ci95": list(ci95), "verdict": v,
+                  "unreliable": list(r.unreliable)}
+        print(f"| {m} | {pct(r['robust_accuracy'])} [{pct(r['robust_ci95'][0])}, {pct(r['robust_ci95'][1])}] | "
+              f"{r['n']} | {r['strongest']} | "
+              + ("" if m == "natural" else "- (natural is 4-bit)" if m == "odgq-binary" else
+                 f"{100 * diff:+.1f} [{100 * ci95[0]:+.1f}, {100 * ci95[1]:+.1f}]")
+              + f" | {v} | {'flagged' if r.unreliable else '-'} |")
     return out
 
 
@@ -270,7 +342,8 @@ def section_t(test, n: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--section", default="abBcdt",
-                   help="any of a, b, B (b under the standard protocol), c, d, t (default: all)")
+                   help="any of a, A (a under the standard protocol), b, B (b under the standard protocol), c, d, "
+                        "t (default: all but A)")
     p.add_argument("--n", type=int, default=500, help="test examples (default 500)")
     p.add_argument("--aa-n", type=int, default=100, help="test examples for AutoAttack rand (default 100)")
     p.add_argument("--threads", type=int, default=None)
@@ -281,11 +354,11 @@ def main(argv=None) -> int:
     for s in args.section:
         t0 = time.perf_counter()
         result = {"a": lambda: section_a(test, args.n), "b": lambda: section_b(test, args.n, args.aa_n),
-                  "B": lambda: section_b_standard(test, args.n),
+                  "B": lambda: section_b_standard(test, args.n), "A": lambda: section_a_standard(test, args.n),
                   "c": lambda: section_c(test, args.n), "d": section_d, "t": lambda: section_t(test, args.n)}[s]()
         result["seconds"] = time.perf_counter() - t0
         result["torch"] = torch.__version__
-        checkpoint.save_json(OUT / f"{ {'B': 'b_standard'}.get(s, s)}.json", result)
+        checkpoint.save_json(OUT / f"{ {'A': 'a_standard', 'B': 'b_standard'}.get(s, s)}.json", result)
         print(f"\n(section {s}: {result['seconds'] / 60:.1f} min)", flush=True)
     return 0
 
