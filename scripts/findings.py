@@ -341,9 +341,9 @@ def section_t(test, n: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", default="abBcdt",
+    p.add_argument("--section", default="aAbBcdt",
                    help="any of a, A (a under the standard protocol), b, B (b under the standard protocol), c, d, "
-                        "t (default: all but A)")
+                        "t (default: all)")
     p.add_argument("--n", type=int, default=500, help="test examples (default 500)")
     p.add_argument("--aa-n", type=int, default=100, help="test examples for AutoAttack rand (default 100)")
     p.add_argument("--threads", type=int, default=None)
