@@ -326,3 +326,10 @@ def test_a_full_budget_card_is_sane_and_plateaued(name):
     full, small = zoo.card(name)["eval"][0], zoo.card(f"{name}-small")["eval"][0]
     assert full["clean_accuracy"] >= small["clean_accuracy"] + 0.02, (full, small)
     assert zoo.plateau(name, tol=0.02)["plateaued"], zoo.plateau(name)
+
+
+def test_small_recipes_name_their_own_budget():
+    # fmnist-fp-natural-small trains on all 60,000 images for 3 epochs, the others on 6,000 for 4
+    assert zoo.recipe("fmnist-fp-natural-small").summary.endswith("(60k images, 3 epochs)")
+    assert zoo.recipe("fmnist-q4-pgd7-small").summary.endswith("(6k images, 4 epochs)")
+    assert zoo.recipe("fmnist-dq-natural-small").summary.endswith("(6k images, 4 epochs)")

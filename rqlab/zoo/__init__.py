@@ -103,10 +103,11 @@ def _fmnist_pair(name: str, summary: str, policy: str, defense: str, eval_bits: 
     defense_config = defense_config or {}
     adversarial = defense not in ("natural", "dq")
     small_notes = "; ".join(n for n in (notes, SMALL_NOTE, ODGQ_NOTE if defense == "odgq" else "") if n)
+    small = _fmnist(policy, defense, small=True, **defense_config)
+    budget = f"{(small.train.n_train or 60_000) // 1000}k images, {small.train.epochs} epochs"
     return (Recipe(name, summary, _fmnist(policy, defense, **defense_config), eval_bits, paper, notes=notes,
                    standard_n=1000 if adversarial else STANDARD_N),
-            Recipe(f"{name}-small", f"{summary} (6k images, 4 epochs)",
-                   _fmnist(policy, defense, small=True, **defense_config), eval_bits, paper, notes=small_notes))
+            Recipe(f"{name}-small", f"{summary} ({budget})", small, eval_bits, paper, notes=small_notes))
 
 
 def _cifar(model: str, policy: str, defense: str, **defense_config) -> RunSpec:
