@@ -102,6 +102,7 @@ def test_build_a_tiny_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     record = json.loads((tmp_path / "store" / s["record"]).read_text())
     assert record["protocol"] == "standard" and record["robust_accuracy"] == s["robust_accuracy"]
     assert "cpu (" in s["device"] and s["sha256"] == card["sha256"]
+    assert card["device"].startswith("cpu (")  # the training machine named, as the measurement's is
     assert [r["precision"] for r in card["eval"]] == ["4", "8"] and card["eval"][1]["ptq"]
     assert card["calibrated_bits"] == [2, 3, 5, 6, 7, 8] and card["epochs"] == 1
     assert "robust_accuracy" in card["history"][0] and card["recipe"]["defense"] == "fgsm-rs"

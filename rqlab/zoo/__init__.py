@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..experiment import RunSpec, TrainConfig
+from ..machine import device_name
 from ..validate import RqlabError
 
 STORE = Path(__file__).parent / "store"
@@ -362,7 +363,7 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
                    "defense_config": run["hooks"]["config"], "policy": run["policy"]},
         "seed": run["train_config"]["seed"], "commit": _commit(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(dev), "training_time_s": hist[-1]["cumulative_time_s"], "epochs": len(hist),
+        "device": device_name(dev), "training_time_s": hist[-1]["cumulative_time_s"], "epochs": len(hist),
         "history": hist,
         "calibrated_bits": missing if model.config.sbn_bits is None else [],
         "threat": threat.to_dict(), "eval": rows,
@@ -437,7 +438,6 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     from .. import checkpoint, data, quant
     from ..attacks import ThreatModel
     from ..evaluation import evaluate
-    from ..machine import device_name
     from ..validate import check_int
 
     n = recipe(name).standard_n if n is None else check_int(n, "n", 1, CLEAN_N)
