@@ -138,9 +138,10 @@ def standard_record(name: str, policy, test, n: int, passes: int, model=None, fo
     Square 5,000 queries."""
     from rqlab.record import Record
 
-    s = zoo.card(name).get("standard") if model is None else None
+    c = zoo.card(name) if model is None else {}
+    s = c.get("standard")
     if s and s["n"] == n and s["policy"] == policy.to_dict() and s["passes"] == passes and not s["requested_options"]:
-        return Record.from_json((zoo.STORE / s["record"]).read_text())
+        return card_record(c)
     path = OUT / folder / f"{name}__{str(policy).replace('(', '').replace(')', '')}__n{n}.json"
     if path.is_file():
         return Record.from_json(path.read_text())
@@ -150,6 +151,22 @@ def standard_record(name: str, policy, test, n: int, passes: int, model=None, fo
                    protocol="standard", model_id=name, progress=False, batch_size=zoo.MEASURE_BATCH, resume=progress)
     checkpoint.save_json(path, rec.to_dict())
     return rec
+
+
+def record_summary(rec) -> dict:
+    """What the findings' JSON keeps of a standard-protocol record (per-example scores stay in the record)."""
+    return {"clean": rec["clean_accuracy"], "robust": rec["robust_accuracy"], "ci95": rec["robust_ci95"],
+            "worst": rec["robust_worst_accuracy"], "strongest": rec["strongest"],
+            "attacks": {a["name"]: a["robust_accuracy"] for a in rec.attacks},
+            "unreliable": list(rec.unreliable), "wall_time_s": rec["wall_time_s"],
+            "device": rec.get("device_name") or rec["device"]}
+
+
+def card_record(card: dict):
+    """The standard-protocol record a zoo card points to (`rqlab zoo measure`)."""
+    from rqlab.record import Record
+
+    return Record.from_json((zoo.STORE / card["standard"]["record"]).read_text())
 
 
 def robust_scores(rec) -> list[float]:
@@ -177,11 +194,7 @@ def section_b_standard(test, n: int, passes: int = 5) -> dict:
         diff, (lo, hi) = paired_difference(robust_scores(rand), robust_scores(fixed))
         row = {"config": label, "model": name, "n": n, "passes": passes, "difference": diff, "difference_ci95": [lo, hi]}
         for key, rec in (("fixed8", fixed), ("rpi", rand)):
-            row[key] = {"clean": rec["clean_accuracy"], "robust": rec["robust_accuracy"], "ci95": rec["robust_ci95"],
-                        "worst": rec["robust_worst_accuracy"], "strongest": rec["strongest"],
-                        "attacks": {a["name"]: a["robust_accuracy"] for a in rec.attacks},
-                        "unreliable": list(rec.unreliable), "wall_time_s": rec["wall_time_s"],
-                        "device": rec.get("device_name") or rec["device"]}
+            row[key] = record_summary(rec)
         rows.append(row)
     fp = zoo.card("fmnist-fp-pgd7-small").get("standard")
     print(f"\n### (b) The standard protocol, the same model at a fixed 8 bits and under RPI 4..8, n = {n} "
@@ -220,10 +233,7 @@ def section_a_standard(test, n: int) -> dict:
             "vanilla w32a4, 6k (fmnist-a4-natural-small)": standard_record("fmnist-a4-natural-small", a4, test, n, 1),
             "DQ w32a4 beta 3e-3, 6k (fmnist-dq-natural-small)": standard_record("fmnist-dq-natural-small", a4,
                                                                                test, n, 1)}
-    rows = [{"model": k, "clean": r["clean_accuracy"], "robust": r["robust_accuracy"], "ci95": r["robust_ci95"],
-             "strongest": r["strongest"], "attacks": {a["name"]: a["robust_accuracy"] for a in r.attacks},
-             "unreliable": list(r.unreliable), "wall_time_s": r["wall_time_s"],
-             "device": r.get("device_name") or r["device"]} for k, r in recs.items()]
+    rows = [{"model": k, **record_summary(r)} for k, r in recs.items()]
     control, vanilla, dq = (robust_scores(recs[k]) for k in list(recs)[1:])
     claims = []
     for claim, better, worse in (("vanilla w32a4 is less robust than FP (FP control - vanilla)", control, vanilla),
@@ -287,12 +297,10 @@ def standard_d(cards: dict) -> dict:
     """The same models under the standard protocol, from their cards' records (same first
     500 test images), each paired against natural training at its precision: the claim is
     robust accuracy far above natural training (difference > 0)."""
-    from rqlab.record import Record
     from rqlab.report.claims import verdict
     from rqlab.stats import paired_difference
 
-    recs = {m: Record.from_json((zoo.STORE / c["standard"]["record"]).read_text())
-            for m, c in cards.items() if c.get("standard")}
+    recs = {m: card_record(c) for m, c in cards.items() if c.get("standard")}
     if "natural" not in recs:
         return {}
     print("\n### (d) The same models under the standard protocol (their cards), paired against natural "
