@@ -11,6 +11,9 @@ epoch's `epoch_time_s` (fit's own training-only timer: no evaluation, no checkpo
 median over repetitions.
 Defenses: natural, fgsm-rs, pgd-at (PGD-7), rpt-pgd-at (bits 4..8), odgq.
 Target: ODG-Q <= 1.3x natural training (PGD-7 AT about 8x, for comparison).
+
+`--formats nchw,channels_last`: each defense trained in each memory format (TrainConfig's
+channels_last), interleaved the same way; prints channels_last / NCHW per defense.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from rqlab import data, defenses, models, quant
 from rqlab.training import TrainConfig, fit
 
 DEFENSES = ("natural", "fgsm-rs", "pgd-at", "rpt-pgd-at", "odgq")
+FORMATS = ("nchw", "channels_last")
+SETTINGS = dict(eps=0.1, steps=7, step_size=0.025)  # each defense takes those of its own settings
 RPT_BITS = (4, 5, 6, 7, 8)
 
 
@@ -41,13 +46,14 @@ def loader(n: int, batch: int):
         return data.Loader(ds, batch, shuffle=True, seed=0), "noise"
 
 
-def run(name: str, train, batch: int, epochs: int) -> float:
+def run(name: str, train, batch: int, epochs: int, channels_last: bool = False) -> float:
     rpt = defenses.needs_bits_set(name)
     torch.manual_seed(0)
     model = models.create("smallcnn", **C.FMNIST, sbn_bits=RPT_BITS if rpt else None)
     quant.apply(model, quant.RandomPrecision(RPT_BITS) if rpt else quant.Fixed(4))
-    hooks = defenses.build(name, eps=0.1, steps=7, step_size=0.025, bits=RPT_BITS if rpt else None)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=0.05, device="cpu")
+    settings = {k: v for k, v in SETTINGS.items() if k in defenses.get(name).params}  # natural takes none
+    hooks = defenses.build(name, bits=RPT_BITS if rpt else None, **settings)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=0.05, device="cpu", channels_last=channels_last)
     history = fit(model, train, cfg, hooks=hooks, progress=False, log=None)
     return history[-1]["epoch_time_s"]
 
@@ -58,32 +64,41 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is timed")
     p.add_argument("--defenses", default=",".join(DEFENSES))
+    p.add_argument("--formats", default="nchw", help="memory formats to compare: nchw, channels_last (comma-separated)")
     args = p.parse_args(argv)
     C.setup(args)
     info = C.machine()
     C.print_machine(info)
     reps = args.reps or 3
     train, source = loader(args.n, args.batch)
-    names = args.defenses.split(",")
+    formats = args.formats.split(",")
+    if not set(formats) <= set(FORMATS) or not formats:
+        p.error(f"--formats={args.formats!r}: choose from {', '.join(FORMATS)}")
+    names = [d if f == "nchw" else f"{d}/{f}" for f in formats for d in args.defenses.split(",")]
     print(f"\nsmallcnn, 4 bits (rpt: random 4..8), {args.n} {source} examples, batch {args.batch}, "
           f"epoch {args.epochs} of {args.epochs} timed, {reps} reps", flush=True)
     times: dict[str, list[float]] = {k: [] for k in names}
     order, rng = list(names), random.Random(0)
     for r in range(reps):
-        rng.shuffle(order)  # as _common.interleaved: no defense always in the same position
+        rng.shuffle(order)  # as _common.interleaved: no contender always in the same position
         for name in order:
-            times[name].append(run(name, train, args.batch, args.epochs))
+            defense, _, fmt = name.partition("/")
+            times[name].append(run(defense, train, args.batch, args.epochs, channels_last=fmt == "channels_last"))
         if not args.quiet:
             print(f"  rep {r + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
                   file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med.get("natural")
-    print(f"{'defense':<12}{'epoch s':>9}{'x natural':>11}   spread")
+    w = max(12, *(len(k) + 2 for k in names))
+    print(f"{'defense':<{w}}{'epoch s':>9}{'x natural':>11}   spread")
     for k in names:
-        print(f"{k:<12}{med[k]:>9.2f}{med[k] / base if base else float('nan'):>11.2f}   {C.spread(times[k])}")
+        print(f"{k:<{w}}{med[k]:>9.2f}{med[k] / base if base else float('nan'):>11.2f}   {C.spread(times[k])}")
     if base and "odgq" in med:
         r = med["odgq"] / base
         print(f"odgq / natural = {r:.2f}   (target <= 1.3: {C.verdict(r <= 1.3)})")
+    for k in names:
+        if k.endswith("/channels_last") and k.split("/")[0] in med:
+            print(f"{k.split('/')[0]}: channels_last / NCHW = {med[k] / med[k.split('/')[0]]:.2f}")
     C.write_json(args.json, {"benchmark": "training_cost", "machine": info, "n": args.n, "batch": args.batch,
                              "epochs": args.epochs, "reps": reps, "data": source,
                              "times": times, "median_s": med,

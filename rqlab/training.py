@@ -56,7 +56,9 @@ class TrainConfig:
     seed: seeds torch and python RNGs; the loader's order comes from its own seed + epoch.
     device: "auto" (cuda if available), "cpu" or "cuda".
     amp: bf16 autocast for the training step (CUDA only; ignored on CPU).
-    channels_last: NHWC memory format for the model and its batches (CUDA only; ignored on CPU).
+    channels_last: NHWC memory format for the model and its batches, on any device (on a CPU,
+        oneDNN's convolutions are faster in it: a PGD-7 batch of SmallCNN costs 0.6-0.8x,
+        `benchmarks/training_cost.py --formats`); the arithmetic differs only by float rounding.
     compile: `torch.compile` the model for the training forward/backward (CUDA only).
     augment: data augmentation in the training loader (recorded; the loader applies it).
     n_train: training subset size (None: all), used by whoever builds the loader.
@@ -251,10 +253,9 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
     use_amp = cfg.amp and device.type == "cuda"
     if cfg.amp and not use_amp:
         log("note: amp (bf16 autocast) is CUDA only; training in fp32 on cpu")
-    fast = [k for k in ("channels_last", "compile") if getattr(cfg, k)]
-    if fast and device.type != "cuda":
-        log(f"note: {' and '.join(fast)} are CUDA options; ignored on cpu")
-    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.preserve_format
+    if cfg.compile and device.type != "cuda":
+        log("note: compile is a CUDA option; ignored on cpu")
+    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     loader_bs = getattr(train_loader, "batch_size", None)
     if loader_bs is not None and loader_bs != cfg.batch_size:
         raise RqlabError(f"the training loader has batch_size={loader_bs} but cfg.batch_size={cfg.batch_size}: "

@@ -328,3 +328,35 @@ def test_rqlab_train_is_registered_and_prints_errors_without_traceback(capsys):
     assert err.startswith("rqlab: error: model='nope' is unknown") and "Traceback" not in err
     assert cli.main(["train", "--schedule", "foo", "--n-train", "64"]) == 2
     assert "schedule='foo' is unknown" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", ["fp", "4", "1"])
+def test_channels_last_on_cpu_trains_in_nhwc_with_the_same_arithmetic(bits):
+    """channels_last is honoured on a CPU (oneDNN is faster in NHWC): the convolutions'
+    weights train in NHWC; the quantized forward gives the NCHW logits; natural FP
+    training follows the NCHW run up to float rounding, and PGD training (whose sign steps
+    and quantizer grids turn rounding into other, equally good trajectories) reaches
+    about the same loss."""
+    import copy
+
+    from rqlab import defenses
+
+    train, test = loaders(n=256)
+    x = next(iter(test))[0]
+    runs = {}
+    for defense in ("natural", "pgd-at"):
+        for cl in (False, True):
+            model = quant.apply(make_model(), quant.parse_policy(bits, seed=0))
+            hooks = defenses.build(defense, eps=0.1, steps=3, step_size=0.04) if defense != "natural" else None
+            h = fit(model, train, TrainConfig(**{**CFG, "epochs": 1}, channels_last=cl), hooks=hooks,
+                    progress=False, log=None)
+            assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last) is cl
+            runs[defense, cl] = model, h[-1]["train_loss"]
+    nchw = runs["natural", False][0].eval()
+    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    assert torch.allclose(nchw(x), nhwc(x), atol=1e-4)
+    if bits == "fp":
+        for k, v in runs["natural", False][0].state_dict().items():
+            assert torch.allclose(v.float(), runs["natural", True][0].state_dict()[k].float(), atol=1e-4), k
+    for defense in ("natural", "pgd-at"):
+        assert abs(runs[defense, False][1] - runs[defense, True][1]) < 0.05

@@ -70,7 +70,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
     p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA only)")
     p.add_argument("--channels-last", action="store_true", default=None,
-                   help="NHWC memory format for the model and batches (CUDA only)")
+                   help="NHWC memory format for the model and batches (faster on CPUs too)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step (CUDA only)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes (GPUs, or CPU processes with gloo) of this node: launches "
