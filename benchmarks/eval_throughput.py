@@ -12,12 +12,14 @@ Contenders (same model, images, batches; one evaluation of robust accuracy each)
   rqlab-active       the same inside attacks.active_set()
   rqlab-bf16         the same inside attacks.arithmetic("bf16") (skipped without bf16 hardware)
   rqlab-active-bf16  both
+  rqlab-cl           rqlab with the model in channels_last (NHWC) memory format
 Models: fmnist-q4-pgd7-small (4-bit SmallCNN, PGD-7 trained) and fmnist-fp-pgd7-small (FP). Target:
 rqlab (its fastest setting) >= 2x torchattacks with robust accuracy within the interval.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 
 import torch
@@ -43,14 +45,17 @@ def contenders(model, x, y, batch, steps, out: dict):
                 hits += ((model(xb).argmax(1) == yb) & (model(xa).argmax(1) == yb)).sum().item()
         out["torchattacks"] = hits / len(x)
 
-    def ours(name, active, bf16):
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def ours(name, active, bf16, net=model):
         def run():
             with attacks.active_set(active), (attacks.arithmetic("bf16") if bf16 else contextlib.nullcontext()):
-                rec = evaluate(model, (x, y), threat, batch_size=batch, progress=False)
+                rec = evaluate(net, (x, y), threat, batch_size=batch, progress=False)
             out[name] = rec["robust_accuracy"]
         return run
 
-    fns = {"torchattacks": theirs, "rqlab": ours("rqlab", False, False), "rqlab-active": ours("rqlab-active", True, False)}
+    fns = {"torchattacks": theirs, "rqlab": ours("rqlab", False, False), "rqlab-active": ours("rqlab-active", True, False),
+           "rqlab-cl": ours("rqlab-cl", False, False, nhwc)}
     if base.bf16_supported(x.device):
         fns["rqlab-bf16"] = ours("rqlab-bf16", False, True)
         fns["rqlab-active-bf16"] = ours("rqlab-active-bf16", True, True)

@@ -77,7 +77,7 @@ def add_cli(subparsers) -> None:
                    help="attacks on deterministic models drop examples once fooled (fewer passes; robust accuracy "
                         "equal or lower, docs/performance.md); recorded in extra.attack_settings")
     p.add_argument("--channels-last", action="store_true",
-                   help="NHWC memory format for the model (CUDA only; ignored with a note on a CPU); recorded")
+                   help="NHWC memory format for the model (faster on CUDA and on CPUs: benchmarks/eval_throughput.py, rqlab-cl); recorded")
     p.add_argument("--sanity", action="store_true", help="run the sanity checks and add them to the record")
     p.add_argument("--strict", action="store_true",
                    help=f"exit with code {STRICT_EXIT} when a sanity check failed or the record is marked unreliable")
@@ -172,10 +172,7 @@ def run_cli(args) -> int:
     resume = progress_file(args.json) if args.json and group is None else None
     if resume is not None and resume.exists():
         print(f"resuming from {resume} (its finished batches are kept; delete it to start afresh)", file=sys.stderr)
-    channels_last = args.channels_last and device.type == "cuda"
-    if args.channels_last and not channels_last:
-        print(f"note: --channels-last is a CUDA option; evaluating in the default format on {device.type}",
-              file=sys.stderr)
+    channels_last = bool(args.channels_last)  # NHWC: faster on CUDA and on CPUs (oneDNN) alike
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     with attacks.arithmetic(args.arithmetic), attacks.active_set(args.active_set):
