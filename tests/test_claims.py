@@ -363,7 +363,7 @@ def test_a_beta_grid_over_the_same_sweep_is_a_repeat(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     repeats = repeated_runs(path)
-    assert {p for p, _, _ in repeats} == {"quick", "full"}   # smoke sets betas [0.0]: the two runs differ there
+    assert {p for p, _, _ in repeats} == {"quick", "findings", "full"}   # smoke sets betas [0.0]: the two runs differ there
 
 
 def test_index_claim_rows_without_a_run_page(tmp_path):

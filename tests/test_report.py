@@ -256,7 +256,7 @@ def test_default_config_plans_against_the_notebook_contract(tmp_path):
     path = Path(__file__).resolve().parent.parent / "reports" / "default.yaml"
     cfg = report.load_config(path)
     assert cfg.notebooks_dir.resolve() == path.parent.parent / "notebooks"
-    assert set(cfg.profiles) == {"smoke", "quick", "full"} and cfg.default_profile == "quick"
+    assert set(cfg.profiles) == {"smoke", "quick", "findings", "full"} and cfg.default_profile == "quick"
     stems = [e.notebook for e in cfg.runs]
     assert stems == ["01_precision_transferability", "02_lipschitz_error_amplification", "03_bit_selection",
                      "04_odgq_training_curves", "05_double_win_quant", "06_deployed_int8"]
@@ -273,3 +273,6 @@ def test_default_config_plans_against_the_notebook_contract(tmp_path):
     assert len(smoke) == 8 and all(r.params["interactive"] is False for r in smoke)
     assert all(r.params["n_examples"] < f.params["n_examples"] for r, f in zip(smoke, full))
     assert all(r.params["steps"] < f.params["steps"] for r, f in zip(smoke, full))
+    findings = {r.run_id: r.params for r in report.plan(cfg, "findings")}  # docs/findings.md's strength
+    assert all(p["n_examples"] == 1000 for p in findings.values())
+    assert findings["05_double_win_quant"]["aa_n_iter"] == 100 and findings["05_double_win_quant"]["aa_n_examples"] == 1000

@@ -36,7 +36,7 @@ class Params(common.StudyParams):
     """
 
     dataset: str = "fashion-mnist"
-    model: str = "fmnist-fp-pgd7-small"
+    model: str = "fmnist-fp-pgd7"
     bits: tuple = (2, 3, 4, 5, 6, 8)
     budgets: tuple = (3.0, 4.0, 5.0, 6.0)
     methods: tuple = ("lipschitz", "uniform", "random", "reverse")
