@@ -100,6 +100,16 @@ class Record:
         """A copy with provenance added to `extra` (e.g. checkpoint_sha256, data)."""
         return replace(self, extra={**self.extra, **extra})
 
+    def robust_scores(self) -> list[float]:
+        """Per-example robust score, for pairing two records of the same examples
+        (`stats.paired_difference`): 1/0, or the share of passes robust under a random policy."""
+        pe = self.per_example
+        if "robust_hits" in pe:
+            return [h / self.passes for h in pe["robust_hits"]]
+        if "robust" not in pe:
+            raise RqlabError(f"the record of {self.model!r} keeps no per-example outcomes: re-measure it")
+        return [float(v) for v in pe["robust"]]
+
     @property
     def failed_checks(self) -> list[str]:
         """Names of the failed sanity checks (empty when none ran or all passed)."""

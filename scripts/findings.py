@@ -141,7 +141,7 @@ def standard_record(name: str, policy, test, n: int, passes: int, model=None, fo
     c = zoo.card(name) if model is None else {}
     s = c.get("standard")
     if s and s["n"] == n and s["policy"] == policy.to_dict() and s["passes"] == passes and not s["requested_options"]:
-        return card_record(c)
+        return zoo.standard_record(name)
     path = OUT / folder / f"{name}__{str(policy).replace('(', '').replace(')', '')}__n{n}.json"
     if path.is_file():
         return Record.from_json(path.read_text())
@@ -162,19 +162,6 @@ def record_summary(rec) -> dict:
             "device": rec.get("device_name") or rec["device"]}
 
 
-def card_record(card: dict):
-    """The standard-protocol record a zoo card points to (`rqlab zoo measure`)."""
-    from rqlab.record import Record
-
-    return Record.from_json((zoo.STORE / card["standard"]["record"]).read_text())
-
-
-def robust_scores(rec) -> list[float]:
-    """Per-example robust score: 1/0, or the share of passes robust for a random policy."""
-    pe = rec["per_example"]
-    return [h / rec["passes"] for h in pe["robust_hits"]] if "robust_hits" in pe else pe["robust"]
-
-
 def section_b_standard(test, n: int, passes: int = 5) -> dict:
     """(b) under the standard protocol, with the control it lacked: each random-precision
     model against the same model at a fixed precision, same images, same AutoAttack."""
@@ -191,7 +178,7 @@ def section_b_standard(test, n: int, passes: int = 5) -> dict:
     for label, name in pairs.items():
         fixed = standard_record(name, quant.Fixed(8), test, n, 1)
         rand = standard_record(name, rpi, test, n, passes)
-        diff, (lo, hi) = paired_difference(robust_scores(rand), robust_scores(fixed))
+        diff, (lo, hi) = paired_difference(rand.robust_scores(), fixed.robust_scores())
         row = {"config": label, "model": name, "n": n, "passes": passes, "difference": diff, "difference_ci95": [lo, hi]}
         for key, rec in (("fixed8", fixed), ("rpi", rand)):
             row[key] = record_summary(rec)
@@ -234,7 +221,7 @@ def section_a_standard(test, n: int) -> dict:
             "DQ w32a4 beta 3e-3, 6k (fmnist-dq-natural-small)": standard_record("fmnist-dq-natural-small", a4,
                                                                                test, n, 1)}
     rows = [{"model": k, **record_summary(r)} for k, r in recs.items()]
-    control, vanilla, dq = (robust_scores(recs[k]) for k in list(recs)[1:])
+    control, vanilla, dq = (recs[k].robust_scores() for k in list(recs)[1:])
     claims = []
     for claim, better, worse in (("vanilla w32a4 is less robust than FP (FP control - vanilla)", control, vanilla),
                                  ("DQ is more robust than vanilla (DQ - vanilla)", dq, vanilla)):
@@ -300,7 +287,7 @@ def standard_d(cards: dict) -> dict:
     from rqlab.report.claims import verdict
     from rqlab.stats import paired_difference
 
-    recs = {m: card_record(c) for m, c in cards.items() if c.get("standard")}
+    recs = {m: zoo.standard_record(c["name"]) for m, c in cards.items() if c.get("standard")}
     if "natural" not in recs:
         return {}
     print("\n### (d) The same models under the standard protocol (their cards), paired against natural "
@@ -309,7 +296,7 @@ def standard_d(cards: dict) -> dict:
     print("|---|---|---|---|---|---|---|")
     out = {}
     for m, r in recs.items():
-        diff, ci95 = paired_difference(robust_scores(r), robust_scores(recs["natural"]))
+        diff, ci95 = paired_difference(r.robust_scores(), recs["natural"].robust_scores())
         v = verdict(ci95) if m == "odgq" else ""  # the claim under test; -small has no binary natural control
         out[m] = {"robust": r["robust_accuracy"], "ci95": r["robust_ci95"], "n": r["n"], "strongest": r["strongest"],
                   "minus_natural": diff, "minus_natural_ci95": list(ci95), "verdict": v,

@@ -430,3 +430,80 @@ def index_html_zoo(rows: list) -> str:
 
     return html._zoo_table([dict(r, summary="", standard_ci95=[0.4, 0.6], standard_n=500, strongest="autoattack",
                                  unreliable=[]) for r in rows])
+
+
+# ---- claims (a) and (d) under the standard protocol: the cards' records, paired ----------------
+
+def fake_record(model: str, robust: list, unreliable=()):
+    from rqlab.record import Record
+
+    n, acc = len(robust), sum(robust) / len(robust)
+    return Record(model=model, policy={}, threat={}, n=n, passes=1, seed=0, clean_accuracy=1.0,
+                  clean_ci95=(1.0, 1.0), clean_worst_accuracy=1.0, clean_worst_ci95=(1.0, 1.0),
+                  robust_accuracy=acc, robust_ci95=(acc, acc), robust_worst_accuracy=acc,
+                  robust_worst_ci95=(acc, acc), per_example={"clean": [1] * n, "robust": list(robust)},
+                  protocol="standard", unreliable=tuple(unreliable))
+
+
+def test_standard_claims_pair_the_committed_cards_example_by_example():
+    """Each measured row is the mean of the per-example differences of the two cards'
+    records (read here from the files themselves) on their common first n images."""
+    from rqlab import zoo
+    from rqlab.report.standard import PAIRS, standard_claims
+
+    rows = standard_claims()
+    assert [r["id"] for r in rows] == [p.id for p in PAIRS]
+    measured = [r for r in rows if r["value"] is not None]
+    if not measured:
+        pytest.skip("no pair of the zoo is measured under the standard protocol")
+    for r in measured:
+        raw = {m: json.loads((zoo.STORE / zoo.card(m)["standard"]["record"]).read_text())["per_example"]["robust"]
+               for m in (r["better"], r["worse"])}
+        n = min(map(len, raw.values()))
+        assert r["n"] == n
+        assert r["value"] == pytest.approx(sum(a - b for a, b in zip(raw[r["better"]][:n], raw[r["worse"]][:n])) / n)
+        assert r["ci95"][0] < r["value"] < r["ci95"][1] and r["verdict"] in (C.verdict(r["ci95"]), None)
+        assert r["better"].endswith("-small") == r["worse"].endswith("-small") == (r["budget"] == "small")
+
+
+def test_standard_claims_prefer_full_budget_pair_only_when_fair_fallback(monkeypatch):
+    """Full-budget records win over the -small ones; unequal n pair on the first images;
+    a pair without a fair -small fallback and without full records is 'not run', naming
+    what is missing; a flagged record is named in the row."""
+    from rqlab import zoo
+    from rqlab.report import standard as S
+
+    ones, zeros = [1] * 8, [0] * 8
+    recs = {"fmnist-dq-natural": fake_record("dq", ones + zeros, ["black-box: Square"]),   # n 16: paired on 8
+            "fmnist-a4-natural": fake_record("a4", zeros),
+            "fmnist-dq-natural-small": fake_record("dq-small", zeros), "fmnist-a4-natural-small": fake_record("a4", ones),
+            "fmnist-odgq-q4-small": fake_record("o", [1, 0] * 4), "fmnist-q4-natural-small": fake_record("n", [0, 1] * 4),
+            "fmnist-fp-natural-small": fake_record("fp", ones)}
+    monkeypatch.setattr(zoo, "standard_record", lambda name: recs.get(name))
+    rows = S.standard_claims()
+    row = lambda start: next(r for r in rows if r["text"].startswith(start))  # noqa: E731
+    dq = row("DQ is more")
+    assert (dq["better"], dq["budget"], dq["n"], dq["value"], dq["verdict"]) == ("fmnist-dq-natural", "full", 8, 1.0,
+                                                                                  "reproduced")
+    assert dq["flags"] == ["fmnist-dq-natural: black-box: Square"] and "upper bound" in dq["reason"]
+    fp = row("Vanilla quantization")   # fp-natural-small exists, but its budget is not a4-small's
+    assert fp["verdict"] == "not run" and fp["value"] is None and "fmnist-fp-natural (" in fp["reason"]
+    d4 = row("ODG-Q is far above natural training at 4 bits")
+    assert d4["budget"] == "small" and d4["value"] == 0.0 and d4["verdict"] == "inconclusive"
+    assert "-small models" in d4["reason"]
+    context = [r for r in rows if not r["judged"]]
+    assert context and all(r["verdict"] is None for r in context)
+
+
+def test_standard_claims_in_findings_page_and_index():
+    from rqlab.report.findings import standard_claims_markdown
+    from rqlab.report.html import _standard_section
+
+    row = {"id": "d", "text": "ODG-Q minus natural", "judged": True, "better": "a", "worse": "b", "budget": "full",
+           "value": 0.168, "ci95": [0.135, 0.201], "n": 500, "robust": {}, "verdict": "reproduced", "flags": [],
+           "reason": "same 500 images"}
+    md = standard_claims_markdown([row, {**row, "judged": False, "verdict": None, "value": None, "better": None}])
+    assert "| (d) | ODG-Q minus natural | a - b | +16.8 [+13.5, +20.1] | 500 | **reproduced** |" in md
+    assert "| context |" in md
+    page = _standard_section([row])
+    assert 'class="v-reproduced"' in page and "+16.8" in page

@@ -87,3 +87,14 @@ def test_stats_known_values():
     assert half_width(0.5, 100) == pytest.approx(0.098)
     assert diff_half_width(0.5, 0.5, 100) == pytest.approx(0.098 * 2 ** 0.5)
     assert wilson_interval(2.5, 10)[0] < 0.25 < wilson_interval(2.5, 10)[1]  # fractional hits (mean over passes)
+
+
+def test_robust_scores_per_example_for_pairing():
+    """1/0 outcomes for one pass; the share of passes robust for a random policy; a record
+    without per-example outcomes cannot be paired (a clear error, not an empty list)."""
+    rec = Record(**base(n=3, per_example={"clean": [1, 1, 0], "robust": [1, 0, 0]}))
+    assert rec.robust_scores() == [1.0, 0.0, 0.0]
+    rec = Record(**base(n=2, passes=4, per_example={"clean": [1, 1], "robust": [0, 1], "robust_hits": [2, 4]}))
+    assert rec.robust_scores() == [0.5, 1.0]
+    with pytest.raises(RqlabError, match="keeps no per-example outcomes"):
+        Record(**base(per_example={})).robust_scores()

@@ -5,8 +5,10 @@ Output (OUT, default reports/out)
     index.html                  one row per run: status, links, parameters, key numbers,
                                 thumbnail, error; environment at the top. No network
                                 resources: inline CSS, images as files or data: URIs.
-    summary.json                the same data for machines, and "claims": the claims table
-                                (claims.py), which index.html opens with
+    summary.json                the same data for machines, "claims": the claims table
+                                (claims.py), which index.html opens with, and
+                                "standard_claims": (a) and (d) from the zoo cards' records
+                                (standard.py), the table after it
     <run-id>/<stem>.ipynb       executed notebook (with the failing cell, if it failed)
     <run-id>/<stem>.html        HTML export (lab template, figures embedded as base64;
                                 require.js, MathJax, mermaid and widget loaders removed)
@@ -50,6 +52,7 @@ from ..machine import cpu_model
 from ..checkpoint import atomic_write_bytes, check_output_dir, save_json, sweep_temp
 from ..validate import RqlabError, check_int
 from .claims import claims_table
+from .standard import standard_claims
 from .config import DEFAULT_CONFIG, Run, load_config, plan
 from .execute import check_kernel, execute_notebook, export_html, main_figure, read_results
 from .html import index_html
@@ -125,6 +128,7 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
     todo = [r for r in runs if r.run_id not in done]
 
     zoo_rows = zoo.headlines()
+    standard_rows = standard_claims()  # claims (a) and (d) from the cards' records (standard.py)
 
     def publish(in_progress: bool) -> dict:
         planned = [r.run_id for r in runs]
@@ -138,6 +142,7 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
             "wall_time_s": round(time.perf_counter() - t0, 2), "in_progress": in_progress,
             "batch": planned, "n_runs": len(rows), "n_failed": sum(r["status"] != "ok" for r in rows), "runs": rows,
             "zoo": zoo_rows,  # the cards' headline figures (standard protocol), measured by `rqlab zoo measure`
+            "standard_claims": standard_rows,
         }
         summary["claims"] = claims_table(out, rows)  # the papers' claims against the runs' results (claims.py)
         save_json(out / "summary.json", summary)

@@ -123,6 +123,8 @@ def findings_markdown(summary: dict, links_from=None) -> str:
         lines.append(f"- run: {_link(r, links_from)} (notebook {r['notebook']})")
         if r.get("figure_file") and links_from is not None:
             lines += ["", f"![main figure of {r['run_id']}]({_rel(links_from, r['figure_file'])})"]
+    if summary.get("standard_claims"):
+        lines += ["", standard_claims_markdown(summary["standard_claims"])]
     zoo = summary.get("zoo") or []
     if zoo:
         lines += ["", "## The zoo: headline robust accuracy", "", zoo_markdown(zoo)]
@@ -145,6 +147,27 @@ def zoo_markdown(zoo: list[dict]) -> str:
     devices = devices_line(z.get("device") for z in zoo)
     if devices:
         lines += ["", f"Measured on {devices}."]
+    return "\n".join(lines)
+
+
+def standard_claims_markdown(rows: list[dict]) -> str:
+    """Claims (a) and (d) under the standard protocol (summary.json's "standard_claims",
+    rqlab.report.standard): the zoo cards' records paired on the same images."""
+    lines = ["## (a) and (d) at full strength: the standard protocol, paired on the same images", "",
+             "Each zoo card's standard-protocol record (AutoAttack and the adaptive attacks, worst case per example; "
+             "`rqlab zoo measure`), paired example by example with the other model's on the same first n test "
+             "images; the difference the claim says is positive, its paired 95% interval, and the verdict by the "
+             "claims' rule (context rows are shown, not judged). Full-budget models where both are measured, "
+             "else the -small pair (rqlab/report/standard.py).", "",
+             "| | comparison | models | difference [95% CI] | n | verdict | reason |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        models = "-" if r["better"] is None else f"{r['better']} - {r['worse']}"
+        diff = "-" if r["value"] is None else (f"{100 * r['value']:+.1f} [{100 * r['ci95'][0]:+.1f}, "
+                                              f"{100 * r['ci95'][1]:+.1f}]")
+        v = f"**{r['verdict']}**" if r["verdict"] else "context"
+        flags = f" Flags: {'; '.join(r['flags'])}" if r["flags"] else ""
+        lines.append(f"| ({r['id']}) | {_cell(r['text'])} | {models} | {diff} | {r['n'] or '-'} | {v} | "
+                     f"{_cell((r['reason'] or '') + flags)} |")
     return "\n".join(lines)
 
 
@@ -230,4 +253,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["NOTES", "findings_markdown", "standard_b_markdown", "zoo_markdown", "write_findings", "main"]
+__all__ = ["NOTES", "findings_markdown", "standard_claims_markdown", "standard_b_markdown", "zoo_markdown",
+           "write_findings", "main"]

@@ -30,6 +30,7 @@ details pre { font-size: .8em; white-space: pre-wrap; max-width: 70em; }
 .v-not-reproduced { color: #b00020; font-weight: 600; }
 .v-inconclusive { color: #8a5a00; font-weight: 600; }
 .v-not-run { color: #666; font-weight: 600; }
+.v-context { color: #444; font-style: italic; }
 figure.claim { margin: 1.5em 0; }
 figure.claim img { max-width: 100%; border: 1px solid #ddd; }
 """
@@ -59,6 +60,7 @@ def index_html(summary: dict) -> str:
 <body>
 <h1>rqlab report</h1>
 {_claims_section(summary.get("claims") or [])}
+{_standard_section(summary.get("standard_claims") or [])}
 <h2>The runs</h2>
 <table class="env">
 {env_rows}
@@ -188,4 +190,37 @@ the papers' mostly CIFAR-10: compare directions and gaps, not levels.</p>
 </tbody>
 </table>
 {chr(10).join(figures)}
+"""
+
+
+def _standard_section(rows: list[dict]) -> str:
+    """Claims (a) and (d) under the standard protocol: the zoo cards' records paired on the
+    same images (standard.py), one row per comparison, with its verdict (or context)."""
+    if not rows:
+        return ""
+    e = html.escape
+    body = []
+    for r in rows:
+        verdict = r["verdict"] or "context"
+        cls = "v-" + verdict.replace(" ", "-")
+        diff = "-" if r["value"] is None else (
+            f'<b>{100 * r["value"]:+.1f}</b> points<br><span class="small">95% interval [{100 * r["ci95"][0]:+.1f}, '
+            f'{100 * r["ci95"][1]:+.1f}], n = {r["n"]}</span>')
+        models = "-" if r["better"] is None else f'<span class="kv">{e(r["better"])}</span> minus ' \
+                                                   f'<span class="kv">{e(r["worse"])}</span>'
+        flags = "".join(f'<br><span class="failed small">{e(f)}</span>' for f in r["flags"])
+        body.append(f'<tr><td><b>({e(r["id"])})</b> {e(r["text"])}</td><td>{models}</td><td>{diff}{flags}</td>'
+                    f'<td><span class="{cls}">{e(verdict)}</span><br><span class="small">{e(r["reason"] or "")}'
+                    f'</span></td></tr>')
+    return f"""<h2>Claims (a) and (d) under the standard protocol</h2>
+<p class="small">The zoo cards' standard-protocol records (AutoAttack and the adaptive attacks, worst case per
+example; `rqlab zoo measure`) paired example by example on the same test images; the difference the claim
+says is positive, its paired 95% interval and the verdict by the same rule (rqlab/report/standard.py).
+Full-budget models where both are measured, else the -small pair.</p>
+<table class="claims">
+<thead><tr><th>comparison</th><th>models</th><th>difference</th><th>verdict</th></tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody>
+</table>
 """

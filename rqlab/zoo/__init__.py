@@ -217,6 +217,17 @@ def card(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def standard_record(name: str):
+    """The standard-protocol Record of zoo model `name`'s card (`rqlab zoo measure`: per-example
+    outcomes of every attack), or None when the model is not built or not measured yet."""
+    from ..record import Record
+
+    if name not in names(trained_only=True):
+        return None
+    s = card(name).get("standard")
+    return Record.from_json((STORE / s["record"]).read_text()) if s else None
+
+
 def path(name: str) -> Path:
     """The verified checkpoint file of zoo model `name`."""
     from .. import checkpoint

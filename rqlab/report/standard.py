@@ -1,0 +1,108 @@
+"""Claims (a) and (d) at full strength: the zoo cards' standard-protocol records paired on
+the same test images (`standard_claims`, called by the batch; rows in summary.json
+"standard_claims", a table of index.html and a section of docs/findings.md).
+
+    >>> rows = standard_claims()        # one row per comparison, in PAIRS order
+    >>> rows[0]["verdict"], rows[0]["value"], rows[0]["ci95"], rows[0]["better"]
+
+The notebooks measure (a) and (d) with their own attack (PGD-20 by default); a headline
+figure is the standard protocol's (METHODS section 8). Each zoo card holds the standard
+protocol's record, per example (`rqlab zoo measure`), on the first n images of the same
+test subset, so two cards pair example by example on the first min(n) images: the
+difference of the claim (e.g. DQ's robust accuracy minus vanilla quantization's) and its
+paired 95% interval (`stats.paired_difference`), with the claims' verdict rule
+(claims.verdict). Each comparison reads the full-budget models (issue 14) once both are
+measured, else its -small pair where that pair is a fair one (same training budget), else
+it is "not run" with what is missing. A flagged record (e.g. Square beating the
+white-box attacks) makes the figure an upper bound: the row says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import zoo
+from ..stats import paired_difference
+from .claims import verdict
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One comparison: `better` minus `worse`, which the claim says is positive (a verdict),
+    or a context row (verdict None: shown, not judged)."""
+    id: str                        # the claim of claims.CLAIMS it belongs to
+    text: str                      # the difference, in words
+    better: str                    # full-budget zoo names
+    worse: str
+    small: bool = True             # whether the -small pair is a fair fallback (same budget)
+    judged: bool = True            # False: context (e.g. ODG-Q against adversarial training)
+
+
+PAIRS = (
+    Pair("a", "DQ is more robust than vanilla quantization (DQ minus vanilla, w32a4)",
+         "fmnist-dq-natural", "fmnist-a4-natural"),
+    Pair("a", "Vanilla quantization is less robust than FP (FP minus vanilla w32a4)",
+         "fmnist-fp-natural", "fmnist-a4-natural", small=False),   # -small FP saw 60k images, a4 6k
+    Pair("d", "ODG-Q is far above natural training at 4 bits (ODG-Q minus natural)",
+         "fmnist-odgq-q4", "fmnist-q4-natural"),
+    Pair("d", "ODG-Q is far above natural training, binary (ODG-Q minus natural)",
+         "fmnist-odgq-bin", "fmnist-bin-natural"),
+    Pair("d", "context: ODG-Q against FGSM-RS at 4 bits (ODG-Q minus FGSM-RS)",
+         "fmnist-odgq-q4", "fmnist-q4-fgsm-rs", judged=False),
+    Pair("d", "context: ODG-Q against PGD-7 AT at 4 bits (ODG-Q minus PGD-7 AT)",
+         "fmnist-odgq-q4", "fmnist-q4-pgd7", judged=False),
+)
+
+
+def _records(pair: Pair):
+    """(better, worse, their records, budget) of the first candidate with both measured,
+    else (None, the reason)."""
+    candidates = [(pair.better, pair.worse, "full")]
+    if pair.small:
+        candidates.append((f"{pair.better}-small", f"{pair.worse}-small", "small"))
+    missing = []
+    for better, worse, budget in candidates:
+        if better not in zoo.RECIPES or worse not in zoo.RECIPES:
+            missing.append(f"{better} or {worse} is not a zoo recipe")
+            continue
+        recs = {m: zoo.standard_record(m) for m in (better, worse)}
+        if all(recs.values()):
+            return (better, worse, recs[better], recs[worse], budget), None
+        missing.append(", ".join(f"{m} ({'not measured' if m in zoo.names(trained_only=True) else 'not built'})"
+                                 for m, r in recs.items() if r is None))
+    why = "; ".join(missing)
+    hint = "" if pair.small else f" (no fair -small pair: {pair.better}-small and {pair.worse}-small differ in budget)"
+    return None, f"Needs the standard protocol on both cards: {why}{hint}. `rqlab zoo build` / `rqlab zoo measure`."
+
+
+def pair_row(pair: Pair) -> dict:
+    """The row of one comparison (JSON values)."""
+    row = {"id": pair.id, "text": pair.text, "judged": pair.judged, "better": None, "worse": None, "budget": None,
+           "value": None, "ci95": None, "n": None, "robust": None, "verdict": "not run" if pair.judged else None,
+           "flags": [], "reason": None}
+    found, why = _records(pair)
+    if found is None:
+        row["reason"] = why
+        return row
+    better, worse, rb, rw, budget = found
+    n = min(rb.n, rw.n)  # the same first n images of the card's test subset
+    diff, ci95 = paired_difference(rb.robust_scores()[:n], rw.robust_scores()[:n])
+    flags = [f"{m}: {u}" for m, r in ((better, rb), (worse, rw)) for u in r.unreliable]
+    row.update(better=better, worse=worse, budget=budget, value=diff, ci95=list(ci95), n=n,
+               robust={better: rb.robust_accuracy, worse: rw.robust_accuracy}, flags=flags,
+               verdict=verdict(ci95) if pair.judged else None)
+    parts = [f"standard protocol on the same {n} images: {better} {100 * rb.robust_accuracy:.1f}% "
+             f"(n = {rb.n}), {worse} {100 * rw.robust_accuracy:.1f}% (n = {rw.n})"]
+    if budget == "small":
+        parts.append("the -small models (6,000 training images): the full-budget pair is not measured yet")
+    if flags:
+        parts.append("a flagged record: its figure is an upper bound, the difference is not exact")
+    row["reason"] = "; ".join(parts) + "."
+    return row
+
+
+def standard_claims() -> list[dict]:
+    """Every comparison of PAIRS, in order (reads the zoo's cards and records)."""
+    return [pair_row(p) for p in PAIRS]
+
+
+__all__ = ["Pair", "PAIRS", "pair_row", "standard_claims"]
