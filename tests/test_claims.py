@@ -482,7 +482,7 @@ def test_standard_claims_prefer_full_budget_pair_only_when_fair_fallback(monkeyp
     monkeypatch.setattr(zoo, "standard_record", lambda name: recs.get(name))
     rows = S.standard_claims()
     row = lambda start: next(r for r in rows if r["text"].startswith(start))  # noqa: E731
-    dq = row("DQ is more")
+    dq = row("DQ (beta 3e-3)")
     assert (dq["better"], dq["budget"], dq["n"], dq["value"], dq["verdict"]) == ("fmnist-dq-natural", "full", 8, 1.0,
                                                                                   "reproduced")
     assert dq["flags"] == ["fmnist-dq-natural: black-box: Square"] and "upper bound" in dq["reason"]
