@@ -1,8 +1,9 @@
 #!/bin/bash
 # The long background work of the zoo (issues 13 and 14), one torch thread each, niced,
 # resumable, logging under runs/ (local, ignored by git):
-#   - the training queue (scripts/zoo_queue.py): the full-budget zoo, one model at a time,
-#     each model committed alone once it passes its checks;
+#   - the training queue (scripts/zoo_queue.py), two workers: the full-budget zoo, each worker
+#     one model at a time (a model's lock keeps it to one worker), each model committed alone
+#     once it passes its checks;
 #   - the measuring loop: `rqlab zoo measure` over every built card not yet measured (the
 #     standard protocol's headline; 500 examples, 1,000 for full-budget adversarial models),
 #     then again every 10 minutes, so that models the queue finishes get their headline.
@@ -44,8 +45,12 @@ case "${1:-start}" in
       setsid nohup "$@" >> "$log" 2>&1 < /dev/null &
       echo "$label started: $log"
     }
-    launch train "$QUEUE" "training queue" runs/zoo_queue.log \
-      nice -n 5 .venv/bin/python "$QUEUE" --threads 1
+    # two training workers, one per core (each model is trained by one of them: its lock);
+    # the measuring loop shares the cores when it has a model to measure
+    launch train "$QUEUE --threads 1 --worker 1" "training queue (worker 1)" runs/zoo_queue.log \
+      nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 1
+    launch train "$QUEUE --threads 1 --worker 2" "training queue (worker 2)" runs/zoo_queue2.log \
+      nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 2
     # exec -a names the loop's shell, so that status, pause and stop find it
     launch measure "$LOOP" "measuring loop" runs/measure/loop.log \
       bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress; sleep 600; done'"
@@ -55,6 +60,7 @@ case "${1:-start}" in
   status)
     for p in $(all_pids); do ps -o pid=,stat=,etime=,args= -p "$p" | cut -c1-150; done
     echo "--- runs/zoo_queue.log";        tail -n 3 runs/zoo_queue.log 2>/dev/null
+    echo "--- runs/zoo_queue2.log";       tail -n 3 runs/zoo_queue2.log 2>/dev/null
     echo "--- runs/measure/loop.log";     tail -n 3 runs/measure/loop.log 2>/dev/null
     echo "--- runs/findings_B.log";       tail -n 3 runs/findings_B.log 2>/dev/null
     ;;

@@ -4,8 +4,13 @@ committing each model's weights and card as it finishes.
     nohup .venv/bin/python scripts/zoo_queue.py > runs/zoo_queue.log 2>&1 &   # resumes where it stopped
     .venv/bin/python scripts/zoo_queue.py --dry-run                             # the order, and what is built
 
-Order: the models the notebooks use first (03, 05, 06, 01: fp-pgd7; 01, 05, 06: q8/q4/rpt;
-02: fp/a4/dq natural), then the rest of the findings' models. Each model is trained by
+Order: the models the notebooks use first (03, 05, 06, 01: fp-pgd7; 01, 05, 06: q8), then the
+natural ones, cheap (02 and claim (a): fp/a4/dq at three betas; the natural controls of (d)),
+then q4/rpt PGD-7 (01, 05) and the rest of the findings' models.
+
+Workers: several queues may run at once (`--worker K`, one per free core): each model is
+trained by the first worker that takes its lock (runs/zoo/.locks/NAME.lock, released when
+the worker finishes it or dies); the others pass over it to the next model. Each model is trained by
 `zoo.build(..., protocol="quick")` (rqlab train's per-epoch checkpoints: a killed queue
 resumes at its last epoch), then checked: clean accuracy at least 2 points above its
 -small variant's (where one exists) and a plateaued held-out curve (`zoo.plateau`,
@@ -17,6 +22,7 @@ adversarial models) are measured afterwards by `rqlab zoo measure`, also resumab
 from __future__ import annotations
 
 import argparse
+import fcntl
 import subprocess
 import sys
 import time
@@ -28,10 +34,11 @@ sys.path.insert(0, str(ROOT))
 from rqlab import zoo  # noqa: E402
 from rqlab.validate import RqlabError  # noqa: E402
 
-ORDER = ("fmnist-fp-pgd7", "fmnist-q8-pgd7", "fmnist-q4-pgd7", "fmnist-rpt-pgd7", "fmnist-fp-natural",
-         "fmnist-a4-natural", "fmnist-dq-natural", "fmnist-dq-natural-beta1e-3", "fmnist-dq-natural-beta1e-2",
-         "fmnist-q4-natural", "fmnist-q4-fgsm-rs", "fmnist-odgq-q4", "fmnist-fp-fgsm-rs", "fmnist-dq-pgd7",
-         "fmnist-odgq-bin", "fmnist-bin-natural", "fmnist-bin-fgsm-rs", "fmnist-bin-pgd7")
+ORDER = ("fmnist-fp-pgd7", "fmnist-q8-pgd7", "fmnist-fp-natural", "fmnist-a4-natural", "fmnist-dq-natural",
+         "fmnist-dq-natural-beta1e-3", "fmnist-dq-natural-beta1e-2", "fmnist-q4-natural", "fmnist-q4-pgd7",
+         "fmnist-rpt-pgd7", "fmnist-bin-natural", "fmnist-q4-fgsm-rs", "fmnist-odgq-q4", "fmnist-fp-fgsm-rs",
+         "fmnist-dq-pgd7", "fmnist-odgq-bin", "fmnist-bin-fgsm-rs", "fmnist-bin-pgd7")
+LOCKS = ROOT / "runs" / "zoo" / ".locks"  # one lock file per model: a model trains in one worker at a time
 MIN_GAIN_OVER_SMALL = 0.02
 PLATEAU_TOL = 0.02
 
@@ -81,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--dry-run", action="store_true", help="print the order and what is built, train nothing")
     ap.add_argument("--no-commit", action="store_true", help="train and check, commit nothing")
+    ap.add_argument("--worker", default="1", help="this worker's label in the log (several may run at once)")
     args = ap.parse_args(argv)
     names = args.names or list(ORDER)
     for n in names:
@@ -91,18 +99,37 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(f"[{i}/{len(names)}] {n}: {state}  ({zoo.recipe(n).command})")
             continue
-        print(f"[{i}/{len(names)}] {n}: {state}", flush=True)
-        try:
-            zoo.build(n, threads=args.threads, progress=False, protocol="quick", log=lambda m: print(m, flush=True))
-        except RqlabError as e:
-            print(f"{n}: error: {e}", flush=True)
+        lock = take(n)
+        if lock is None:
+            print(f"[{i}/{len(names)}] {n}: being trained by another worker; next", flush=True)
             continue
-        problems = check(n)
-        if problems:
-            print(f"{n}: NOT committed: {'; '.join(problems)}", flush=True)
-        elif not args.no_commit and git("status", "--porcelain", "--", f"rqlab/zoo/store/{n}.*").stdout.strip():
-            commit(n)
+        with lock:
+            print(f"[{i}/{len(names)}] {n}: {state} (worker {args.worker})", flush=True)
+            try:
+                zoo.build(n, threads=args.threads, progress=False, protocol="quick",
+                          log=lambda m: print(m, flush=True))
+            except RqlabError as e:
+                print(f"{n}: error: {e}", flush=True)
+                continue
+            problems = check(n)
+            if problems:
+                print(f"{n}: NOT committed: {'; '.join(problems)}", flush=True)
+            elif not args.no_commit and git("status", "--porcelain", "--", f"rqlab/zoo/store/{n}.*").stdout.strip():
+                commit(n)
     return 0
+
+
+def take(name: str):
+    """The open, exclusively locked lock file of model `name`, or None when another worker
+    holds it (the lock goes with the file's closing, or with the process)."""
+    LOCKS.mkdir(parents=True, exist_ok=True)
+    f = open(LOCKS / f"{name}.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
 
 
 if __name__ == "__main__":
