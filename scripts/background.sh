@@ -53,7 +53,7 @@ case "${1:-start}" in
       nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 2
     # exec -a names the loop's shell, so that status, pause and stop find it
     launch measure "$LOOP" "measuring loop" runs/measure/loop.log \
-      bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress; sleep 600; done'"
+      bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress --channels-last; sleep 600; done'"
     launch findings "$FINDINGS" "findings (b)" runs/findings_B.log \
       nice -n 5 .venv/bin/python $FINDINGS --n 500
     ;;

@@ -144,8 +144,10 @@ def test_measure_writes_the_headline_and_resumes(tmp_path, monkeypatch):
     assert s["n"] == 16 and s["robust_accuracy"] == min([s["robust_accuracy"], *s["attacks"].values()])
     assert zoo.measure(name, n=16, options=small, progress=False, log=logs.append) == s
     assert "already measured" in logs[-1]
-    s2 = zoo.measure(name, n=8, options=small, progress=False, log=logs.append)
-    assert s2["n"] == 8 and zoo.card(name)["standard"]["n"] == 8
+    assert zoo.measure(name, n=16, options=small, progress=False, log=logs.append, channels_last=True) == s
+    s2 = zoo.measure(name, n=8, options=small, progress=False, log=logs.append, channels_last=True)
+    assert s2["n"] == 8 and zoo.card(name)["standard"]["n"] == 8 and (s["channels_last"], s2["channels_last"]) == (
+        False, True)
     # killed in its second batch of MEASURE_BATCH examples: the rerun resumes there
     restart = evaluation._restart_draws
     monkeypatch.setattr(evaluation, "_restart_draws",

@@ -44,6 +44,8 @@ def add_cli(subparsers) -> None:
     m.add_argument("--device", default="cpu", help="cpu | cuda")
     m.add_argument("--force", action="store_true", help="remeasure cards already measured the same way")
     m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--channels-last", action="store_true",
+                   help="the model in NHWC memory format (faster on CPUs too; recorded in the card)")
     add_standard_flags(m)
     m.set_defaults(run=run_measure)
 
@@ -98,7 +100,7 @@ def run_measure(args) -> int:
     from .. import zoo
 
     zoo.measure_many(args.names, n=args.standard_n, device=args.device, options=standard_options(args),
-                     force=args.force, progress=not args.no_progress)
+                     force=args.force, progress=not args.no_progress, channels_last=args.channels_last)
     return 0
 
 

@@ -436,7 +436,7 @@ def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
 # ---- the standard protocol's headline -------------------------------------------------------
 
 def measure(name: str, n: int | None = None, device: str = "cpu", options: dict | None = None,
-            force: bool = False, progress: bool = True, log=print) -> dict:
+            force: bool = False, progress: bool = True, log=print, channels_last: bool = False) -> dict:
     """The card's headline: the standard protocol (METHODS section 8) at the card's first
     precision, on the first `n` (default: the recipe's standard_n, 500, or 1,000 for the
     adversarially trained full-budget models) examples of the card's test subset,
@@ -447,7 +447,9 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     a card, the finished batches of MEASURE_BATCH examples are kept in
     store/NAME.standard.progress, so a killed measurement resumes at its next batch.
     options: the protocol's settings (`evaluation.STANDARD_OPTIONS`; None = the reference
-    AutoAttack). Returns the card's "standard" entry."""
+    AutoAttack). channels_last: the model in NHWC memory format (faster on CPUs and GPUs;
+    the same attacks, float rounding aside), recorded in the entry; it does not make a
+    measured card stale. Returns the card's "standard" entry."""
     from .. import checkpoint, data, quant
     from ..attacks import ThreatModel
     from ..evaluation import evaluate
@@ -461,6 +463,10 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
         log(f"{name}: standard protocol already measured on {n} examples; --force remeasures it")
         return existing
     model = load(name, device=device)
+    if channels_last:
+        import torch
+
+        model = model.to(memory_format=torch.channels_last)
     row = c["eval"][0]
     test = data.load(recipe(name).spec.data, "test", n=CLEAN_N, seed=0)
     t = c["threat"]
@@ -483,7 +489,8 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
              "time_s": {a["name"]: a["time_s"] for a in rec.attacks}, "strongest": rec["strongest"],
              "unreliable": list(rec.unreliable), "protocol_options": rec["protocol_options"],
              "requested_options": options or {}, "wall_time_s": rec["wall_time_s"],
-             "device": device_name(next(model.parameters()).device), "commit": _commit(),
+             "device": device_name(next(model.parameters()).device), "channels_last": channels_last,
+             "commit": _commit(),
              "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "sha256": c["sha256"], "record": record_path.name}
     entry = json.loads(json.dumps(entry))  # as it reads back from the card (tuples -> lists)
@@ -497,14 +504,15 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
 
 
 def measure_many(which: list[str], n: int | None = None, device: str = "cpu", options: dict | None = None,
-                 force: bool = False, progress: bool = True, log=print) -> int:
+                 force: bool = False, progress: bool = True, log=print, channels_last: bool = False) -> int:
     """`measure` each named (default: every built) model in turn; returns how many."""
     for w in which:
         card(w)  # unknown or unbuilt names fail before any work
     targets = which or names(trained_only=True)
     for i, w in enumerate(targets, 1):
         log(f"[{i}/{len(targets)}] {w}")
-        measure(w, n=n, device=device, options=options, force=force, progress=progress, log=log)
+        measure(w, n=n, device=device, options=options, force=force, progress=progress, log=log,
+                channels_last=channels_last)
     return len(targets)
 
 
