@@ -52,6 +52,32 @@ def check_report_contract(nb, out: Path) -> None:
     assert report.main_figure(nb).startswith(b"\x89PNG")
     numbers, files, warnings = report.read_results(out)
     assert files == ["results.json"] and not warnings and numbers
+    check_figures_name_the_machine(nb, json.loads((out / "results.json").read_text()))
+
+
+def check_figures_name_the_machine(nb, results: dict) -> None:
+    """Every figure of the notebook's study names the machine its numbers were measured on
+    (CPU models differ between machines), redrawn here from results.json."""
+    import importlib
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem = Path(nb.metadata["papermill"]["input_path"]).stem
+    module = importlib.import_module(f"rqlab.studies.{STUDIES[stem]}")
+    assert results["machine"] and ("cpu" in results["machine"] or "cuda" in results["machine"])
+    plots = [getattr(module, k) for k in dir(module) if k.startswith("plot_")]
+    assert plots
+    for plot in plots:
+        fig = plot(results)
+        assert any(t.get_text() == f"measured on {results['machine']}" for t in fig.texts), plot.__name__
+        plt.close(fig)
+
+
+STUDIES = {"01_precision_transferability": "transferability", "02_lipschitz_error_amplification": "amplification",
+           "03_bit_selection": "bit_selection", "04_odgq_training_curves": "odgq_curves",
+           "05_double_win_quant": "double_win", "06_deployed_int8": "deployed"}
 
 
 def unit(v) -> bool:

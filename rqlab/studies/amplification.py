@@ -201,6 +201,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
                     "beta": readings.beta_reading(beta_rows, n=params.n_examples)["text"]},
     }
     label = "DQ" if params.sweep_models else "live DQ"
+    results["machine"] = common.machine(inputs.device)
     return Results(results, models={**nets, f"{label} beta={params.beta:g}": live[params.beta]})
 
 
@@ -229,8 +230,7 @@ def plot_amplification(results: dict):
     a2.set(xlabel="activation bits (weights FP)", ylabel="accuracy (%)", ylim=(0, 100),
            title=f"accuracy against activation bits, n={results['n_examples']}")
     a2.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def plot_lipschitz(results: dict):
@@ -249,8 +249,7 @@ def plot_lipschitz(results: dict):
     ax.set_xticks(np.arange(len(names)) + w * (len(lip) - 1) / 2, names, rotation=30)
     ax.set(yscale="log", ylabel="Lipschitz estimate", title="per-layer Lipschitz estimates (product = network bound)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def plot_beta(results: dict):
@@ -273,8 +272,7 @@ def plot_beta(results: dict):
     axes[2].legend(fontsize=8)
     for ax in axes:
         ax.axvline(beta or floor, color="gray", ls=":", lw=1)
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def reading(results: dict) -> str:

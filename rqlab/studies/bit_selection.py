@@ -127,6 +127,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
         "baseline_sensitivity": {m: t.to_dict() for m, t in tables.items()},
         "reading": read["text"] if read else None,
     }
+    results["machine"] = common.machine(inputs.device)
     return Results(results, models={m: net for m in params.methods}, objects={"sensitivity": sens, **tables})
 
 
@@ -184,8 +185,7 @@ def plot_budgets(results: dict):
                title=f"{title}, n={results['n_examples']}")
         ax.set_xticks(budgets)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def plot_allocations(results: dict):
@@ -210,8 +210,7 @@ def plot_allocations(results: dict):
                     yticklabels=names if m == methods[0] else False, cmap="crest", vmin=min(bits), vmax=max(bits),
                     ax=ax, cbar=False)
         ax.set(xlabel="budget", title=f"{m}" + (" (seed 0)" if m == "random" else ""))
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def reading(results: dict) -> str:

@@ -147,6 +147,28 @@ class Results(dict):
         self.objects = dict(objects or {})
 
 
+def machine(device) -> str:
+    """The machine a study's numbers are measured on, for results["machine"] and the line
+    under each figure: "cpu (AMD EPYC 7B13, 2 threads)" (CPU models vary between machines)."""
+    import torch
+
+    from ..machine import device_name
+
+    return device_name(torch.device(device) if not isinstance(device, torch.device) else device)
+
+
+def finish(fig, results: dict):
+    """A study figure's layout, with the machine its numbers were measured on named under it
+    (results["machine"]; figures are compared across machines, whose speeds differ)."""
+    where = results.get("machine")
+    if where:
+        fig.text(0.995, 0.005, f"measured on {where}", ha="right", va="bottom", fontsize=7, color="0.35")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+    else:
+        fig.tight_layout()
+    return fig
+
+
 def write_results(params: StudyParams, results: dict, name: str = "results.json") -> Path:
     """Write `results` as JSON into params.output_dir (atomically); returns the path."""
     from ..checkpoint import save_json

@@ -123,6 +123,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
     results = {"models": out, "engine": settings, "threat": threat.to_dict(), "square_queries": params.square_queries,
                "n_examples": params.n_examples, "bits": list(params.bits), "bound": deploy.evaluate.BOUND}
     results["reading"] = _reading(results)
+    results["machine"] = common.machine(inputs.device)
     return Results(results, models=inputs.models, objects={"engines": engines})
 
 
@@ -213,8 +214,7 @@ def plot_robust(results: dict):
            title=f"{t['attack']}-{t['steps']} eps={t['eps']:g}, Square {results['square_queries']} queries, "
                  f"n={results['n_examples']}")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def plot_flips(results: dict):
@@ -240,8 +240,7 @@ def plot_flips(results: dict):
     ax.set(ylabel="predictions changed (%)", ylim=(0, max(1.0, 1.3 * top)),
            title=f"prediction flips on {results['n_examples']} clean test images")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def reading(results: dict) -> str:

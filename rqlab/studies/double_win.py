@@ -166,6 +166,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
         "reading": gains["text"],
         "paper": paper.DWQ_ROBUST,
     }
+    results["machine"] = common.machine(inputs.device)
     return Results(results, models=inputs.models)
 
 
@@ -203,8 +204,7 @@ def plot_scores(results: dict):
     for i, c in enumerate(cfgs):
         a2.text(i, bitops[c] / 1e6, f"{bitops[c] / 1e6:.1f}", ha="center", va="bottom", fontsize=8)
     a2.set(ylabel="M BitOPs per image", title="BitOPs (expected for random sets)")
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def reading(results: dict) -> str:

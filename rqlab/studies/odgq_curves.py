@@ -55,6 +55,16 @@ def zoo_curve_models(bits: int, methods=METHODS) -> dict[str, str]:
                      + "; or set live=True to train them here")
 
 
+def zoo_machines(curves: dict) -> str:
+    """Where the zoo's curves were measured: its cards' training machines ({bits: {method:
+    curve}}, each curve's source "zoo NAME")."""
+    from .. import zoo
+    from ..machine import devices_line
+
+    names = {c["source"].split(" ", 1)[1] for by_method in curves.values() for c in by_method.values()}
+    return "the zoo's training: " + (devices_line(zoo.card(n)["device"] for n in sorted(names)) or "not recorded")
+
+
 def zoo_eval_n(name: str) -> int:
     """Test images of zoo model `name`'s per-epoch PGD-20 (its recipe's eval_pgd)."""
     from .. import zoo
@@ -248,6 +258,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
                                "time_ratio": r["ratios"].get("odgq"), "cheap": r["cheap"]}
                       for b, r in full.items() if r["robust_gain"] is not None},
     }
+    results["machine"] = common.machine(inputs.device) if params.live else zoo_machines(curves)
     return Results(results, models=models)
 
 
@@ -276,8 +287,7 @@ def plot_curves(results: dict):
             ax.set_xlabel("epoch")
             ax.xaxis.get_major_locator().set_params(integer=True)
         row[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def plot_time_ratios(results: dict):
@@ -297,8 +307,7 @@ def plot_time_ratios(results: dict):
     ax.axhline(1, color="gray", lw=1, ls=":")
     ax.set(ylabel="mean epoch time / natural", title="epoch-time ratio to natural training")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def reading(results: dict) -> str:

@@ -101,6 +101,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
     results.update({"n_examples": params.n_examples, "bits": list(params.bits), "threat": threat.to_dict(),
                     "models": {k: {"spec": inputs.specs[k], **tm} for k, tm in tms.items()},
                     "reading": {k: r["text"] for k, r in read.items()}, "paper": paper.DWQ_TRANSFER})
+    results["machine"] = common.machine(inputs.device)
     return Results(results, models=inputs.models)
 
 
@@ -131,8 +132,7 @@ def plot_matrices(results: dict):
                  f"{label}\nrobust acc. (%), {threat['attack']}-{threat['steps']}, eps={threat['eps']:g}, n={tm['n']}")
     _heatmap(axes[-1], table["matrix"], table["row_labels"], table["col_labels"],
              "paper: CIFAR-10, PreActResNet-18\n4-bit PGD-7, PGD-20 eps 8/255")
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def plot_clean(results: dict):
@@ -145,8 +145,7 @@ def plot_clean(results: dict):
     ax.set(xlabel="inference precision", ylabel="clean accuracy (%)", ylim=(0, 100),
            title="clean accuracy per column")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return common.finish(fig, results)
 
 
 def reading(results: dict) -> str:
