@@ -109,3 +109,28 @@ def test_amplification_and_beta_readings():
     b = R.beta_reading(rows, n=1000)
     assert b["best"] == 0.01 and "falls monotonically" in b["text"] and "beyond the noise" in b["text"]
     assert "nothing to compare" in R.beta_reading(rows[:1], n=10)["text"]
+
+
+def test_allocation_reading_pairs_per_example_outcomes():
+    """With per-example outcomes the intervals are paired: two allocations that differ on 3%
+    of 1,000 examples, always in the method's favour, win beyond the noise (unpaired, the
+    same 3 points are inside the noise of two independent accuracies near 0.5); random's
+    seeds are averaged per example; the mean over budgets pairs each example's average."""
+    n = 1000
+    base = [1] * 500 + [0] * 500
+    better = [1] * 530 + [0] * 470
+    rows = [{"budget": 3.0, "method": "lipschitz", "robust_accuracy": 0.53, "robust_per_example": better},
+            {"budget": 3.0, "method": "uniform", "robust_accuracy": 0.50, "robust_per_example": base},
+            {"budget": 4.0, "method": "lipschitz", "robust_accuracy": 0.50, "robust_per_example": base},
+            {"budget": 4.0, "method": "uniform", "robust_accuracy": 0.50, "robust_per_example": base}]
+    r = R.allocation_reading(rows, n=n)
+    assert r["paired"] and (r["wins"], r["ties"], r["losses"]) == (1, 1, 0)
+    assert r["gains"] == pytest.approx([0.03, 0.0]) and r["gain_mean"] == pytest.approx(0.015)
+    assert r["gain_mean_ci95"][0] > 0 and r["gain_ci95"][1] == [0.0, 0.0]
+    unpaired = R.allocation_reading([{k: v for k, v in x.items() if k != "robust_per_example"} for x in rows], n=n)
+    assert not unpaired["paired"] and unpaired["wins"] == 0 and unpaired["gain_mean_ci95"][0] < 0
+    seeds = [{"budget": 3.0, "method": "random", "robust_accuracy": 0.5, "robust_per_example": p}
+             for p in ([1, 0, 1, 0], [1, 1, 0, 0])]
+    r = R.allocation_reading([{"budget": 3.0, "method": "lipschitz", "robust_accuracy": 0.5,
+                               "robust_per_example": [1, 1, 0, 0]}, *seeds], n=4, against="random")
+    assert r["gains"] == pytest.approx([0.0])   # per example: 1 - 1, 1 - 0.5, 0 - 0.5, 0 - 0

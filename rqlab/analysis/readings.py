@@ -13,7 +13,7 @@ independent samples (conservative for positively correlated outcomes).
 from __future__ import annotations
 
 
-from ..stats import diff_half_width, half_width
+from ..stats import diff_half_width, half_width, paired_difference
 from ..validate import RqlabError, check_int
 
 
@@ -217,8 +217,15 @@ def dq_comparison(acc: dict, amp: dict, n: int, bits: int, dq: str = "DQ", vanil
 
 def allocation_reading(rows: list[dict], n: int, method: str = "lipschitz", against: str = "uniform") -> dict:
     """Does `method` beat `against` at equal budget? rows: `bitselect.compare_allocations`
-    rows. Returns {"budgets", "gains" (robust, per budget), "gain_mean", "gain_mean_ci95"
-    (half-width: the mean of the per-budget ones), "wins", "losses", "ties", "text"}."""
+    rows. Returns {"budgets", "gains" (robust, per budget), "gain_mean", "gain_mean_ci95",
+    "gain_ci95" (per budget), "paired", "wins", "losses", "ties", "text"}.
+
+    Rows with "robust_per_example" (the same test examples for every row) are paired: per
+    budget, the interval of the mean per-example difference (`stats.paired_difference`;
+    `against`'s rows averaged per example, e.g. random's seeds); for the mean over budgets,
+    each example's difference averaged over the budgets, then paired. Without them (older
+    results) each interval is that of two independent accuracies, and the mean's is the mean
+    of the per-budget half-widths (the budgets share their test images: no 1/sqrt(k))."""
     n = check_int(n, "n", 1)
     by = {}
     for r in rows:
@@ -226,28 +233,39 @@ def allocation_reading(rows: list[dict], n: int, method: str = "lipschitz", agai
     budgets = sorted(b for b, m in by.items() if method in m and against in m)
     if not budgets:
         raise RqlabError(f"no budget has both {method!r} and {against!r} rows")
-    gains, halves, wins, losses = [], [], 0, 0
+    paired = all(r.get("robust_per_example") is not None for b in budgets for r in by[b][method] + by[b][against])
+    gains, cis, per_example, wins, losses = [], [], [], 0, 0
     for b in budgets:
-        a, u = by[b][method][0]["robust_accuracy"], _mean(r["robust_accuracy"] for r in by[b][against])
-        g = a - u
-        h = diff_half_width(a, u, n)
+        if paired:
+            a = [float(v) for v in by[b][method][0]["robust_per_example"]]
+            u = [_mean(vs) for vs in zip(*(r["robust_per_example"] for r in by[b][against]))]
+            g, ci = paired_difference(a, u)
+            per_example.append([x - y for x, y in zip(a, u)])
+        else:
+            a, u = by[b][method][0]["robust_accuracy"], _mean(r["robust_accuracy"] for r in by[b][against])
+            g, h = a - u, diff_half_width(a, u, n)
+            ci = (g - h, g + h)
         gains.append(g)
-        halves.append(h)
-        wins += g > h
-        losses += g < -h
+        cis.append([ci[0], ci[1]])
+        wins += ci[0] > 0
+        losses += ci[1] < 0
     ties = len(budgets) - wins - losses
+    noise = "paired on the same" if paired else "the 95% noise of"
     text = (f"At {len(budgets)} budget(s), the {method} allocation's robust accuracy minus the {against} one's: "
             + ", ".join(f"{b:g}: {100 * g:+.1f}" for b, g in zip(budgets, gains))
-            + f" points (mean {100 * _mean(gains):+.1f}). Beyond the 95% noise of {n} examples it wins at {wins}, "
+            + f" points (mean {100 * _mean(gains):+.1f}). Beyond {noise} {n} examples it wins at {wins}, "
               f"loses at {losses} and ties at {ties}: "
             + ("the claim that it beats uniform at equal budget holds here." if wins and not losses else
                "the claim that it beats uniform at equal budget is not supported here." if not wins else
                "the evidence is mixed."))
-    # the mean gain's interval: the mean of the per-budget half-widths (the budgets share the
-    # same test images, so their errors are not independent: no 1/sqrt(k) reduction)
-    g, h = _mean(gains), _mean(halves)
-    return {"budgets": budgets, "gains": gains, "gain_mean": g, "gain_mean_ci95": [g - h, g + h], "wins": wins,
-            "losses": losses, "ties": ties, "text": text}
+    if paired:
+        g, ci = paired_difference([_mean(d) for d in zip(*per_example)], [0.0] * len(per_example[0]))
+        mean_ci = [ci[0], ci[1]]
+    else:
+        g, h = _mean(gains), _mean((hi - lo) / 2 for lo, hi in cis)
+        mean_ci = [g - h, g + h]
+    return {"budgets": budgets, "gains": gains, "gain_ci95": cis, "gain_mean": g, "gain_mean_ci95": mean_ci,
+            "paired": paired, "wins": wins, "losses": losses, "ties": ties, "text": text}
 
 
 # ---- 04: training curves --------------------------------------------------------------------

@@ -99,7 +99,8 @@ def compare_allocations(model: nn.Module, data, threat, budgets, bits_options=DE
     S_l(b_l), for every method, so the column compares), own_objective (the sum over the
     table the method solved: equal to objective except for hessian and margin), bitops
     (whole model, FP layers at 32), clean_accuracy, robust_accuracy and their 95%
-    intervals, n, threat. JSON-ready.
+    intervals, n, threat, robust_per_example (1/0 per test example, the same examples for
+    every row: `readings.allocation_reading` pairs them). JSON-ready.
     """
     options = check_bits_options(bits_options)
     check_choice(kind, "kind", KINDS)
@@ -146,6 +147,7 @@ def compare_allocations(model: nn.Module, data, threat, budgets, bits_options=DE
                     "clean_accuracy": rec["clean_accuracy"], "clean_ci95": rec["clean_ci95"],
                     "robust_accuracy": rec["robust_accuracy"], "robust_ci95": rec["robust_ci95"],
                     "n": rec["n"], "threat": rec["threat"],
+                    "robust_per_example": list(rec.per_example["robust"]),  # 1/0: pairs allocations example by example
                 })
     return rows
 

@@ -120,7 +120,8 @@ def _bit_selection(res: dict) -> dict:
             "reason": f"At budgets {res['budgets']} (average weight bits) on {res['model']}, the Lipschitz-guided "
                       f"allocation's robust accuracy minus uniform bits' is "
                       + ", ".join(f"{100 * x:+.1f}" for x in gains)
-                      + f" points: mean {pts(g)}, 95% interval {interval(ci)} (n = {res['n_examples']}); "
+                      + f" points: mean {pts(g)}, 95% interval {interval(ci)} (n = {res['n_examples']}"
+                      + (", paired on the same examples" if res.get("lipschitz_gain_paired") else "") + "); "
                         f"it wins beyond the noise at {res['lipschitz_wins']} budget(s)." + others_text,
             "details": {"model": res["model"], "budgets": res["budgets"], "gains": gains,
                         "wins": res["lipschitz_wins"], "baselines_minus_uniform": others}}

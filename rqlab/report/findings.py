@@ -37,8 +37,10 @@ NOTES = """## How to read these numbers
   (N = n in each row), linf; the threat model of each run is in its results.json.
 - An interval is the 95% interval of the difference the claim says is positive, from the
   binomial noise of both accuracies (combined as for independent samples, which is
-  conservative for the same test images); the bit-selection interval averages the
-  per-budget half-widths, and the transfer one treats each mean as one cell of N images.
+  conservative for the same test images); the bit-selection interval is paired (each test
+  example's difference, averaged over the budgets; runs before per-example outcomes were
+  kept average the per-budget half-widths), and the transfer one treats each mean as one
+  cell of N images.
 - Verdict: interval above 0, reproduced; below 0, not reproduced; across 0, inconclusive;
   a claim whose run is missing from the report (e.g. `--only`) or failed is "not run".
   ODG-Q must also train at an epoch time close to natural training's (the ratio bound is

@@ -118,6 +118,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print) -> Resul
         "lipschitz_wins": read["wins"] if read else None,
         "lipschitz_gain_mean": read["gain_mean"] if read else None,
         "lipschitz_gain_ci95": read["gain_mean_ci95"] if read else None,
+        "lipschitz_gain_paired": read["paired"] if read else None,   # intervals paired on the same examples
         "n_examples": params.n_examples,
         "bits": list(params.bits),
         "model": params.model,
