@@ -6,8 +6,9 @@
 #     once it passes its checks;
 #   - the measuring loop: `rqlab zoo measure` over every built card not yet measured (the
 #     standard protocol's headline; 500 examples, 1,000 for full-budget adversarial models),
-#     then again every 10 minutes, so that models the queue finishes get their headline.
-#     Measured cards are left for a person to commit (`git commit -- rqlab/zoo/store/`);
+#     then again every 10 minutes, so that models the queue finishes get their headline;
+#     after each pass scripts/commit_measured.py commits every measured card that passes
+#     zoo.standard_problems (one commit per model; a failing one is left, its reasons logged);
 #   - findings (b) under the standard protocol (`scripts/findings.py --section B --n 500`,
 #     once: it resumes from its finished batches and writes docs/findings/b_standard.json).
 #
@@ -53,7 +54,7 @@ case "${1:-start}" in
       nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 2
     # exec -a names the loop's shell, so that status, pause and stop find it
     launch measure "$LOOP" "measuring loop" runs/measure/loop.log \
-      bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress --channels-last; sleep 600; done'"
+      bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress --channels-last; .venv/bin/python scripts/commit_measured.py; sleep 600; done'"
     launch findings "$FINDINGS" "findings (b)" runs/findings_B.log \
       nice -n 5 .venv/bin/python $FINDINGS --n 500
     ;;

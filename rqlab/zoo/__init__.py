@@ -516,6 +516,45 @@ def measure_many(which: list[str], n: int | None = None, device: str = "cpu", op
     return len(targets)
 
 
+def standard_problems(name: str) -> list[str]:
+    """Why the standard-protocol headline of card `name` is not one to commit ([] = sane; a
+    card not measured yet has no headline to check): measured at the reference budget
+    (AutoAttack 100 iterations, Square 5,000 queries) on the recipe's standard_n examples of
+    the card's first precision and current weights; no higher than any of its attacks, nor
+    (beyond a point that float rounding may flip) than the card's own PGD-20 row, which the
+    protocol's PGD reruns on the same examples with the same seeds; its record beside it,
+    agreeing with it."""
+    c = card(name)
+    s = c.get("standard")
+    if not s:
+        return []
+    first = c["eval"][0]
+    checks = [
+        (s["n"] == recipe(name).standard_n, f"n = {s['n']}, not the recipe's {recipe(name).standard_n}"),
+        (s["requested_options"] == {}, f"requested options {s['requested_options']}, not the reference budget"),
+        (s["sha256"] == c["sha256"], "measured on other weights (sha256 differs)"),
+        (s["protocol_options"].get("n_iter") == 100 and s["protocol_options"].get("n_queries") == 5000,
+         f"protocol options {s['protocol_options']}: not AutoAttack's 100 iterations and Square's 5,000 queries"),
+        (s["policy"] == first["policy"] and s["passes"] == first["passes"],
+         "another precision or number of passes than the card's first row"),
+        (s["robust_accuracy"] <= min(s["attacks"].values()),
+         f"headline {s['robust_accuracy']} above an attack's {min(s['attacks'].values())}"),
+        (s["robust_accuracy"] <= first["robust_accuracy"] + 0.01,
+         f"headline {s['robust_accuracy']} above the card's PGD-20 {first['robust_accuracy']}"),
+    ]
+    problems = [why for ok, why in checks if not ok]
+    path = STORE / s["record"]
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return problems + [f"its record {path.name} is unreadable: {e}"]
+    if record["robust_accuracy"] != s["robust_accuracy"] or len(record["per_example"]["robust"]) != s["n"]:
+        problems.append(f"its record {path.name} disagrees with the card (robust accuracy or n)")
+    if [a["name"] for a in record["attacks"]] != list(s["attacks"]):
+        problems.append(f"its record {path.name} lists other attacks than the card")
+    return problems
+
+
 def headline(c: dict) -> tuple[float | None, bool]:
     """(the card's headline robust accuracy, whether a flag says not to trust it): the
     standard protocol's figure where measured, else None."""

@@ -1,0 +1,65 @@
+"""Commit each zoo card whose standard-protocol headline `rqlab zoo measure` has written and
+that passes `zoo.standard_problems` (reference budget, the recipe's n, the card's weights and
+precision, no higher than any attack or the card's PGD-20, its record agreeing): the card
+and its record, alone, one commit per model. A card that fails is left uncommitted, the
+reasons printed for a person to read. The background measuring loop runs it after every
+pass (scripts/background.sh).
+
+    .venv/bin/python scripts/commit_measured.py            # commit what is measured and sane
+    .venv/bin/python scripts/commit_measured.py --dry-run  # say what it would commit
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rqlab import zoo  # noqa: E402
+from zoo_queue import git  # noqa: E402  (retries while another git command holds the index lock)
+
+
+def pending(name: str) -> list[str]:
+    """The store files of `name`'s measurement that git sees changed or new."""
+    files = [f"rqlab/zoo/store/{name}.json", f"rqlab/zoo/store/{name}.standard.json"]
+    changed = git("status", "--porcelain", "--", *files).stdout.strip()
+    return files if changed else []
+
+
+def message(name: str) -> str:
+    s = zoo.card(name)["standard"]
+    lo, hi = s["robust_ci95"]
+    flags = f", flagged: {'; '.join(s['unreliable'])}" if s["unreliable"] else ""
+    return (f"zoo: {name} under the standard protocol on {s['n']} images: {100 * s['robust_accuracy']:.1f}% "
+            f"[{100 * lo:.1f}, {100 * hi:.1f}] (strongest {s['strongest']}{flags}; {s['wall_time_s'] / 60:.0f} min "
+            f"on {s['device']})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="print what would be committed, commit nothing")
+    args = ap.parse_args(argv)
+    for name in zoo.names(trained_only=True):
+        if "standard" not in zoo.card(name) or not (files := pending(name)):
+            continue
+        problems = zoo.standard_problems(name)
+        if problems:
+            print(f"{name}: NOT committed: {'; '.join(problems)}", flush=True)
+            continue
+        if args.dry_run:
+            print(f"{name}: would commit {', '.join(files)}: {message(name)}")
+            continue
+        for step in (["add", "--", *files], ["commit", "-m", message(name), "--", *files]):
+            proc = git(*step)
+            if proc.returncode != 0:
+                print(f"{name}: git {step[0]} failed: {proc.stderr.strip()}", flush=True)
+                break
+        else:
+            print(f"{name}: committed {', '.join(files)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
