@@ -3,6 +3,7 @@
     .venv/bin/python scripts/findings.py                 # every section (about 30 min on 2 CPU cores)
     .venv/bin/python scripts/findings.py --section b     # one section: a, b, c, d or t (transfer, behind b)
     .venv/bin/python scripts/findings.py --section B     # (b) under the standard protocol, same-model control
+                                                         # (full-budget models once built: --n 1000, their cards' n)
     .venv/bin/python scripts/findings.py --section A     # (a)'s two robustness claims under the standard protocol
     .venv/bin/python scripts/findings.py --n 200         # fewer test examples, faster
 
@@ -162,18 +163,25 @@ def record_summary(rec) -> dict:
             "device": rec.get("device_name") or rec["device"]}
 
 
+def full_or_small(*names: str) -> tuple[str, ...]:
+    """The full-budget zoo models (issue 14) when every one of `names` is built, else their
+    -small variants: a section compares like with like."""
+    built = set(zoo.names(trained_only=True))
+    return names if set(names) <= built else tuple(f"{n}-small" for n in names)
+
+
 def section_b_standard(test, n: int, passes: int = 5) -> dict:
     """(b) under the standard protocol, with the control it lacked: each random-precision
     model against the same model at a fixed precision, same images, same AutoAttack."""
     from rqlab.stats import paired_difference
 
     rpi = quant.RandomPrecision(RPI, seed=0)
-    pairs = {"PGD-7 AT at 8 bits (fmnist-q8-pgd7-small)": "fmnist-q8-pgd7-small",
-             "RPT 4..8 (fmnist-rpt-pgd7-small)": "fmnist-rpt-pgd7-small"}
+    q8, rpt, fp_name = full_or_small("fmnist-q8-pgd7", "fmnist-rpt-pgd7", "fmnist-fp-pgd7")
+    pairs = {f"PGD-7 AT at 8 bits ({q8})": q8, f"RPT 4..8 ({rpt})": rpt}
     # the two records the cards lack first; the cards' own (q8 at 8, RPT under RPI) come
-    # from `rqlab zoo measure` when it has run, else they are measured here
-    standard_record("fmnist-q8-pgd7-small", rpi, test, n, passes)
-    standard_record("fmnist-rpt-pgd7-small", quant.Fixed(8), test, n, 1)
+    # from `rqlab zoo measure` when it has run (same n), else they are measured here
+    standard_record(q8, rpi, test, n, passes)
+    standard_record(rpt, quant.Fixed(8), test, n, 1)
     rows = []
     for label, name in pairs.items():
         fixed = standard_record(name, quant.Fixed(8), test, n, 1)
@@ -183,7 +191,7 @@ def section_b_standard(test, n: int, passes: int = 5) -> dict:
         for key, rec in (("fixed8", fixed), ("rpi", rand)):
             row[key] = record_summary(rec)
         rows.append(row)
-    fp = zoo.card("fmnist-fp-pgd7-small").get("standard")
+    fp = zoo.card(fp_name).get("standard")
     print(f"\n### (b) The standard protocol, the same model at a fixed 8 bits and under RPI 4..8, n = {n} "
           f"(RPI scored over {passes} passes, mean)")
     print("\n| model | precision | clean | standard protocol [95% CI] | AutoAttack | PGD-20 / EOT-PGD / expectation "
@@ -199,7 +207,7 @@ def section_b_standard(test, n: int, passes: int = 5) -> dict:
             print(f"| {r['model']} | {prec} | {pct(v['clean'])} | {pct(v['robust'])} [{pct(v['ci95'][0])}, "
                   f"{pct(v['ci95'][1])}] | {pct(v['attacks']['autoattack'])} | {others} | {last} |")
     if fp:
-        print(f"| fmnist-fp-pgd7-small | FP | {pct(fp['clean_accuracy'])} | {pct(fp['robust_accuracy'])} "
+        print(f"| {fp_name} | FP | {pct(fp['clean_accuracy'])} | {pct(fp['robust_accuracy'])} "
               f"[{pct(fp['robust_ci95'][0])}, {pct(fp['robust_ci95'][1])}] | {pct(fp['attacks']['autoattack'])} | "
               f"{pct(fp['attacks']['pgd'])} / - / - | |")
     return {"rows": rows, "n": n, "passes": passes, "fp_pgd7_card": fp}
@@ -243,9 +251,10 @@ def section_a_standard(test, n: int) -> dict:
 
 def section_c(test, n: int) -> dict:
     """Lipschitz-guided bit selection against uniform, random and reverse at equal budgets."""
-    model = zoo.load("fmnist-fp-pgd7-small")
+    (name,) = full_or_small("fmnist-fp-pgd7")
+    model = zoo.load(name)
     rows = bitselect.compare_allocations(model, test, PGD20, budgets=[3.0, 4.0, 5.0], n=n, random_seeds=3)
-    print(f"\n### (c) Bit allocation on fmnist-fp-pgd7-small (PTQ, per-layer bits of conv2, conv3, fc1), "
+    print(f"\n### (c) Bit allocation on {name} (PTQ, per-layer bits of conv2, conv3, fc1), "
           f"PGD-20 eps 0.1, n = {n}")
     print("\n| budget (avg bits) | method | bits | avg bits | objective | clean | PGD-20 [95% CI] |")
     print("|---|---|---|---|---|---|---|")
@@ -254,7 +263,7 @@ def section_c(test, n: int) -> dict:
         print(f"| {r['budget']:g} | {label} | {', '.join(str(b) for b in r['bits'].values())} | "
               f"{r['avg_bits']:.2f} | {r['objective']:.2f} | {pct(r['clean_accuracy'])} | "
               f"{pct(r['robust_accuracy'])} {ci(r)} |")
-    return {"rows": rows, "n": n}
+    return {"rows": rows, "n": n, "model": name}
 
 
 def section_d() -> dict:
@@ -317,7 +326,7 @@ def section_t(test, n: int) -> dict:
     x, y = test.x[:n].float() / 255, test.y[:n]
     bits = [3, 4, 5, 6, 7, 8]
     out = {}
-    for name in ("fmnist-q4-pgd7-small", "fmnist-q8-pgd7-small"):
+    for name in full_or_small("fmnist-q4-pgd7", "fmnist-q8-pgd7"):
         tm = transfer_matrix(zoo.load(name), x, y, bits, bits, PGD20)
         m = tm["matrix"]
         diag = [m[i][i] for i in range(len(bits))]
