@@ -149,12 +149,12 @@ class Results(dict):
 
 def machine(device) -> str:
     """The machine a study's numbers are measured on, for results["machine"] and the line
-    under each figure: "cpu (AMD EPYC 7B13, 2 threads)" (CPU models vary between machines)."""
+    under each figure: "cpu (AMD EPYC, 2 threads)" (CPU models vary between machines)."""
     import torch
 
     from ..machine import device_name
 
-    return device_name(torch.device(device) if not isinstance(device, torch.device) else device)
+    return device_name(torch.device(device))
 
 
 def finish(fig, results: dict):
