@@ -77,7 +77,8 @@ def add_cli(subparsers) -> None:
                    help="attacks on deterministic models drop examples once fooled (fewer passes; robust accuracy "
                         "equal or lower, docs/performance.md); recorded in extra.attack_settings")
     p.add_argument("--channels-last", action="store_true",
-                   help="NHWC memory format for the model (faster on CUDA and on CPUs: benchmarks/eval_throughput.py, rqlab-cl); recorded")
+                   help="NHWC memory format for the model (faster on CUDA and on CPUs: "
+                        "benchmarks/eval_throughput.py, rqlab-cl); recorded")
     p.add_argument("--sanity", action="store_true", help="run the sanity checks and add them to the record")
     p.add_argument("--strict", action="store_true",
                    help=f"exit with code {STRICT_EXIT} when a sanity check failed or the record is marked unreliable")
