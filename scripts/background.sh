@@ -13,7 +13,7 @@
 #     once: it resumes from its finished batches and writes docs/findings/b_standard.json).
 #
 #   scripts/background.sh            start the queue and the loop (a job already running is
-#                                    left alone)
+#                                    left alone); NO_COMMIT=1 before it: commit nothing
 #   scripts/background.sh start JOB...  start only those of: train, measure, findings
 #   scripts/background.sh status     what runs, and the last lines of each log
 #   scripts/background.sh pause      SIGSTOP both (e.g. while the test suite runs: it is
@@ -48,13 +48,17 @@ case "${1:-start}" in
     }
     # two training workers, one per core (each model is trained by one of them: its lock);
     # the measuring loop shares the cores when it has a model to measure
+    # NO_COMMIT=1: train and measure, commit nothing (e.g. after the last CI check of a
+    # session: a later start commits what passed its checks)
+    nocommit=""; commit="scripts/commit_measured.py"
+    if [ -n "${NO_COMMIT:-}" ]; then nocommit="--no-commit"; commit="scripts/commit_measured.py --dry-run"; fi
     launch train "$QUEUE --threads 1 --worker 1" "training queue (worker 1)" runs/zoo_queue.log \
-      nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 1
+      nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 1 $nocommit
     launch train "$QUEUE --threads 1 --worker 2" "training queue (worker 2)" runs/zoo_queue2.log \
-      nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 2
+      nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 2 $nocommit
     # exec -a names the loop's shell, so that status, pause and stop find it
     launch measure "$LOOP" "measuring loop" runs/measure/loop.log \
-      bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress --channels-last; .venv/bin/python scripts/commit_measured.py; sleep 600; done'"
+      bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress --channels-last; .venv/bin/python $commit; sleep 600; done'"
     launch findings "$FINDINGS" "findings (b)" runs/findings_B.log \
       nice -n 5 .venv/bin/python $FINDINGS --n 500
     ;;
