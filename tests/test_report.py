@@ -242,7 +242,7 @@ def test_show_input_keeps_the_code(first_batch, tmp_path):
 COMMON = ('dataset = "fashion-mnist"\nmodel = "fmnist-fp-natural-small"\nbits = [2, 4, 8]\neps = 0.1\nattack = "pgd"\n'
           'steps = 20\nn_examples = 500\nseed = 0\ndevice = "auto"\noutput_dir = "."\ninteractive = False\n')
 EXTRA = {"01_precision_transferability": "eot = 10\npasses = 5\n",
-         "02_lipschitz_error_amplification": "beta = 0.001\nbetas = [0.0]\ntrain_n = 1000\nepochs = 2\n",
+         "02_lipschitz_error_amplification": "beta = 0.001\nbetas = [0.0]\ntrain_n = 1000\nepochs = 2\nsweep_models = []\n",
          "03_bit_selection": "budgets = [3.0]\nrandom_seeds = 3\niters = 300\nmethods = [\"uniform\"]\nsens_n = 256\n"
                              "hessian_probes = 16\n",
          "04_odgq_training_curves": "epochs = 10\nlive = False\ntrain_n = 2000\n",

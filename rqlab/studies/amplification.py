@@ -42,9 +42,9 @@ class Params(common.StudyParams):
     """
 
     dataset: str = "fashion-mnist"
-    model: str = "fmnist-dq-natural-small"
-    fp_model: str = "fmnist-fp-natural-small"
-    vanilla_model: str = "fmnist-a4-natural-small"
+    model: str = "fmnist-dq-natural"
+    fp_model: str = "fmnist-fp-natural"
+    vanilla_model: str = "fmnist-a4-natural"
     bits: tuple = (1, 2, 3, 4, 5, 6, 7, 8, 32)
     attack: str = "pgd"
     eps: float = 0.1
