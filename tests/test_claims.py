@@ -462,7 +462,7 @@ def test_standard_claims_pair_the_committed_cards_example_by_example():
         n = min(map(len, raw.values()))
         assert r["n"] == n
         assert r["value"] == pytest.approx(sum(a - b for a, b in zip(raw[r["better"]][:n], raw[r["worse"]][:n])) / n)
-        assert r["ci95"][0] < r["value"] < r["ci95"][1] and r["verdict"] in (C.verdict(r["ci95"]), None)
+        assert r["ci95"][0] <= r["value"] <= r["ci95"][1] and r["verdict"] in (C.verdict(r["ci95"]), None)
         assert r["better"].endswith("-small") == r["worse"].endswith("-small") == (r["budget"] == "small")
 
 
@@ -491,6 +491,9 @@ def test_standard_claims_prefer_full_budget_pair_only_when_fair_fallback(monkeyp
     d4 = row("ODG-Q is far above natural training at 4 bits")
     assert d4["budget"] == "small" and d4["value"] == 0.0 and d4["verdict"] == "inconclusive"
     assert "-small models" in d4["reason"]
+    floor = S.pair_row(S.PAIRS[0], {"fmnist-dq-natural": fake_record("dq", zeros),
+                                    "fmnist-a4-natural": fake_record("a4", zeros)}.get)
+    assert floor["verdict"] == "inconclusive" and "a floor" in floor["reason"]
     context = [r for r in rows if not r["judged"]]
     assert context and all(r["verdict"] is None for r in context)
 

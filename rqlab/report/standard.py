@@ -103,6 +103,10 @@ def pair_row(pair: Pair, record=None) -> dict:
         parts.append("the -small models (6,000 training images): the full-budget pair is not measured yet")
     if flags:
         parts.append("a flagged record: its figure is an upper bound, the difference is not exact")
+    if max(rb.robust_scores()[:n]) == 0 and max(rw.robust_scores()[:n]) == 0:
+        eps = rb.threat.get("eps")
+        parts.append(f"both are at 0% at eps {eps:g}: a floor, where no difference can show; the claim needs "
+                     "a smaller eps to be tested" if eps is not None else "both are at 0%: a floor")
     row["reason"] = "; ".join(parts) + "."
     return row
 
