@@ -12,10 +12,9 @@ Workers: several queues may run at once (`--worker K`, one per free core): each 
 trained by the first worker that takes its lock (runs/zoo/.locks/NAME.lock, released when
 the worker finishes it or dies); the others pass over it to the next model. Each model is trained by
 `zoo.build(..., protocol="quick")` (rqlab train's per-epoch checkpoints: a killed queue
-resumes at its last epoch), then checked: clean accuracy at least 2 points above its
+resumes at its last epoch), then checked (`zoo.full_budget_problems`): clean accuracy at least 2 points above its
 -small variant's (where one exists; not below it where the -small variant saw every
-training image) and a plateaued held-out curve (`zoo.plateau`,
-gain <= 2 points over the last 3 epochs). A model that passes is committed alone
+training image) and a plateaued held-out curve (gain <= 2 points over the last 3 epochs). A model that passes is committed alone
 (`git commit -- its store files`); one that fails is left uncommitted with the reason
 in the log, for a person to read. The standard-protocol cards (1,000 examples for the
 adversarial models) are measured afterwards by `rqlab zoo measure`, also resumable.
@@ -40,25 +39,11 @@ ORDER = ("fmnist-fp-pgd7", "fmnist-q8-pgd7", "fmnist-fp-natural", "fmnist-a4-nat
          "fmnist-rpt-pgd7", "fmnist-bin-natural", "fmnist-q4-fgsm-rs", "fmnist-odgq-q4", "fmnist-fp-fgsm-rs",
          "fmnist-dq-pgd7", "fmnist-odgq-bin", "fmnist-bin-fgsm-rs", "fmnist-bin-pgd7")
 LOCKS = ROOT / "runs" / "zoo" / ".locks"  # one lock file per model: a model trains in one worker at a time
-MIN_GAIN_OVER_SMALL = 0.02
-PLATEAU_TOL = 0.02
 
 
 def check(name: str) -> list[str]:
     """Why the built model `name` should not be committed ([] = it is sane)."""
-    problems = []
-    first = zoo.card(name)["eval"][0]
-    small = f"{name}-small"
-    if small in zoo.RECIPES and small in zoo.names(trained_only=True):
-        base = zoo.card(small)["eval"][0]["clean_accuracy"]
-        # a -small variant that saw every training image (FP natural: 3 epochs) sets no gain to beat
-        gain = MIN_GAIN_OVER_SMALL if zoo.recipe(small).spec.train.n_train else 0.0
-        if first["clean_accuracy"] < base + gain:
-            problems.append(f"clean accuracy {first['clean_accuracy']:.3f} is not {gain} above {small}'s {base:.3f}")
-    p = zoo.plateau(name, tol=PLATEAU_TOL)
-    if not p["plateaued"]:
-        problems.append(f"{p['key']} still rising: +{p['gain']:.3f} over the last {p['window']} epochs")
-    return problems
+    return zoo.full_budget_problems(name)
 
 
 def git(*args: str) -> subprocess.CompletedProcess:

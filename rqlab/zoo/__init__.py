@@ -516,6 +516,31 @@ def measure_many(which: list[str], n: int | None = None, device: str = "cpu", op
     return len(targets)
 
 
+FULL_GAIN_OVER_SMALL = 0.02   # clean accuracy a full-budget model must add over its 6k -small variant
+FULL_PLATEAU_TOL = 0.02       # and its held-out curve's gain over the last 3 epochs, at most
+
+
+def full_budget_problems(name: str) -> list[str]:
+    """Why the built full-budget model `name` (issue 14) should not be committed ([] = sane):
+    clean accuracy at least FULL_GAIN_OVER_SMALL above its -small variant's where that one
+    trained on a subset (not below it where it saw every training image, as FP natural's 3
+    epochs on 60,000 did), and a plateaued held-out curve (`plateau`, FULL_PLATEAU_TOL)."""
+    problems = []
+    first = card(name)["eval"][0]
+    small = f"{name}-small"
+    if small in RECIPES and small in names(trained_only=True):
+        base = card(small)["eval"][0]["clean_accuracy"]
+        gain = FULL_GAIN_OVER_SMALL if recipe(small).spec.train.n_train else 0.0
+        if first["clean_accuracy"] < base + gain:
+            problems.append(f"clean accuracy {first['clean_accuracy']:.3f} is not {gain} above {small}'s {base:.3f}")
+    p = plateau(name, tol=FULL_PLATEAU_TOL)
+    if p["gain"] is None:
+        problems.append(f"{p['key']}: too short a curve to see a plateau (more than {p['window']} epochs needed)")
+    elif not p["plateaued"]:
+        problems.append(f"{p['key']} still rising: +{p['gain']:.3f} over the last {p['window']} epochs")
+    return problems
+
+
 def standard_problems(name: str) -> list[str]:
     """Why the standard-protocol headline of card `name` is not one to commit ([] = sane; a
     card not measured yet has no headline to check): measured at the reference budget
