@@ -22,19 +22,25 @@ from zoo_queue import git  # noqa: E402  (retries while another git command hold
 
 
 def pending(name: str) -> list[str]:
-    """The store files of `name`'s measurement that git sees changed or new."""
-    files = [f"rqlab/zoo/store/{name}.json", f"rqlab/zoo/store/{name}.standard.json"]
+    """The store files of `name`'s measurements (the headline's and those at other eps) when
+    git sees one of them changed or new."""
+    c = zoo.card(name)
+    files = [f"rqlab/zoo/store/{name}.json"] + [f"rqlab/zoo/store/{s['record']}"
+                                                 for s in zoo.standard_entries(c).values()]
     changed = git("status", "--porcelain", "--", *files).stdout.strip()
     return files if changed else []
 
 
 def message(name: str) -> str:
-    s = zoo.card(name)["standard"]
-    lo, hi = s["robust_ci95"]
-    flags = f", flagged: {'; '.join(s['unreliable'])}" if s["unreliable"] else ""
-    return (f"zoo: {name} under the standard protocol on {s['n']} images: {100 * s['robust_accuracy']:.1f}% "
-            f"[{100 * lo:.1f}, {100 * hi:.1f}] (strongest {s['strongest']}{flags}; {s['wall_time_s'] / 60:.0f} min "
-            f"on {s['device']})")
+    parts = []
+    for eps, s in zoo.standard_entries(zoo.card(name)).items():
+        lo, hi = s["robust_ci95"]
+        flags = f", flagged: {'; '.join(s['unreliable'])}" if s["unreliable"] else ""
+        at = "" if eps is None else f"at eps {eps:g} "
+        parts.append(f"{at}{100 * s['robust_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (strongest "
+                     f"{s['strongest']}{flags}; {s['wall_time_s'] / 60:.0f} min on {s['device']})")
+    n = zoo.card(name)["standard"]["n"]
+    return f"zoo: {name} under the standard protocol on {n} images: " + "; ".join(parts)
 
 
 def main(argv=None) -> int:

@@ -457,8 +457,8 @@ def test_standard_claims_pair_the_committed_cards_example_by_example():
     if not measured:
         pytest.skip("no pair of the zoo is measured under the standard protocol")
     for r in measured:
-        raw = {m: json.loads((zoo.STORE / zoo.card(m)["standard"]["record"]).read_text())["per_example"]["robust"]
-               for m in (r["better"], r["worse"])}
+        raw = {m: json.loads((zoo.STORE / zoo.standard_entries(zoo.card(m))[r["eps"]]["record"]).read_text())
+               ["per_example"]["robust"] for m in (r["better"], r["worse"])}
         n = min(map(len, raw.values()))
         assert r["n"] == n
         assert r["value"] == pytest.approx(sum(a - b for a, b in zip(raw[r["better"]][:n], raw[r["worse"]][:n])) / n)
@@ -479,7 +479,7 @@ def test_standard_claims_prefer_full_budget_pair_only_when_fair_fallback(monkeyp
             "fmnist-dq-natural-small": fake_record("dq-small", zeros), "fmnist-a4-natural-small": fake_record("a4", ones),
             "fmnist-odgq-q4-small": fake_record("o", [1, 0] * 4), "fmnist-q4-natural-small": fake_record("n", [0, 1] * 4),
             "fmnist-fp-natural-small": fake_record("fp", ones)}
-    monkeypatch.setattr(zoo, "standard_record", lambda name: recs.get(name))
+    monkeypatch.setattr(zoo, "standard_record", lambda name, eps=None: recs.get(name if eps is None else (name, eps)))
     rows = S.standard_claims()
     row = lambda start: next(r for r in rows if r["text"].startswith(start))  # noqa: E731
     dq = row("DQ (beta 3e-3)")
@@ -496,6 +496,15 @@ def test_standard_claims_prefer_full_budget_pair_only_when_fair_fallback(monkeyp
     assert floor["verdict"] == "inconclusive" and "a floor" in floor["reason"]
     context = [r for r in rows if not r["judged"]]
     assert context and all(r["verdict"] is None for r in context)
+    # claim (a) at the small eps reads the cards' records at that eps, full budget only
+    small_eps = [r for r in rows if r["eps"] is not None]
+    assert {r["eps"] for r in small_eps} == {zoo.SMALL_EPS} and {r["id"] for r in small_eps} == {"a"}
+    assert all(r["verdict"] == "not run" and "-small" not in r["reason"] for r in small_eps)
+    recs.update({("fmnist-dq-natural", zoo.SMALL_EPS): fake_record("dq", [1, 1, 0, 1]),
+                 ("fmnist-a4-natural", zoo.SMALL_EPS): fake_record("a4", [0, 1, 0, 0])})
+    at = S.standard_claims()[len(S._A)]
+    assert at["text"].endswith(f"at eps {zoo.SMALL_EPS:g}") and (at["value"], at["n"]) == (0.5, 4)
+    assert at["better"] == "fmnist-dq-natural" and at["budget"] == "full"
 
 
 def test_standard_claims_in_findings_page_and_index():

@@ -165,6 +165,41 @@ def test_measure_writes_the_headline_and_resumes(tmp_path, monkeypatch):
         zoo.measure(name, n=2000)
 
 
+def test_measure_at_another_eps_keeps_the_headline(tmp_path, monkeypatch):
+    """`zoo.measure(eps=...)` (claim (a) at a small eps) writes card["standard_eps"][eps] and
+    its own record at that radius, with the default PGD step for it; the headline and the
+    rest of the card are untouched; its checks are named with the eps; a bad eps is refused."""
+    name = "fmnist-q4-natural-small"
+    store_copy(name, tmp_path, monkeypatch)
+    before = zoo.card(name)
+    small = {"n_iter": 2, "n_target_classes": 1, "n_queries": 10}
+    logs = []
+    e = zoo.measure(name, n=8, options=small, progress=False, log=logs.append, eps=0.03)
+    after = zoo.card(name)
+    assert {k: v for k, v in after.items() if k != "standard_eps"} == before
+    assert after["standard_eps"] == {"0.03": e} and e["eps"] == 0.03 and e["n"] == 8
+    assert e["record"] == f"{name}.standard-eps0.03.json" and "at eps 0.03" in logs[-1]
+    rec = zoo.standard_record(name, eps=0.03)
+    assert rec.threat["eps"] == 0.03 and rec.threat["step_size"] == pytest.approx(2.5 * 0.03 / 20)
+    assert zoo.standard_entries(after)[0.03] == e
+    assert zoo.measure(name, n=8, options=small, progress=False, log=logs.append, eps=0.03) == e
+    assert "at eps 0.03 already measured" in logs[-1]
+    problems = [p for p in zoo.standard_problems(name) if p.startswith("at eps 0.03: ")]
+    assert any("100 iterations" in p for p in problems) and any("n = 8" in p for p in problems)
+    assert not any("above the card's PGD-20" in p for p in problems)  # the card's rows are at its own eps
+    for bad in (-0.1, 0.0, float("nan")):
+        with pytest.raises(RqlabError, match="eps"):
+            zoo.measure(name, n=8, eps=bad)
+    assert zoo.card(name) == after
+
+
+def test_the_claim_a_recipes_are_measured_at_the_small_eps_too():
+    full_a = {"fmnist-fp-natural", "fmnist-a4-natural", "fmnist-dq-natural", "fmnist-dq-natural-beta1e-3",
+              "fmnist-dq-natural-beta1e-2"}
+    assert {n for n, r in zoo.RECIPES.items() if r.extra_eps} == full_a
+    assert all(zoo.RECIPES[n].extra_eps == (zoo.SMALL_EPS,) for n in full_a)
+
+
 def test_the_list_sorts_by_the_headline(monkeypatch):
     """Models with a standard-protocol figure come first, highest first; '!' marks a flagged one."""
     cards = {"a": {"standard": {"robust_accuracy": 0.3, "robust_ci95": [0.26, 0.34], "unreliable": []}},

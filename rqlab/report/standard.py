@@ -36,17 +36,26 @@ class Pair:
     worse: str
     small: bool = True             # whether the -small pair is a fair fallback (same budget)
     judged: bool = True            # False: context (e.g. ODG-Q against adversarial training)
+    eps: float | None = None       # the cards' records at this eps (zoo.SMALL_EPS), else the headline's
 
+
+_A = (  # claim (a): (text, better, worse, whether the -small pair is a fair fallback)
+    ("DQ (beta 3e-3) is more robust than vanilla quantization (DQ minus vanilla, w32a4)",
+     "fmnist-dq-natural", "fmnist-a4-natural", True),
+    ("DQ at beta 1e-3 is more robust than vanilla quantization (DQ minus vanilla, w32a4)",
+     "fmnist-dq-natural-beta1e-3", "fmnist-a4-natural", False),   # the beta sweep (no -small)
+    ("DQ at beta 1e-2 is more robust than vanilla quantization (DQ minus vanilla, w32a4)",
+     "fmnist-dq-natural-beta1e-2", "fmnist-a4-natural", False),
+    ("Vanilla quantization is less robust than FP (FP minus vanilla w32a4)",
+     "fmnist-fp-natural", "fmnist-a4-natural", False),   # -small FP saw 60k images, a4 6k
+)
 
 PAIRS = (
-    Pair("a", "DQ (beta 3e-3) is more robust than vanilla quantization (DQ minus vanilla, w32a4)",
-         "fmnist-dq-natural", "fmnist-a4-natural"),
-    Pair("a", "DQ at beta 1e-3 is more robust than vanilla quantization (DQ minus vanilla, w32a4)",
-         "fmnist-dq-natural-beta1e-3", "fmnist-a4-natural", small=False),   # the beta sweep (no -small)
-    Pair("a", "DQ at beta 1e-2 is more robust than vanilla quantization (DQ minus vanilla, w32a4)",
-         "fmnist-dq-natural-beta1e-2", "fmnist-a4-natural", small=False),
-    Pair("a", "Vanilla quantization is less robust than FP (FP minus vanilla w32a4)",
-         "fmnist-fp-natural", "fmnist-a4-natural", small=False),   # -small FP saw 60k images, a4 6k
+    *(Pair("a", text, better, worse, small=small) for text, better, worse, small in _A),
+    # the same at a small eps, where natural models keep some accuracy (at 0.1 all are at 0%);
+    # full budget only (the -small cards are not measured there)
+    *(Pair("a", f"{text}, at eps {zoo.SMALL_EPS:g}", better, worse, small=False, eps=zoo.SMALL_EPS)
+      for text, better, worse, _ in _A),
     Pair("d", "ODG-Q is far above natural training at 4 bits (ODG-Q minus natural)",
          "fmnist-odgq-q4", "fmnist-q4-natural"),
     Pair("d", "ODG-Q is far above natural training, binary (ODG-Q minus natural)",
@@ -69,21 +78,23 @@ def _records(pair: Pair, record):
         if better not in zoo.RECIPES or worse not in zoo.RECIPES:
             missing.append(f"{better} or {worse} is not a zoo recipe")
             continue
-        recs = {m: record(m) for m in (better, worse)}
+        recs = {m: record(m, pair.eps) for m in (better, worse)}
         if all(recs.values()):
             return (better, worse, recs[better], recs[worse], budget), None
         built = zoo.names(trained_only=True)
-        missing.append(", ".join(f"{m} ({'not measured' if m in built else 'not built'})"
+        at = "" if pair.eps is None else f" at eps {pair.eps:g}"
+        missing.append(", ".join(f"{m} ({'not measured' + at if m in built else 'not built'})"
                                  for m, r in recs.items() if r is None))
     why = "; ".join(missing)
-    hint = "" if pair.small else f" (no fair -small pair for {pair.better})"
+    hint = "" if pair.small or pair.eps is not None else f" (no fair -small pair for {pair.better})"
     return None, f"Needs the standard protocol on both cards: {why}{hint}. `rqlab zoo build` / `rqlab zoo measure`."
 
 
 def pair_row(pair: Pair, record=None) -> dict:
-    """The row of one comparison (JSON values). record: name -> Record or None
+    """The row of one comparison (JSON values). record: (name, eps) -> Record or None
     (default `zoo.standard_record`)."""
-    row = {"id": pair.id, "text": pair.text, "judged": pair.judged, "better": None, "worse": None, "budget": None,
+    row = {"id": pair.id, "text": pair.text, "judged": pair.judged, "eps": pair.eps, "better": None, "worse": None,
+           "budget": None,
            "value": None, "ci95": None, "n": None, "robust": None, "verdict": "not run" if pair.judged else None,
            "flags": [], "reason": None}
     found, why = _records(pair, record or zoo.standard_record)
@@ -106,7 +117,8 @@ def pair_row(pair: Pair, record=None) -> dict:
     if max(rb.robust_scores()[:n]) == 0 and max(rw.robust_scores()[:n]) == 0:
         eps = rb.threat.get("eps")
         parts.append(f"both are at 0% at eps {eps:g}: a floor, where no difference can show; the claim needs "
-                     "a smaller eps to be tested" if eps is not None else "both are at 0%: a floor")
+                     "a smaller eps to be tested (the rows at eps "
+                     f"{zoo.SMALL_EPS:g})" if eps is not None else "both are at 0%: a floor")
     row["reason"] = "; ".join(parts) + "."
     return row
 

@@ -59,6 +59,7 @@ class Recipe:
     gpu: bool = False                  # a GPU recipe: listed, not trained here
     notes: str = ""
     standard_n: int = STANDARD_N       # test examples of the card's headline (`measure`)
+    extra_eps: tuple[float, ...] = ()  # the standard protocol also at these eps (card["standard_eps"])
 
     @property
     def command(self) -> str:
@@ -94,6 +95,10 @@ def _fmnist(policy: str, defense: str, small: bool = False, **defense_config) ->
 
 
 FULL_EPOCHS = {True: 10, False: 15}  # natural / adversarial recipes at full budget
+# Claim (a) at a small eps (docs/methods.md, "Claim (a) at a small eps"): at eps 0.1 every
+# full-budget naturally trained model is at 0% under the standard protocol, a floor where
+# DQ's effect cannot show; the cards of claim (a)'s models are measured at this eps too.
+SMALL_EPS = 0.03
 SMALL_NOTE = ("the -small variant: 6,000 training images for 4 epochs (the zoo before issue 14), kept for "
               "smoke runs")
 ODGQ_NOTE = ("trained before the ODG-Q fix of issue 14 (free and FGSM-RS steps now ascend each domain's own "
@@ -109,7 +114,7 @@ def _fmnist_pair(name: str, summary: str, policy: str, defense: str, eval_bits: 
     small = _fmnist(policy, defense, small=True, **defense_config)
     budget = f"{(small.train.n_train or 60_000) // 1000}k images, {small.train.epochs} epochs"
     return (Recipe(name, summary, _fmnist(policy, defense, **defense_config), eval_bits, paper, notes=notes,
-                   standard_n=1000 if adversarial else STANDARD_N),
+                   standard_n=1000 if adversarial else STANDARD_N, extra_eps=_extra_eps(policy, defense)),
             Recipe(f"{name}-small", f"{summary} ({budget})", small, eval_bits, paper, notes=small_notes))
 
 
@@ -157,13 +162,19 @@ _FMNIST_FULL_ONLY = (
 )
 
 
+def _extra_eps(policy: str, defense: str) -> tuple[float, ...]:
+    """The claim-(a) models (natural FP, vanilla w32a4 and DQ at full budget): SMALL_EPS too."""
+    return (SMALL_EPS,) if defense == "dq" or (defense == "natural" and policy in ("fp", "w32a4")) else ()
+
+
 def _fmnist_recipes():
     for row in _FMNIST:
         yield from _fmnist_pair(*row)
     for name, summary, policy, defense, bits, paper, notes, config in (r + ("", "", None)[len(r) - 5:]
                                                                        for r in _FMNIST_FULL_ONLY):
         yield Recipe(name, summary, _fmnist(policy, defense, **(config or {})), bits, paper, notes=notes,
-                     standard_n=STANDARD_N if defense in ("natural", "dq") else 1000)
+                     standard_n=STANDARD_N if defense in ("natural", "dq") else 1000,
+                     extra_eps=_extra_eps(policy, defense))
 
 
 RECIPES = {r.name: r for r in (
@@ -217,14 +228,15 @@ def card(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def standard_record(name: str):
+def standard_record(name: str, eps: float | None = None):
     """The standard-protocol Record of zoo model `name`'s card (`rqlab zoo measure`: per-example
-    outcomes of every attack), or None when the model is not built or not measured yet."""
+    outcomes of every attack), the headline's or (eps) the one at another radius, or None
+    when the model is not built or not measured (at that eps) yet."""
     from ..record import Record
 
     if name not in names(trained_only=True):
         return None
-    s = card(name).get("standard")
+    s = standard_entries(card(name)).get(None if eps is None else float(eps))
     return Record.from_json((STORE / s["record"]).read_text()) if s else None
 
 
@@ -435,32 +447,58 @@ def audit(name: str, device: str = "cpu", cfg=None, log=print) -> dict:
 
 # ---- the standard protocol's headline -------------------------------------------------------
 
+def _eps_key(eps: float) -> str:
+    return f"{eps:g}"
+
+
+def standard_files(name: str, eps: float | None = None) -> tuple[Path, Path]:
+    """The record and the progress file of `name`'s standard-protocol measurement: the
+    headline's (eps None: the card's threat) or the one at another `eps` (Recipe.extra_eps)."""
+    stem = f"{name}.standard" if eps is None else f"{name}.standard-eps{_eps_key(eps)}"
+    return STORE / f"{stem}.json", STORE / f"{stem}.progress"
+
+
+def standard_entries(c: dict) -> dict:
+    """The card's standard-protocol entries: {None: the headline, eps: the entry at eps, ...},
+    those measured so far."""
+    entries = {None: c["standard"]} if c.get("standard") else {}
+    entries.update({float(k): v for k, v in (c.get("standard_eps") or {}).items()})
+    return entries
+
+
 def measure(name: str, n: int | None = None, device: str = "cpu", options: dict | None = None,
-            force: bool = False, progress: bool = True, log=print, channels_last: bool = False) -> dict:
+            force: bool = False, progress: bool = True, log=print, channels_last: bool = False,
+            eps: float | None = None) -> dict:
     """The card's headline: the standard protocol (METHODS section 8) at the card's first
     precision, on the first `n` (default: the recipe's standard_n, 500, or 1,000 for the
     adversarially trained full-budget models) examples of the card's test subset,
     written into the card as card["standard"] (atomically; the weights are untouched) with
     the full record (per-example outcomes of every attack) beside it in
-    store/NAME.standard.json. A card already measured with the same n, options and weights
+    store/NAME.standard.json. eps: the same protocol at another radius than the card's
+    threat (its PGD step by the default rule, `ThreatModel.alpha`), written into
+    card["standard_eps"]["EPS"] and store/NAME.standard-epsEPS.json (claim (a) at
+    SMALL_EPS). A card already measured with the same n, options and weights
     is kept unless `force` (so a stopped `rqlab zoo measure` resumes where it stopped); within
     a card, the finished batches of MEASURE_BATCH examples are kept in
     store/NAME.standard.progress, so a killed measurement resumes at its next batch.
     options: the protocol's settings (`evaluation.STANDARD_OPTIONS`; None = the reference
     AutoAttack). channels_last: the model in NHWC memory format (faster on CPUs and GPUs;
     the same attacks, float rounding aside), recorded in the entry; it does not make a
-    measured card stale. Returns the card's "standard" entry."""
+    measured card stale. Returns the entry."""
     from .. import checkpoint, data, quant
     from ..attacks import ThreatModel
     from ..evaluation import evaluate
-    from ..validate import check_int
+    from ..validate import check_float, check_int
 
     n = recipe(name).standard_n if n is None else check_int(n, "n", 1, CLEAN_N)
+    if eps is not None:
+        eps = check_float(eps, "eps", 0.0, 1.0, lo_open=True)
     c = card(name)
-    existing = c.get("standard")
+    existing = standard_entries(c).get(eps)
+    at = "" if eps is None else f" at eps {_eps_key(eps)}"
     if existing and not force and existing["n"] == n and existing["sha256"] == c["sha256"] \
             and existing["requested_options"] == (options or {}):
-        log(f"{name}: standard protocol already measured on {n} examples; --force remeasures it")
+        log(f"{name}: standard protocol{at} already measured on {n} examples; --force remeasures it")
         return existing
     model = load(name, device=device)
     if channels_last:
@@ -470,10 +508,9 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     row = c["eval"][0]
     test = data.load(recipe(name).spec.data, "test", n=CLEAN_N, seed=0)
     t = c["threat"]
-    threat = ThreatModel("pgd", norm=t["norm"], eps=t["eps"], steps=t["steps"], step_size=t["step_size"],
-                         restarts=t["restarts"], seed=t["seed"])
-    record_path = STORE / f"{name}.standard.json"
-    progress_path = STORE / f"{name}.standard.progress"  # the finished batches of a stopped measurement
+    threat = ThreatModel("pgd", norm=t["norm"], eps=t["eps"] if eps is None else eps, steps=t["steps"],
+                         step_size=t["step_size"] if eps is None else None, restarts=t["restarts"], seed=t["seed"])
+    record_path, progress_path = standard_files(name, eps)  # progress: the finished batches of a stopped run
     if force:
         progress_path.unlink(missing_ok=True)
     elif progress_path.exists():
@@ -482,7 +519,7 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
                    batch_size=MEASURE_BATCH, protocol="standard", options=options, model_id=name, progress=progress,
                    resume=progress_path)
     checkpoint.save_json(record_path, rec.to_dict())
-    entry = {"n": rec["n"], "policy": rec["policy"], "passes": rec["passes"],
+    entry = {"n": rec["n"], "eps": threat.eps, "policy": rec["policy"], "passes": rec["passes"],
              "clean_accuracy": rec["clean_accuracy"], "robust_accuracy": rec["robust_accuracy"],
              "robust_ci95": rec["robust_ci95"], "robust_worst_accuracy": rec["robust_worst_accuracy"],
              "attacks": {a["name"]: a["robust_accuracy"] for a in rec.attacks},
@@ -495,9 +532,12 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
              "sha256": c["sha256"], "record": record_path.name}
     entry = json.loads(json.dumps(entry))  # as it reads back from the card (tuples -> lists)
     c = card(name)  # re-read: written only with what is on disk now
-    c["standard"] = entry
+    if eps is None:
+        c["standard"] = entry
+    else:
+        c.setdefault("standard_eps", {})[_eps_key(eps)] = entry
     checkpoint.save_json(_paths(name)[1], c)
-    log(f"{name}: standard protocol {100 * entry['robust_accuracy']:.1f}% "
+    log(f"{name}: standard protocol{at} {100 * entry['robust_accuracy']:.1f}% "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in entry["attacks"].items())
         + f" (n = {n}, {entry['wall_time_s'] / 60:.1f} min)" + ("  UNRELIABLE" if entry["unreliable"] else ""))
     return entry
@@ -505,14 +545,16 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
 
 def measure_many(which: list[str], n: int | None = None, device: str = "cpu", options: dict | None = None,
                  force: bool = False, progress: bool = True, log=print, channels_last: bool = False) -> int:
-    """`measure` each named (default: every built) model in turn; returns how many."""
+    """`measure` each named (default: every built) model in turn, its headline and then each
+    of its recipe's extra_eps; returns how many models."""
     for w in which:
         card(w)  # unknown or unbuilt names fail before any work
     targets = which or names(trained_only=True)
     for i, w in enumerate(targets, 1):
         log(f"[{i}/{len(targets)}] {w}")
-        measure(w, n=n, device=device, options=options, force=force, progress=progress, log=log,
-                channels_last=channels_last)
+        for eps in (None, *recipe(w).extra_eps):
+            measure(w, n=n, device=device, options=options, force=force, progress=progress, log=log,
+                    channels_last=channels_last, eps=eps)
     return len(targets)
 
 
@@ -542,41 +584,45 @@ def full_budget_problems(name: str) -> list[str]:
 
 
 def standard_problems(name: str) -> list[str]:
-    """Why the standard-protocol headline of card `name` is not one to commit ([] = sane; a
-    card not measured yet has no headline to check): measured at the reference budget
+    """Why the standard-protocol entries of card `name` are not ones to commit ([] = sane; a
+    card not measured yet has nothing to check): each measured at the reference budget
     (AutoAttack 100 iterations, Square 5,000 queries) on the recipe's standard_n examples of
-    the card's first precision and current weights; no higher than any of its attacks, nor
-    (beyond a point that float rounding may flip) than the card's own PGD-20 row, which the
-    protocol's PGD reruns on the same examples with the same seeds; its record beside it,
-    agreeing with it."""
+    the card's first precision and current weights; no higher than any of its attacks; the
+    headline, moreover, no higher (beyond a point that float rounding may flip) than the
+    card's own PGD-20 row, which the protocol's PGD reruns on the same examples with the same
+    seeds; each entry's record beside it, agreeing with it (an entry at another eps: at that eps)."""
     c = card(name)
-    s = c.get("standard")
-    if not s:
-        return []
     first = c["eval"][0]
-    checks = [
-        (s["n"] == recipe(name).standard_n, f"n = {s['n']}, not the recipe's {recipe(name).standard_n}"),
-        (s["requested_options"] == {}, f"requested options {s['requested_options']}, not the reference budget"),
-        (s["sha256"] == c["sha256"], "measured on other weights (sha256 differs)"),
-        (s["protocol_options"].get("n_iter") == 100 and s["protocol_options"].get("n_queries") == 5000,
-         f"protocol options {s['protocol_options']}: not AutoAttack's 100 iterations and Square's 5,000 queries"),
-        (s["policy"] == first["policy"] and s["passes"] == first["passes"],
-         "another precision or number of passes than the card's first row"),
-        (s["robust_accuracy"] <= min(s["attacks"].values()),
-         f"headline {s['robust_accuracy']} above an attack's {min(s['attacks'].values())}"),
-        (s["robust_accuracy"] <= first["robust_accuracy"] + 0.01,
-         f"headline {s['robust_accuracy']} above the card's PGD-20 {first['robust_accuracy']}"),
-    ]
-    problems = [why for ok, why in checks if not ok]
-    path = STORE / s["record"]
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return problems + [f"its record {path.name} is unreadable: {e}"]
-    if record["robust_accuracy"] != s["robust_accuracy"] or len(record["per_example"]["robust"]) != s["n"]:
-        problems.append(f"its record {path.name} disagrees with the card (robust accuracy or n)")
-    if [a["name"] for a in record["attacks"]] != list(s["attacks"]):
-        problems.append(f"its record {path.name} lists other attacks than the card")
+    problems = []
+    for eps, s in standard_entries(c).items():
+        at = "" if eps is None else f"at eps {_eps_key(eps)}: "
+        checks = [
+            (s["n"] == recipe(name).standard_n, f"n = {s['n']}, not the recipe's {recipe(name).standard_n}"),
+            (s["requested_options"] == {}, f"requested options {s['requested_options']}, not the reference budget"),
+            (s["sha256"] == c["sha256"], "measured on other weights (sha256 differs)"),
+            (s["protocol_options"].get("n_iter") == 100 and s["protocol_options"].get("n_queries") == 5000,
+             f"protocol options {s['protocol_options']}: not AutoAttack's 100 iterations and Square's 5,000 queries"),
+            (s["policy"] == first["policy"] and s["passes"] == first["passes"],
+             "another precision or number of passes than the card's first row"),
+            (s["robust_accuracy"] <= min(s["attacks"].values()),
+             f"headline {s['robust_accuracy']} above an attack's {min(s['attacks'].values())}"),
+        ]
+        if eps is None:
+            checks.append((s["robust_accuracy"] <= first["robust_accuracy"] + 0.01,
+                           f"headline {s['robust_accuracy']} above the card's PGD-20 {first['robust_accuracy']}"))
+        problems += [at + why for ok, why in checks if not ok]
+        path = STORE / s["record"]
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            problems.append(f"{at}its record {path.name} is unreadable: {e}")
+            continue
+        if record["robust_accuracy"] != s["robust_accuracy"] or len(record["per_example"]["robust"]) != s["n"]:
+            problems.append(f"{at}its record {path.name} disagrees with the card (robust accuracy or n)")
+        if [a["name"] for a in record["attacks"]] != list(s["attacks"]):
+            problems.append(f"{at}its record {path.name} lists other attacks than the card")
+        if eps is not None and record["threat"]["eps"] != eps:
+            problems.append(f"{at}its record {path.name} is at eps {record['threat']['eps']}")
     return problems
 
 
