@@ -519,3 +519,21 @@ def test_standard_claims_in_findings_page_and_index():
     assert "| context |" in md
     page = _standard_section([row])
     assert 'class="v-reproduced"' in page and "+16.8" in page
+
+
+def test_the_dq_claim_reads_the_small_eps_run(tmp_path):
+    """Claim (a) is judged at zoo.SMALL_EPS where the report ran notebook 02 there too (at
+    eps 0.1 the full-budget natural models are at the floor); its figure names the eps."""
+    from rqlab import zoo
+
+    small = dq_results(0.5, 0.3, 200) | {"threat": {"eps": zoo.SMALL_EPS}}
+    default = dq_results(0.01, 0.01, 200) | {"threat": {"eps": 0.1}}
+    rows = make_report(tmp_path, {
+        ("e1", "02_lipschitz_error_amplification", (("eps", 0.1),)): default,
+        ("e03", "02_lipschitz_error_amplification", (("eps", zoo.SMALL_EPS),)): small})
+    a = next(r for r in C.claims_table(tmp_path, rows) if r["id"] == "a")
+    assert a["run_id"] == "e03" and a["value"] == pytest.approx(0.2)
+    assert f"eps {zoo.SMALL_EPS:g}" in a["figure"]
+    rows = [r for r in rows if r["run_id"] == "e1"]  # without that run: the default one
+    a = next(r for r in C.claims_table(tmp_path, rows) if r["id"] == "a")
+    assert a["run_id"] == "e1" and "eps 0.1" in a["figure"]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import zoo
 from ..analysis import paper
 from ..analysis.readings import CHEAP_RATIO, transfer_cells
 
@@ -62,10 +63,12 @@ def _dq(res: dict) -> dict:
     how = "trained models" if res.get("beta_source") == "models" else "trained live on a subset"
     sweep_text = (f" Beta sweep ({how}, {len(sweep)} strengths), robust accuracy at w32a4: "
                   + ", ".join(f"beta {r['beta']:g} {pct(r['robust_accuracy'])}" for r in sweep) + ".") if sweep else ""
+    eps = (res.get("threat") or {}).get("eps")
+    at = f", eps {eps:g}" if eps is not None else ""
     return {"value": c["gain"], "ci95": c["ci95"], "n": c["n"],
-            "figure": f"DQ {pct(c['dq'])} vs vanilla {pct(c['vanilla'])} robust accuracy at a{c['bits']}: "
+            "figure": f"DQ {pct(c['dq'])} vs vanilla {pct(c['vanilla'])} robust accuracy at a{c['bits']}{at}: "
                       f"{pts(c['gain'])}",
-            "reason": f"At {c['bits']}-bit activations DQ's robust accuracy minus vanilla quantization's is "
+            "reason": f"At {c['bits']}-bit activations{at} DQ's robust accuracy minus vanilla quantization's is "
                       f"{pts(c['gain'])}, 95% interval {interval(c['ci95'])} (n = {c['n']}); the relative error at "
                       f"the logits is {amp['DQ']:.3f} for DQ and {amp['vanilla']:.3f} for vanilla "
                       f"({'lower' if lower else 'not lower'} for DQ)." + sweep_text,
@@ -180,7 +183,9 @@ CLAIMS = (
           "At low activation bits, DQ's robust accuracy is above vanilla quantization's, and it amplifies the "
           "adversarial error less.",
           "qualitative (the paper's opening figure; METHODS section 3 quotes no number)",
-          "02_lipschitz_error_amplification", _dq),
+          "02_lipschitz_error_amplification", _dq,
+          # at the small eps where natural models are off the 0% floor (docs/methods.md, zoo.SMALL_EPS)
+          {"eps": re.escape(f"{zoo.SMALL_EPS:g}")}),
     Claim("b", "Double-Win Quant (Fu et al., ICML 2021)",
           "Random precision inference and training (RPI+RPT) raise robust accuracy over a fixed-precision model; "
           "here against the same weights at a fixed precision, under adaptive attacks.",
