@@ -157,6 +157,9 @@ def test_02_lipschitz_error_amplification(kernel, smoke, tiny, tmp_path, monkeyp
             assert layer["lipschitz"] >= 0
             prod *= layer["lipschitz"]
         assert lip["bound"] == pytest.approx(prod) and lip["local_mean"] >= 0
+        curve = res["accuracy_vs_eps"][name]   # at the model's stored precision, one clean accuracy for all eps
+        assert [r["eps"] for r in curve] == sorted(params.get("eps_curve", [0.01, 0.02, 0.03, 0.05, 0.1]))
+        assert len({r["clean_accuracy"] for r in curve}) == 1 and all(unit(r["robust_accuracy"]) for r in curve)
     betas = sorted({*params["betas"], params["beta"]})
     assert [r["beta"] for r in res["beta_sweep"]] == betas
     assert res["beta_row"]["beta"] == params["beta"]

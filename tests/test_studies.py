@@ -38,6 +38,8 @@ BAD = [
     (amplification, {"beta": -0.1}, "beta=-0.1 is out of range"),
     (amplification, {"train_n": 0}, "train_n=0 is out of range"),
     (amplification, {"epochs": 0}, "epochs=0 is out of range"),
+    (amplification, {"eps_curve": [0.03, -0.1]}, "eps_curve[1]=-0.1 is out of range"),
+    (amplification, {"eps_curve": [0.0]}, "eps_curve[0]=0.0 is out of range"),
     (bit_selection, {"bits": [1, 4]}, "binary layers have no activation range"),
     (bit_selection, {"budgets": [1.0, 4.0]}, "budgets=[1.0, 4.0]: 1 is below the cheapest allocation"),
     (bit_selection, {"budgets": []}, "budgets is empty"),
@@ -101,6 +103,12 @@ def test_transferability_run_on_a_tiny_model(tiny):
                                                   - results["diagonal_mean"][label])
     assert f"{label}:" in transferability.reading(results) and set(results.models) == {label}
     json.dumps(results)
+
+
+def test_amplification_eps_curve_is_sorted_once_and_may_be_empty():
+    assert amplification.Params(eps_curve=[0.1, 0.03, 0.1]).eps_curve == (0.03, 0.1)
+    assert amplification.Params(eps_curve=[]).eps_curve == ()
+    assert amplification.plot_eps({"accuracy_vs_eps": {}}) is None
 
 
 def test_amplification_sweep_betas_add_beta_once():

@@ -39,6 +39,10 @@ class Params(common.StudyParams):
         "natural" = beta 0) that make the sweep instead of live training: their betas are
         read from their checkpoints, `betas`, `train_n` and `epochs` are then unused, and
         `beta` must be one of theirs. Empty (default): the live sweep.
+    eps_curve: radii of the robust-accuracy-against-eps curve of the three models at their
+        stored precisions (the run's attack, step by the default rule per eps); it shows
+        where natural models sit on the 0% floor (at 0.1 on Fashion-MNIST) and where
+        DQ's effect can show. Empty: no curve.
     """
 
     dataset: str = "fashion-mnist"
@@ -49,6 +53,7 @@ class Params(common.StudyParams):
     attack: str = "pgd"
     eps: float = 0.1
     steps: int = 20
+    eps_curve: tuple = (0.01, 0.02, 0.03, 0.05, 0.1)
     craft_on: str = "each"
     beta: float = 0.003
     betas: tuple = (0.0, 0.0003, 0.001, 0.003, 0.01)
@@ -78,6 +83,8 @@ class Params(common.StudyParams):
                              "(empty: train the sweep live)")
         self._set("sweep_models", tuple(P.check_model_spec(s, f"sweep_models[{i}]")
                                         for i, s in enumerate(self.sweep_models)))
+        self._set("eps_curve", tuple(sorted(set(P.check_floats(self.eps_curve, "eps_curve", 0.0, 1.0, lo_open=True,
+                                                               allow_empty=True)))))
 
     @property
     def sweep_betas(self) -> list[float]:
@@ -142,7 +149,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
 
     Returns {"amplification_logits", "robust_accuracy_at_stored_precision", "lipschitz_bound",
     "local_lipschitz_mean" (each {label: value}), "beta", "beta_row", "n_examples", "bits",
-    "craft_on", "models", "precision", "amplification", "accuracy_vs_bits", "lipschitz",
+    "craft_on", "models", "precision", "amplification", "accuracy_vs_bits", "accuracy_vs_eps"
+    ({label: rows of `sweeps.accuracy_vs_eps`}, {} without eps_curve), "lipschitz",
     "beta_sweep", "threat", "dq_vs_vanilla" (`readings.dq_comparison` at CLAIM_BITS), "reading"
     ({"amplification", "beta"})}; `.models` holds the three
     models and the live DQ model at beta.
@@ -163,6 +171,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
     amp = sweeps.amplification(nets, x, adv)
     acc = {k: sweeps.accuracy_vs_bits(net, (x, y), threat, params.bits, act_only=True) for k, net in nets.items()}
     lip = sweeps.lipschitz_table(nets, x, adv)
+    eps_curve = {k: sweeps.accuracy_vs_eps(net, (x, y), threat, list(params.eps_curve)) for k, net in nets.items()} \
+        if params.eps_curve else {}
     if params.sweep_models:
         log("amplification, accuracy against bits and Lipschitz estimates done; the beta sweep from "
             f"{len(params.sweep_models)} trained models")
@@ -191,6 +201,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
         "precision": precision,
         "amplification": amp,
         "accuracy_vs_bits": acc,
+        "accuracy_vs_eps": eps_curve,
         "lipschitz": lip,
         "beta_sweep": beta_rows,
         "beta_source": "models" if params.sweep_models else "live",
@@ -230,6 +241,29 @@ def plot_amplification(results: dict):
     a2.set(xlabel="activation bits (weights FP)", ylabel="accuracy (%)", ylim=(0, 100),
            title=f"accuracy against activation bits, n={results['n_examples']}")
     a2.legend(fontsize=7, ncol=2)
+    return common.finish(fig, results)
+
+
+def plot_eps(results: dict):
+    """Robust accuracy against eps of the three models at their stored precisions (clean
+    accuracy dashed), the run's eps marked; None when the run had no eps_curve."""
+    curve = results.get("accuracy_vs_eps") or {}
+    if not curve:
+        return None
+    plt = require("matplotlib.pyplot", "notebooks")
+
+    t = results["threat"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for i, (k, rows) in enumerate(curve.items()):
+        eps = [r["eps"] for r in rows]
+        ax.plot(eps, [100 * r["robust_accuracy"] for r in rows], "o-", color=f"C{i}",
+                label=f"{k} ({results['precision'][k]})")
+        ax.axhline(100 * rows[0]["clean_accuracy"], color=f"C{i}", ls="--", lw=0.8, alpha=0.5)
+    ax.axvline(t["eps"], color="gray", ls=":", lw=1, label=f"this run's eps {t['eps']:g}")
+    ax.set(xlabel="eps (linf)", ylabel="robust accuracy (%)", ylim=(0, 100),
+           title=f"robust accuracy against eps, {t['attack']}-{t['steps']}, n={results['n_examples']} "
+                 "(clean dashed)")
+    ax.legend(fontsize=8)
     return common.finish(fig, results)
 
 
@@ -312,5 +346,5 @@ def explorer(params: Params, inputs: common.Inputs, results: Results):
                                  "{k} examples")
 
 
-__all__ = ["Params", "load_inputs", "run", "trained_beta", "sweep_of_models", "plot_amplification", "plot_lipschitz", "plot_beta", "reading",
+__all__ = ["Params", "load_inputs", "run", "trained_beta", "sweep_of_models", "plot_amplification", "plot_eps", "plot_lipschitz", "plot_beta", "reading",
            "beta_reading", "explorer", "write_results", "LIVE_POLICY", "CLAIM_BITS"]
