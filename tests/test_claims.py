@@ -85,6 +85,15 @@ def test_readings_give_the_intervals_the_claims_use():
     assert dq["gain"] == pytest.approx(0.2) and dq["ci95"] == pytest.approx([0.2 - h, 0.2 + h])
     assert dq["amplification_logits"] == {"DQ": 0.3, "vanilla": 0.5}
     assert readings.dq_comparison({"DQ": [], "vanilla": []}, {}, 10, bits=4) is None   # bits not measured
+    assert dq["paired"] is False
+    # rows with per-example outcomes on the same examples pair: DQ right wherever vanilla is, and on 2 more of 10
+    acc = {"DQ": [{"bits": 4, "clean_accuracy": 0.8, "robust_accuracy": 0.5, "robust_per_example": [1] * 5 + [0] * 5}],
+           "vanilla": [{"bits": 4, "clean_accuracy": 0.8, "robust_accuracy": 0.3,
+                        "robust_per_example": [1] * 3 + [0] * 7}]}
+    amp = {k: {"layers": ["logits"], "amplification": [0.5]} for k in acc}
+    paired = readings.dq_comparison(acc, amp, 10, bits=4)
+    assert paired["paired"] is True and paired["gain"] == pytest.approx(0.2) and paired["n"] == 10
+    assert paired["ci95"][1] - paired["ci95"][0] < 2 * diff_half_width(0.5, 0.3, 10)
 
     same = double_win_results(0.3, 0.5, 200)["same_model"]["RPI+RPT"]
     assert (same["random_strongest"], same["fixed_strongest"]) == ("eot_pgd", "eot_pgd")  # the lower of each

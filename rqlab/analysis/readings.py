@@ -201,16 +201,24 @@ def dq_comparison(acc: dict, amp: dict, n: int, bits: int, dq: str = "DQ", vanil
     """DQ against vanilla quantization at `bits` activation bits (Defensive Quantization's
     claim): robust accuracy difference with its 95% interval, and the error amplification
     at the logits of both. acc: {label: `sweeps.accuracy_vs_bits` rows}; amp:
-    `sweeps.amplification` output. None when `bits` was not measured."""
+    `sweeps.amplification` output. Rows with robust_per_example (the same test examples)
+    are paired (`stats.paired_difference`, "paired": True); without them (older results) the
+    interval is that of two independent accuracies. None when `bits` was not measured."""
     row = lambda label: next((r for r in acc[label] if r["bits"] == bits), None)  # noqa: E731
     a, b = row(dq), row(vanilla)
     if a is None or b is None:
         return None
-    d = difference(a["robust_accuracy"], b["robust_accuracy"], n)
+    pa, pb = a.get("robust_per_example"), b.get("robust_per_example")
+    paired = bool(pa) and bool(pb) and len(pa) == len(pb)
+    if paired:
+        gain, ci95 = paired_difference(pa, pb)
+        d = {"difference": gain, "ci95": list(ci95), "n": len(pa)}
+    else:
+        d = difference(a["robust_accuracy"], b["robust_accuracy"], n)
     return {"bits": bits, "dq": a["robust_accuracy"], "vanilla": b["robust_accuracy"],
             "dq_clean": a["clean_accuracy"], "vanilla_clean": b["clean_accuracy"], "gain": d["difference"],
-            "ci95": d["ci95"], "n": d["n"], "amplification_logits": {dq: amp[dq]["amplification"][-1],
-                                                                     vanilla: amp[vanilla]["amplification"][-1]}}
+            "ci95": d["ci95"], "n": d["n"], "paired": paired,
+            "amplification_logits": {dq: amp[dq]["amplification"][-1], vanilla: amp[vanilla]["amplification"][-1]}}
 
 
 # ---- 03: allocations against budget -------------------------------------------------------

@@ -45,14 +45,16 @@ def accuracy_vs_bits(model: nn.Module, data, threat: ThreatModel, bits, act_only
 
     act_only: vary only the activation bits (Fixed(32, act_bits=b)); else weights and
     inputs (Fixed(b)). The model needs activation ranges for every b in 2..16 used.
-    Returns one row per b: bits, policy, clean/robust accuracy and 95% intervals, n.
+    Returns one row per b: bits, policy, clean/robust accuracy and 95% intervals, n, and
+    robust_per_example (`Record.robust_scores`: two models' rows on the same data pair
+    example by example, `readings.dq_comparison`).
     """
     bits = check_bits_set(bits, "bits")
     rows = []
     for b in bits:
         p = precision(b, act_only)
         rec = evaluate(model, data, threat, policy=p, n=n, batch_size=batch_size, seed=seed, progress=progress)
-        rows.append(_row(rec, bits=b, policy=str(p)))
+        rows.append(_row(rec, bits=b, policy=str(p), robust_per_example=rec.robust_scores()))
     return rows
 
 

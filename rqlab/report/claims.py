@@ -69,7 +69,8 @@ def _dq(res: dict) -> dict:
             "figure": f"DQ {pct(c['dq'])} vs vanilla {pct(c['vanilla'])} robust accuracy at a{c['bits']}{at}: "
                       f"{pts(c['gain'])}",
             "reason": f"At {c['bits']}-bit activations{at} DQ's robust accuracy minus vanilla quantization's is "
-                      f"{pts(c['gain'])}, 95% interval {interval(c['ci95'])} (n = {c['n']}); the relative error at "
+                      f"{pts(c['gain'])}, 95% interval {interval(c['ci95'])} (n = {c['n']}"
+                      f"{', paired on the same examples' if c.get('paired') else ''}); the relative error at "
                       f"the logits is {amp['DQ']:.3f} for DQ and {amp['vanilla']:.3f} for vanilla "
                       f"({'lower' if lower else 'not lower'} for DQ)." + sweep_text,
             "details": {"bits": c["bits"], "dq": c["dq"], "vanilla": c["vanilla"], "dq_clean": c["dq_clean"],
