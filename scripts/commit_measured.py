@@ -1,7 +1,8 @@
-"""Commit each zoo card whose standard-protocol headline `rqlab zoo measure` has written and
-that passes `zoo.standard_problems` (reference budget, the recipe's n, the card's weights and
-precision, no higher than any attack or the card's PGD-20, its record agreeing): the card
-and its record, alone, one commit per model. A card that fails is left uncommitted, the
+"""Commit each zoo card whose standard-protocol entries `rqlab zoo measure` has written (the
+headline, and those at other eps) and that passes `zoo.standard_problems` (reference budget,
+the recipe's n, the card's weights and precision, no higher than any attack or the card's
+PGD-20, each record agreeing): the model's store files, alone, one commit per model (its
+weights too where the training queue has not committed them, after the queue's own checks). A card that fails is left uncommitted, the
 reasons printed for a person to read. The background measuring loop runs it after every
 pass (scripts/background.sh).
 
@@ -18,17 +19,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rqlab import zoo  # noqa: E402
-from zoo_queue import git  # noqa: E402  (retries while another git command holds the index lock)
+from zoo_queue import changed, check, git, store_files  # noqa: E402  (git retries while another git command holds the index lock)
 
 
 def pending(name: str) -> list[str]:
-    """The store files of `name`'s measurements (the headline's and those at other eps) when
-    git sees one of them changed or new."""
-    c = zoo.card(name)
-    files = [f"rqlab/zoo/store/{name}.json"] + [f"rqlab/zoo/store/{s['record']}"
-                                                 for s in zoo.standard_entries(c).values()]
-    changed = git("status", "--porcelain", "--", *files).stdout.strip()
-    return files if changed else []
+    """Every store file of `name` (weights, card, records) when git sees one of them changed
+    or new, else []: a model is committed whole, so that a committed card never names
+    weights or records that are not committed."""
+    files = store_files(name)
+    return files if changed(*files) else []
+
+
+def problems(name: str) -> list[str]:
+    """Why `name`'s pending files are not ones to commit: its standard-protocol entries'
+    checks, and, where its weights are not committed yet (a full-budget model the queue
+    built), the queue's own (`zoo_queue.check`)."""
+    weights = f"rqlab/zoo/store/{name}.pt"
+    return check(name) if changed(weights) else zoo.standard_problems(name)
 
 
 def message(name: str) -> str:
@@ -50,9 +57,9 @@ def main(argv=None) -> int:
     for name in zoo.names(trained_only=True):
         if "standard" not in zoo.card(name) or not (files := pending(name)):
             continue
-        problems = zoo.standard_problems(name)
-        if problems:
-            print(f"{name}: NOT committed: {'; '.join(problems)}", flush=True)
+        why = problems(name)
+        if why:
+            print(f"{name}: NOT committed: {'; '.join(why)}", flush=True)
             continue
         if args.dry_run:
             print(f"{name}: would commit {', '.join(files)}: {message(name)}")

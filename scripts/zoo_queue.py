@@ -42,8 +42,21 @@ LOCKS = ROOT / "runs" / "zoo" / ".locks"  # one lock file per model: a model tra
 
 
 def check(name: str) -> list[str]:
-    """Why the built model `name` should not be committed ([] = it is sane)."""
-    return zoo.full_budget_problems(name)
+    """Why the built model `name` should not be committed ([] = it is sane): the full-budget
+    checks, and those of the standard-protocol entries its card holds (the measuring loop
+    may have measured it since it was built; scripts/commit_measured.py asks the same)."""
+    return zoo.full_budget_problems(name) + zoo.standard_problems(name)
+
+
+def store_files(name: str) -> list[str]:
+    """Every store file of model `name` (weights, card, standard-protocol records), relative to
+    the repository; not a stopped measurement's .progress."""
+    return [str(p.relative_to(ROOT)) for p in sorted(zoo.STORE.glob(f"{name}.*")) if not p.name.endswith(".progress")]
+
+
+def changed(*files: str) -> bool:
+    """Whether git sees one of `files` changed or new."""
+    return bool(git("status", "--porcelain", "--", *files).stdout.strip())
 
 
 def git(*args: str) -> subprocess.CompletedProcess:
@@ -56,7 +69,7 @@ def git(*args: str) -> subprocess.CompletedProcess:
 
 
 def commit(name: str) -> None:
-    files = [str(p.relative_to(ROOT)) for p in sorted(zoo.STORE.glob(f"{name}.*")) if not p.name.endswith(".progress")]
+    files = store_files(name)
     c = zoo.card(name)
     first = c["eval"][0]
     msg = (f"zoo: {name} trained at full budget ({c['epochs']} epochs, {c['training_time_s'] / 3600:.1f} h on "
@@ -101,7 +114,7 @@ def main(argv=None) -> int:
             problems = check(n)
             if problems:
                 print(f"{n}: NOT committed: {'; '.join(problems)}", flush=True)
-            elif not args.no_commit and git("status", "--porcelain", "--", f"rqlab/zoo/store/{n}.*").stdout.strip():
+            elif not args.no_commit and changed(*store_files(n)):
                 commit(n)
     return 0
 
