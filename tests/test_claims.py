@@ -546,3 +546,28 @@ def test_the_dq_claim_reads_the_small_eps_run(tmp_path):
     rows = [r for r in rows if r["run_id"] == "e1"]  # without that run: the default one
     a = next(r for r in C.claims_table(tmp_path, rows) if r["id"] == "a")
     assert a["run_id"] == "e1" and "eps 0.1" in a["figure"]
+
+
+def test_claims_table_headlines_the_standard_protocol_where_measured(tmp_path):
+    """A claim whose standard-protocol comparison (marked headline) is measured takes its
+    figure, interval and verdict from it, the notebook's figure kept in the reason; a verdict
+    forced by ODG-Q's epoch time stands; unmeasured or non-headline rows change nothing."""
+    rows = make_report(tmp_path, {
+        ("02", "02_lipschitz_error_amplification", ()): dq_results(0.6, 0.4, 200),
+        ("04", "04_odgq_training_curves", ()): odgq_results(0.5, 0.1, 3.0)})   # 3x natural: not cheap
+    std = lambda id, value, ci, headline=True: {"id": id, "headline": headline, "value": value, "ci95": ci,  # noqa: E731
+                                                "n": 500, "eps": 0.03 if id == "a" else None, "better": "x",
+                                                "worse": "y", "verdict": C.verdict(ci), "reason": "paired."}
+    plain = {r["id"]: r for r in C.claims_table(tmp_path, rows)}
+    assert plain["a"]["source"] == "notebook" and plain["a"]["verdict"] == "reproduced"
+    standard = [std("a", 0.9, [0.8, 1.0], headline=False), std("a", -0.05, [-0.08, -0.02]),
+                std("d", 0.3, [0.2, 0.4])]
+    by = {r["id"]: r for r in C.claims_table(tmp_path, rows, standard)}
+    a = by["a"]
+    assert (a["source"], a["value"], a["ci95"], a["n"], a["verdict"]) == ("standard", -0.05, [-0.08, -0.02], 500,
+                                                                          "not reproduced")
+    assert "eps 0.03" in a["figure"] and "+20.0 points" in a["reason"] and "reproduced" in a["reason"]
+    assert by["d"]["source"] == "standard" and by["d"]["verdict"] == "not reproduced"   # the epoch time
+    assert by["b"]["source"] is None and by["b"]["verdict"] == "not run"
+    unmeasured = [{**std("a", 0.1, [0.0, 0.2]), "value": None}]
+    assert C.claims_table(tmp_path, rows, unmeasured)[0]["source"] == "notebook"

@@ -144,7 +144,8 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
             "zoo": zoo_rows,  # the cards' headline figures (standard protocol), measured by `rqlab zoo measure`
             "standard_claims": standard_rows,
         }
-        summary["claims"] = claims_table(out, rows)  # the papers' claims against the runs' results (claims.py)
+        # the papers' claims against the runs' results, the standard protocol's figure where measured (claims.py)
+        summary["claims"] = claims_table(out, rows, standard_rows)
         save_json(out / "summary.json", summary)
         atomic_write_bytes(out / "index.html", index_html(summary).encode())
         return summary

@@ -243,13 +243,39 @@ def claim_row(claim: Claim, out, run: dict | None) -> dict:
         return row
     row.update({k: got[k] for k in ("value", "ci95", "n", "figure", "reason", "details")})
     row["verdict"] = got.get("verdict") or verdict(got["ci95"])
+    row["condition_failed"] = got.get("verdict") is not None   # e.g. ODG-Q's epoch time: not a matter of interval
     return row
 
 
-def claims_table(out, runs: list[dict]) -> list[dict]:
+def with_standard(row: dict, standard_rows) -> dict:
+    """The claims-table row `row` with the standard protocol's figure where one is measured:
+    the comparison of `standard_rows` (summary.json "standard_claims", standard.py) marked
+    as this claim's headline gives the figure, interval, n and verdict (a headline is the
+    standard protocol's, not the notebook's single attack); the notebook's figure stays in
+    the reason. A verdict the notebook forced by a condition other than the interval (ODG-Q's
+    epoch time) stands. Rows whose run is missing or failed (no figure: the claim's other
+    conditions unread), or without a measured headline comparison, are returned as they are."""
+    s = next((r for r in standard_rows or () if r["id"] == row["id"] and r.get("headline") and r["value"] is not None),
+             None)
+    if s is None or row["value"] is None:
+        return {**row, "source": "notebook" if row["value"] is not None else None}
+    eps = f" at eps {s['eps']:g}" if s.get("eps") is not None else ""
+    notebook = (f" The notebook ({row['run_id']}, its own attack): {row['figure']}, 95% interval "
+                f"{interval(row['ci95'])}, {row['verdict']}.")
+    forced = row["verdict"] if row.get("condition_failed") else None
+    return {**row, "value": s["value"], "ci95": s["ci95"], "n": s["n"], "source": "standard",
+            "verdict": forced or s["verdict"],
+            "figure": f"{s['better']} minus {s['worse']}{eps}, standard protocol: {pts(s['value'])}",
+            "reason": f"Under the standard protocol (the zoo cards' records, paired): {s['reason']}" + notebook
+                      + (f" {row['reason']}" if forced else "")}
+
+
+def claims_table(out, runs: list[dict], standard_rows=()) -> list[dict]:
     """The claims table of a report in folder `out` whose runs are `runs` (summary.json's
-    "runs" rows): one row per claim of CLAIMS, in that order."""
-    return [claim_row(c, out, _pick(c, runs)) for c in CLAIMS]
+    "runs" rows): one row per claim of CLAIMS, in that order; where `standard_rows`
+    (summary.json "standard_claims") hold a measured headline comparison for a claim, its
+    figure and verdict are the standard protocol's (`with_standard`)."""
+    return [with_standard(claim_row(c, out, _pick(c, runs)), standard_rows) for c in CLAIMS]
 
 
-__all__ = ["VERDICTS", "CLAIMS", "Claim", "verdict", "claim_row", "claims_table"]
+__all__ = ["VERDICTS", "CLAIMS", "Claim", "verdict", "claim_row", "with_standard", "claims_table"]
