@@ -14,7 +14,11 @@ paired 95% interval (`stats.paired_difference`), with the claims' verdict rule
 (claims.verdict). Each comparison reads the full-budget models (issue 14) once both are
 measured, else its -small pair where that pair is a fair one (same training budget), else
 it is "not run" with what is missing. A flagged record (e.g. Square beating the
-white-box attacks) makes the figure an upper bound: the row says so.
+white-box attacks) makes the figure an upper bound: the row says so. Claim (a) is paired
+twice: at the cards' eps (0.1, where every full-budget natural model is at 0%) and at
+zoo.SMALL_EPS (the cards' records there, `rqlab zoo measure` for Recipe.extra_eps). One
+comparison per claim is its `headline`: the claims table's figure where it is measured
+(claims.with_standard).
 """
 from __future__ import annotations
 
