@@ -2,9 +2,9 @@
 headline, and those at other eps) and that passes `zoo.standard_problems` (reference budget,
 the recipe's n, the card's weights and precision, no higher than any attack or the card's
 PGD-20, each record agreeing): the model's store files, alone, one commit per model (its
-weights too where the training queue has not committed them, after the queue's own checks). A card that fails is left uncommitted, the
-reasons printed for a person to read. The background measuring loop runs it after every
-pass (scripts/background.sh).
+weights too where the training queue has not committed them, after the queue's own
+checks). A card that fails is left uncommitted, the reasons printed for a person to read.
+The background measuring loop runs it after every pass (scripts/background.sh).
 
     .venv/bin/python scripts/commit_measured.py            # commit what is measured and sane
     .venv/bin/python scripts/commit_measured.py --dry-run  # say what it would commit
@@ -39,15 +39,14 @@ def problems(name: str) -> list[str]:
 
 
 def message(name: str) -> str:
-    parts = []
-    for eps, s in zoo.standard_entries(zoo.card(name)).items():
+    c, parts = zoo.card(name), []
+    for eps, s in zoo.standard_entries(c).items():
         lo, hi = s["robust_ci95"]
         flags = f", flagged: {'; '.join(s['unreliable'])}" if s["unreliable"] else ""
         at = "" if eps is None else f"at eps {eps:g} "
         parts.append(f"{at}{100 * s['robust_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (strongest "
                      f"{s['strongest']}{flags}; {s['wall_time_s'] / 60:.0f} min on {s['device']})")
-    n = zoo.card(name)["standard"]["n"]
-    return f"zoo: {name} under the standard protocol on {n} images: " + "; ".join(parts)
+    return f"zoo: {name} under the standard protocol on {c['standard']['n']} images: " + "; ".join(parts)
 
 
 def main(argv=None) -> int:
