@@ -39,7 +39,7 @@ class Params(common.StudyParams):
     """
 
     dataset: str = "fashion-mnist"
-    model: object = ("fmnist-fp-natural-small", "fmnist-fp-pgd7-small", "fmnist-q8-pgd7-small")
+    model: object = ("fmnist-fp-natural", "fmnist-fp-pgd7", "fmnist-q8-pgd7")
     bits: tuple = (8,)
     attack: str = "pgd"
     eps: float = 0.1
