@@ -327,6 +327,29 @@ def test_findings_page_adds_claim_b_under_the_standard_protocol(tmp_path):
     assert md.read_text() == text  # a failed run leaves the page as it was
 
 
+def test_findings_page_shows_the_zoo_training_curves(tmp_path, monkeypatch):
+    from rqlab import zoo
+    from rqlab.report import findings, zoo_curves
+
+    out = tmp_path / "reports" / "out"
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps(summary_of(out, full_report(out))))
+    pgd = [0.6, 0.7, 0.7, 0.71, 0.71]                      # +1.0 point over the last 3 epochs
+    rows = [{"epoch": e, "clean_accuracy": 0.8, "robust_accuracy": r} for e, r in enumerate(pgd, 1)]
+    fake = {"fmnist-fp-pgd7": {"history": rows, "status": "built", "epochs": 5, "device": "cpu (X, 1 thread)",
+                               "plateau": zoo.plateau(rows, tol=zoo.FULL_PLATEAU_TOL)}}
+    monkeypatch.setattr(zoo_curves, "zoo_curves", lambda names=None, runs=None: fake)   # the cards, as drawn
+    (tmp_path / "docs").mkdir()
+    md, fig = tmp_path / "docs" / "findings.md", tmp_path / "docs" / "zoo_curves.png"
+    assert findings.main([str(out / "summary.json"), str(md), "--curves", str(fig)]) == 0
+    text = md.read_text()
+    section = text[text.index("## The zoo's training curves"):text.index(findings.NOTES.splitlines()[0])]
+    assert "![held-out training curves of the full-budget zoo](zoo_curves.png)" in section   # relative to the page
+    assert "fmnist-fp-pgd7 +1.0" in section and fig.read_bytes()[:4] == b"\x89PNG"
+    assert findings.main([str(out / "summary.json"), str(md), "--curves", str(tmp_path / "c.txt")]) == 2
+    assert md.read_text() == text and not (tmp_path / "c.txt").exists()
+
+
 # ---- the default grid ---------------------------------------------------------------------------
 
 # Parameters that only choose what a run highlights, with what the run computes instead:

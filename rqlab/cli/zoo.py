@@ -6,6 +6,7 @@
     rqlab zoo build fmnist-q4-pgd7-small --force
     rqlab zoo audit                     # re-run every card's sanity audit (weights untouched)
     rqlab zoo measure                   # every card's headline: the standard protocol on 500 examples
+    rqlab zoo curves --out curves.png   # the full-budget models' held-out curves (and those training)
 """
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ def add_cli(subparsers) -> None:
                    help="the model in NHWC memory format (faster on CPUs too; recorded in the card)")
     add_standard_flags(m)
     m.set_defaults(run=run_measure)
+    c = actions.add_parser("curves", help="plot the held-out training curves of the full-budget models",
+                           description="Held-out clean and PGD-20 accuracy per epoch of each built full-budget "
+                                       "model (each one's gain over its last 3 epochs in the legend: the plateau "
+                                       "check of issue 14), and, dashed, of the models training in --runs.")
+    c.add_argument("names", nargs="*", help="zoo models (default: every full-budget recipe)")
+    c.add_argument("--out", required=True, help="the figure to write (.png, .svg or .pdf)")
+    c.add_argument("--runs", default=None,
+                   help="also draw models still training there (default: the zoo's runs folder, runs/zoo)")
+    c.add_argument("--built-only", action="store_true", help="draw only the built models (the docs' figure)")
+    c.set_defaults(run=run_curves)
 
 
 def add_standard_flags(p) -> None:
@@ -101,6 +112,21 @@ def run_measure(args) -> int:
 
     zoo.measure_many(args.names, n=args.standard_n, device=args.device, options=standard_options(args),
                      force=args.force, progress=not args.no_progress, channels_last=args.channels_last)
+    return 0
+
+
+def run_curves(args) -> int:
+    from .. import zoo
+    from ..report import zoo_curves
+
+    curves = zoo_curves.zoo_curves(args.names or None, runs=None if args.built_only else args.runs or zoo.RUNS)
+    out = zoo_curves.write_figure(curves, args.out)
+    for name, c in curves.items():
+        p = c["plateau"]
+        gain = "-" if p["gain"] is None else f"{100 * p['gain']:+.1f} pts"
+        print(f"{name}: {c['status']}, {len(c['history'])}/{c['epochs']} epochs, {p['key']} over the last "
+              f"{p['window']}: {gain}{'' if p['plateaued'] or c['status'] == 'training' else ' (not plateaued)'}")
+    print(f"wrote {out}")
     return 0
 
 

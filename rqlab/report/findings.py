@@ -4,7 +4,7 @@ figures, interval and reason), the zoo's headline table, the machine and the rep
 profile and commit. Every number comes from summary.json; the text around them is fixed.
 
     python -m rqlab.report.findings reports/out/summary.json docs/findings.md \
-        --standard-b docs/findings/b_standard.json
+        --standard-b docs/findings/b_standard.json --curves docs/zoo_curves.png
 
 `--standard-b`: claim (b) again at full strength, from `scripts/findings.py --section B`
 (the standard protocol on the card's test images, each random-precision model against the
@@ -24,6 +24,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write_bytes
 from ..machine import devices_line
 from ..validate import RqlabError
+from ..zoo import FULL_PLATEAU_TOL
 from .batch import SUMMARY_FORMAT
 from .claims import verdict
 
@@ -219,15 +220,38 @@ def _read_json(path: Path, field: str, hint: str) -> dict:
         raise RqlabError(f"{field}={path} is not JSON: {e}") from e
 
 
-def write_findings(summary_path, md_path, standard_b=None) -> Path:
+def curves_markdown(figure: Path, page_dir: Path, curves: dict) -> str:
+    """The zoo's training curves (`rqlab.report.zoo_curves`, drawn into `figure`): the
+    figure, and each built model's gain over its last epochs (the plateau check)."""
+    rel = os.path.relpath(figure.resolve(), page_dir.resolve())
+    gains = ", ".join(f"{n} {100 * c['plateau']['gain']:+.1f}" for n, c in curves.items()
+                      if c["plateau"]["gain"] is not None)
+    return "\n".join(["## The zoo's training curves", "",
+                      "Held-out clean and PGD-20 accuracy per epoch of the full-budget models, from their cards; "
+                      "a model is committed once its judged curve (clean for natural and DQ training, PGD-20 for "
+                      f"adversarial) gains at most {100 * FULL_PLATEAU_TOL:.0f} points over its last 3 epochs. "
+                      f"Gains in points: {gains or 'none built'}. "
+                      f"Redraw: `rqlab zoo curves --built-only --out {figure.as_posix()}`.", "",
+                      f"![held-out training curves of the full-budget zoo]({Path(rel).as_posix()})"])
+
+
+def write_findings(summary_path, md_path, standard_b=None, curves=None) -> Path:
     """Read OUT/summary.json (and `standard_b`, a b_standard.json, if given), write the
-    findings page (atomically); links to the runs are relative to the page's folder."""
+    findings page (atomically); links to the runs are relative to the page's folder.
+    curves: a figure path (.png/.svg) to draw the full-budget zoo's training curves into
+    (from the cards), shown after the zoo's table."""
+    from . import zoo_curves
+
     summary_path, md_path = Path(summary_path), Path(md_path)
     summary = _read_json(summary_path, "summary", "run `rqlab report` first")
     extra = standard_b_markdown(_read_json(Path(standard_b), "standard_b",
                                            "run `scripts/findings.py --section B` first")) if standard_b else None
     links = os.path.relpath(summary_path.resolve().parent, md_path.resolve().parent)
     text = findings_markdown(summary, links_from=links)
+    if curves:
+        drawn = zoo_curves.zoo_curves()
+        figure = zoo_curves.write_figure(drawn, curves)
+        extra = "\n\n".join(s for s in (extra, curves_markdown(figure, md_path.parent, drawn)) if s)
     if extra:
         head, sep, notes = text.rpartition("\n" + NOTES)
         text = head + "\n" + extra + "\n" + sep + notes if sep else text + "\n\n" + extra
@@ -242,9 +266,12 @@ def main(argv=None) -> int:
     p.add_argument("--standard-b", metavar="PATH", default=None,
                    help="docs/findings/b_standard.json (scripts/findings.py --section B): claim (b) under the "
                         "standard protocol, as a section of its own")
+    p.add_argument("--curves", metavar="PATH", default=None,
+                   help="draw the full-budget zoo's training curves into PATH (e.g. docs/zoo_curves.png) and "
+                        "show them on the page")
     args = p.parse_args(argv)
     try:
-        path = write_findings(args.summary, args.markdown, standard_b=args.standard_b)
+        path = write_findings(args.summary, args.markdown, standard_b=args.standard_b, curves=args.curves)
     except RqlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -256,4 +283,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 __all__ = ["NOTES", "findings_markdown", "standard_claims_markdown", "standard_b_markdown", "zoo_markdown",
-           "write_findings", "main"]
+           "curves_markdown", "write_findings", "main"]
