@@ -13,7 +13,8 @@
 #     once: it resumes from its finished batches and writes docs/findings/b_standard.json).
 #
 #   scripts/background.sh            start the queue and the loop (a job already running is
-#                                    left alone); NO_COMMIT=1 before it: commit nothing
+#                                    left alone); NO_COMMIT=1 before it: commit nothing;
+#                                    WORKERS=1 before it: one training worker, not two
 #   scripts/background.sh start JOB...  start only those of: train, measure, findings
 #   scripts/background.sh status     what runs, and the last lines of each log
 #   scripts/background.sh pause      SIGSTOP both (e.g. while the test suite runs: it is
@@ -54,8 +55,12 @@ case "${1:-start}" in
     if [ -n "${NO_COMMIT:-}" ]; then nocommit="--no-commit"; commit="scripts/commit_measured.py --dry-run"; fi
     launch train "$QUEUE --threads 1 --worker 1" "training queue (worker 1)" runs/zoo_queue.log \
       nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 1 $nocommit
-    launch train "$QUEUE --threads 1 --worker 2" "training queue (worker 2)" runs/zoo_queue2.log \
-      nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 2 $nocommit
+    # WORKERS=1: one training worker, leaving a core to the measuring loop (whose standard
+    # protocol otherwise halves both workers' speed: three processes on two cores)
+    if [ "${WORKERS:-2}" != 1 ]; then
+      launch train "$QUEUE --threads 1 --worker 2" "training queue (worker 2)" runs/zoo_queue2.log \
+        nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 2 $nocommit
+    fi
     # exec -a names the loop's shell, so that status, pause and stop find it
     launch measure "$LOOP" "measuring loop" runs/measure/loop.log \
       bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress --channels-last; .venv/bin/python $commit; sleep 600; done'"
