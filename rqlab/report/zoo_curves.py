@@ -90,7 +90,6 @@ def curves_figure(curves: dict):
     legend_h = 0.3 + 0.19 * rows                      # inches under the panels for the legends
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.4 + legend_h))
     bottom = legend_h / (4.4 + legend_h)
-    groups = {"clean_accuracy": (axes[0],), "robust_accuracy": (axes[1], axes[2])}
     count = {"clean_accuracy": 0, "robust_accuracy": 0}
     for name, c in curves.items():
         key = c["plateau"]["key"]
@@ -99,8 +98,7 @@ def curves_figure(curves: dict):
         style = dict(color=f"C{i % 10}", marker="o" if i < 10 else "s", markersize=3,
                      linestyle="--" if c["status"] == "training" else "-")
         epochs = [r["epoch"] for r in c["history"]]
-        first = groups[key][0]
-        first.plot(epochs, [100 * r["clean_accuracy"] for r in c["history"]], label=_label(name, c), **style)
+        (axes[0] if key == "clean_accuracy" else axes[1]).plot(epochs, [100 * r["clean_accuracy"] for r in c["history"]], label=_label(name, c), **style)
         if key == "robust_accuracy":
             axes[2].plot(epochs, [100 * r["robust_accuracy"] for r in c["history"]], **style)
     axes[0].set(title="natural / DQ training: held-out clean accuracy")
@@ -125,9 +123,10 @@ def curves_figure(curves: dict):
 
 
 def write_figure(curves: dict, out: str | Path) -> Path:
-    """Draw `curves` and save the figure to `out` (PNG or SVG by its suffix), atomically."""
-    from ..checkpoint import atomic_write_bytes
+    """Draw `curves` and save the figure to `out` (PNG, SVG or PDF by its suffix), atomically."""
     import io
+
+    from ..checkpoint import atomic_write_bytes
 
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower()
