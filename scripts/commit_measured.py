@@ -1,5 +1,5 @@
 """Commit each zoo card whose standard-protocol entries `rqlab zoo measure` has written (the
-headline, and those at other eps) and that passes `zoo.standard_problems` (reference budget,
+headline, and those at other eps or precisions) and that passes `zoo.standard_problems` (reference budget,
 the recipe's n, the card's weights and precision, no higher than any attack or the card's
 PGD-20, each record agreeing): the model's store files, alone, one commit per model (its
 weights too where the training queue has not committed them, after the queue's own
@@ -40,10 +40,11 @@ def problems(name: str) -> list[str]:
 
 def message(name: str) -> str:
     c, parts = zoo.card(name), []
-    for eps, s in zoo.standard_entries(c).items():
+    entries = [("" if eps is None else f"at eps {eps:g} ", s) for eps, s in zoo.standard_entries(c).items()]
+    entries += [(f"at precision {p} ", s) for p, s in zoo.standard_precisions(c).items()]
+    for at, s in entries:
         lo, hi = s["robust_ci95"]
         flags = f", flagged: {'; '.join(s['unreliable'])}" if s["unreliable"] else ""
-        at = "" if eps is None else f"at eps {eps:g} "
         parts.append(f"{at}{100 * s['robust_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (strongest "
                      f"{s['strongest']}{flags}; {s['wall_time_s'] / 60:.0f} min on {s['device']})")
     return f"zoo: {name} under the standard protocol on {c['standard']['n']} images: " + "; ".join(parts)

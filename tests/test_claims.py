@@ -511,7 +511,8 @@ def test_standard_claims_prefer_full_budget_pair_only_when_fair_fallback(monkeyp
             "fmnist-dq-natural-small": fake_record("dq-small", zeros), "fmnist-a4-natural-small": fake_record("a4", ones),
             "fmnist-odgq-q4-small": fake_record("o", [1, 0] * 4), "fmnist-q4-natural-small": fake_record("n", [0, 1] * 4),
             "fmnist-fp-natural-small": fake_record("fp", ones)}
-    monkeypatch.setattr(zoo, "standard_record", lambda name, eps=None: recs.get(name if eps is None else (name, eps)))
+    monkeypatch.setattr(zoo, "standard_record", lambda name, eps=None, precision=None: recs.get(
+        (name, precision) if precision else name if eps is None else (name, eps)))
     rows = S.standard_claims()
     row = lambda start: next(r for r in rows if r["text"].startswith(start))  # noqa: E731
     dq = row("DQ (beta 3e-3)")
@@ -537,6 +538,26 @@ def test_standard_claims_prefer_full_budget_pair_only_when_fair_fallback(monkeyp
     at = S.standard_claims()[len(S._A)]
     assert at["text"].endswith(f"at eps {zoo.SMALL_EPS:g}") and (at["value"], at["n"]) == (0.5, 4)
     assert at["better"] == "fmnist-dq-natural" and at["budget"] == "full"
+    # claim (b): a model against itself at another precision of its card (full budget only)
+    rpt = row("RPI+RPT")
+    assert rpt["verdict"] == "not run" and rpt["headline"] and "fmnist-rpt-pgd7-small" not in rpt["reason"]
+    assert "fmnist-rpt-pgd7 (not built)" in rpt["reason"] or "fmnist-rpt-pgd7 (not measured)" in rpt["reason"]
+    assert "fmnist-rpt-pgd7 at precision 8 (not" in rpt["reason"]
+    recs.update({"fmnist-rpt-pgd7": fake_record("rpt", [1, 1, 1, 0]), ("fmnist-rpt-pgd7", "8"): fake_record("f", [1, 0, 1, 0]),
+                 ("fmnist-q8-pgd7", "4-8"): fake_record("rpi", [0, 0, 1, 1]), "fmnist-q8-pgd7": fake_record("q8", [0, 0, 1, 1])})
+    rows = S.standard_claims()
+    rpt, rpi = row("RPI+RPT"), row("RPI alone")
+    assert (rpt["better"], rpt["worse"], rpt["worse_at"], rpt["value"], rpt["n"]) == (
+        "fmnist-rpt-pgd7", "fmnist-rpt-pgd7", "8", 0.25, 4)
+    assert set(rpt["robust"]) == {"fmnist-rpt-pgd7", "fmnist-rpt-pgd7 at precision 8"}
+    assert "fmnist-rpt-pgd7 at precision 8 50.0%" in rpt["reason"]
+    assert (rpi["better_at"], rpi["value"], rpi["verdict"]) == ("4-8", 0.0, "inconclusive")
+    from rqlab.report.claims import with_standard
+    table_row = {"id": "b", "value": 0.1, "ci95": [0.0, 0.2], "verdict": "inconclusive", "run_id": "05",
+                 "figure": "RPI+RPT ...", "reason": "notebook"}
+    got = with_standard(table_row, rows)
+    assert got["source"] == "standard" and got["value"] == 0.25
+    assert got["figure"].startswith("fmnist-rpt-pgd7 minus fmnist-rpt-pgd7 at precision 8, standard protocol")
 
 
 def test_standard_claims_in_findings_page_and_index():
@@ -551,6 +572,9 @@ def test_standard_claims_in_findings_page_and_index():
     assert "| context |" in md
     page = _standard_section([row])
     assert 'class="v-reproduced"' in page and "+16.8" in page
+    b = {**row, "id": "b", "better": "rpt", "worse": "rpt", "worse_at": "8"}    # claim (b): one model, two precisions
+    assert "| rpt - rpt at precision 8 |" in standard_claims_markdown([b])
+    assert '<span class="kv">rpt at precision 8</span>' in _standard_section([b])
 
 
 def test_the_dq_claim_reads_the_small_eps_run(tmp_path):

@@ -193,6 +193,46 @@ def test_measure_at_another_eps_keeps_the_headline(tmp_path, monkeypatch):
     assert zoo.card(name) == after
 
 
+def test_measure_at_another_precision_keeps_the_headline(tmp_path, monkeypatch):
+    """`zoo.measure(precision=...)` (claim (b)'s same-model controls) writes
+    card["standard_precision"][spelling] and its own record at that precision (a random one
+    over RANDOM_PASSES passes); the rest of the card is untouched; its checks name the
+    precision; bad spellings, and eps with precision, are refused before any work."""
+    name = "fmnist-q4-natural-small"
+    store_copy(name, tmp_path, monkeypatch)
+    before = zoo.card(name)
+    small = {"n_iter": 2, "n_target_classes": 1, "n_queries": 10}
+    logs = []
+    e = zoo.measure(name, n=8, options=small, progress=False, log=logs.append, precision="8")
+    after = zoo.card(name)
+    assert {k: v for k, v in after.items() if k != "standard_precision"} == before
+    assert after["standard_precision"] == {"8": e} and e["policy"] == {"kind": "fixed", "bits": 8, "act_bits": 8}
+    assert e["passes"] == 1 and e["n"] == 8 and e["record"] == f"{name}.standard-p8.json"
+    assert "at precision 8" in logs[-1] and zoo.standard_precisions(after) == {"8": e}
+    rec = zoo.standard_record(name, precision="8")
+    assert rec["policy"] == e["policy"] and rec.n == 8
+    assert zoo.standard_record(name, precision="4-8") is None
+    assert zoo.measure(name, n=8, options=small, progress=False, log=logs.append, precision="8") == e
+    assert "at precision 8 already measured" in logs[-1]
+    problems = [p for p in zoo.standard_problems(name) if p.startswith("at precision 8: ")]
+    assert any("100 iterations" in p for p in problems) and any("n = 8" in p for p in problems)
+    assert not any("passes" in p for p in problems)
+    for bad, match in (("4-2", "precision: .* not a valid precision"), ("../x", "write a precision as the card does"),
+                       ("nine", "precision: .* is not a precision: use fp")):
+        with pytest.raises(RqlabError, match=match):
+            zoo.measure(name, n=8, precision=bad)
+    with pytest.raises(RqlabError, match="give one of them"):
+        zoo.measure(name, n=8, precision="8", eps=0.03)
+    assert zoo.card(name) == after
+    from rqlab import quant
+    assert zoo._passes(quant.parse_policy("4-8")) == zoo.RANDOM_PASSES and zoo._passes(quant.parse_policy("8")) == 1
+
+
+def test_the_claim_b_controls_are_measured_at_the_other_precision():
+    assert {n: r.extra_precisions for n, r in zoo.RECIPES.items() if r.extra_precisions} == {
+        "fmnist-rpt-pgd7": ("8",), "fmnist-q8-pgd7": ("4-8",)}
+
+
 def test_the_claim_a_recipes_are_measured_at_the_small_eps_too():
     full_a = {"fmnist-fp-natural", "fmnist-a4-natural", "fmnist-dq-natural", "fmnist-dq-natural-beta1e-3",
               "fmnist-dq-natural-beta1e-2"}

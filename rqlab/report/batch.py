@@ -7,7 +7,7 @@ Output (OUT, default reports/out)
                                 resources: inline CSS, images as files or data: URIs.
     summary.json                the same data for machines, "claims": the claims table
                                 (claims.py), which index.html opens with, and
-                                "standard_claims": (a) and (d) from the zoo cards' records
+                                "standard_claims": (a), (b) and (d) from the zoo cards' records
                                 (standard.py), the table after it
     <run-id>/<stem>.ipynb       executed notebook (with the failing cell, if it failed)
     <run-id>/<stem>.html        HTML export (lab template, figures embedded as base64;
@@ -128,7 +128,7 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
     todo = [r for r in runs if r.run_id not in done]
 
     zoo_rows = zoo.headlines()
-    standard_rows = standard_claims()  # claims (a) and (d) from the cards' records (standard.py)
+    standard_rows = standard_claims()  # claims (a), (b) and (d) from the cards' records (standard.py)
 
     def publish(in_progress: bool) -> dict:
         planned = [r.run_id for r in runs]

@@ -43,6 +43,12 @@ def pts(v: float) -> str:
     return f"{100 * v:+.1f} points"
 
 
+def who(name: str, precision: str | None = None) -> str:
+    """A side of a standard-protocol comparison (standard.py): the zoo model, and the
+    precision of its card's record when it is not the card's first (claim (b)'s controls)."""
+    return name if precision is None else f"{name} at precision {precision}"
+
+
 def interval(ci95) -> str:
     return f"[{100 * ci95[0]:+.1f}, {100 * ci95[1]:+.1f}]"
 
@@ -265,7 +271,8 @@ def with_standard(row: dict, standard_rows) -> dict:
     forced = row["verdict"] if row.get("condition_failed") else None
     return {**row, "value": s["value"], "ci95": s["ci95"], "n": s["n"], "source": "standard",
             "verdict": forced or s["verdict"],
-            "figure": f"{s['better']} minus {s['worse']}{eps}, standard protocol: {pts(s['value'])}",
+            "figure": f"{who(s['better'], s.get('better_at'))} minus {who(s['worse'], s.get('worse_at'))}{eps}, "
+                      f"standard protocol: {pts(s['value'])}",
             "reason": f"Under the standard protocol (the zoo cards' records, paired): {s['reason']}" + notebook
                       + (f" {row['reason']}" if forced else "")}
 
@@ -278,4 +285,4 @@ def claims_table(out, runs: list[dict], standard_rows=()) -> list[dict]:
     return [with_standard(claim_row(c, out, _pick(c, runs)), standard_rows) for c in CLAIMS]
 
 
-__all__ = ["VERDICTS", "CLAIMS", "Claim", "verdict", "claim_row", "with_standard", "claims_table"]
+__all__ = ["VERDICTS", "CLAIMS", "Claim", "verdict", "who", "claim_row", "with_standard", "claims_table"]

@@ -26,7 +26,7 @@ from ..machine import devices_line
 from ..validate import RqlabError
 from ..zoo import FULL_PLATEAU_TOL
 from .batch import SUMMARY_FORMAT
-from .claims import verdict
+from .claims import verdict, who
 
 # Explanation that holds whatever the numbers are (methods notes of the hand-written page).
 NOTES = """## How to read these numbers
@@ -154,9 +154,9 @@ def zoo_markdown(zoo: list[dict]) -> str:
 
 
 def standard_claims_markdown(rows: list[dict]) -> str:
-    """Claims (a) and (d) under the standard protocol (summary.json's "standard_claims",
+    """Claims (a), (b) and (d) under the standard protocol (summary.json's "standard_claims",
     rqlab.report.standard): the zoo cards' records paired on the same images."""
-    lines = ["## (a) and (d) at full strength: the standard protocol, paired on the same images", "",
+    lines = ["## (a), (b) and (d) at full strength: the standard protocol, paired on the same images", "",
              "Each zoo card's standard-protocol record (AutoAttack and the adaptive attacks, worst case per example; "
              "`rqlab zoo measure`), paired example by example with the other model's on the same first n test "
              "images; the difference the claim says is positive, its paired 95% interval, and the verdict by the "
@@ -164,7 +164,8 @@ def standard_claims_markdown(rows: list[dict]) -> str:
              "else the -small pair (rqlab/report/standard.py).", "",
              "| | comparison | models | difference [95% CI] | n | verdict | reason |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        models = "-" if r["better"] is None else f"{r['better']} - {r['worse']}"
+        models = "-" if r["better"] is None else (f"{who(r['better'], r.get('better_at'))} - "
+                                                  f"{who(r['worse'], r.get('worse_at'))}")
         diff = "-" if r["value"] is None else (f"{100 * r['value']:+.1f} [{100 * r['ci95'][0]:+.1f}, "
                                               f"{100 * r['ci95'][1]:+.1f}]")
         v = f"**{r['verdict']}**" if r["verdict"] else "context"

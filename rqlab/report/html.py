@@ -6,6 +6,7 @@ import html
 from urllib.parse import quote
 
 from ..machine import devices_line
+from .claims import who
 
 _INDEX_NUMBERS = 12     # key numbers shown per row of index.html (summary.json has all)
 
@@ -194,7 +195,7 @@ the papers' mostly CIFAR-10: compare directions and gaps, not levels.</p>
 
 
 def _standard_section(rows: list[dict]) -> str:
-    """Claims (a) and (d) under the standard protocol: the zoo cards' records paired on the
+    """Claims (a), (b) and (d) under the standard protocol: the zoo cards' records paired on the
     same images (standard.py), one row per comparison, with its verdict (or context)."""
     if not rows:
         return ""
@@ -206,13 +207,14 @@ def _standard_section(rows: list[dict]) -> str:
         diff = "-" if r["value"] is None else (
             f'<b>{100 * r["value"]:+.1f}</b> points<br><span class="small">95% interval [{100 * r["ci95"][0]:+.1f}, '
             f'{100 * r["ci95"][1]:+.1f}], n = {r["n"]}</span>')
-        models = "-" if r["better"] is None else f'<span class="kv">{e(r["better"])}</span> minus ' \
-                                                   f'<span class="kv">{e(r["worse"])}</span>'
+        models = "-" if r["better"] is None else \
+            f'<span class="kv">{e(who(r["better"], r.get("better_at")))}</span> minus ' \
+            f'<span class="kv">{e(who(r["worse"], r.get("worse_at")))}</span>'
         flags = "".join(f'<br><span class="failed small">{e(f)}</span>' for f in r["flags"])
         body.append(f'<tr><td><b>({e(r["id"])})</b> {e(r["text"])}</td><td>{models}</td><td>{diff}{flags}</td>'
                     f'<td><span class="{cls}">{e(verdict)}</span><br><span class="small">{e(r["reason"] or "")}'
                     f'</span></td></tr>')
-    return f"""<h2>Claims (a) and (d) under the standard protocol</h2>
+    return f"""<h2>Claims (a), (b) and (d) under the standard protocol</h2>
 <p class="small">The zoo cards' standard-protocol records (AutoAttack and the adaptive attacks, worst case per
 example; `rqlab zoo measure`) paired example by example on the same test images; the difference the claim
 says is positive, its paired 95% interval and the verdict by the same rule (rqlab/report/standard.py).

@@ -1,11 +1,11 @@
-"""Claims (a) and (d) at full strength: the zoo cards' standard-protocol records paired on
+"""Claims (a), (b) and (d) at full strength: the zoo cards' standard-protocol records paired on
 the same test images (`standard_claims`, called by the batch; rows in summary.json
 "standard_claims", a table of index.html and a section of docs/findings.md).
 
     >>> rows = standard_claims()        # one row per comparison, in PAIRS order
     >>> rows[0]["verdict"], rows[0]["value"], rows[0]["ci95"], rows[0]["better"]
 
-The notebooks measure (a) and (d) with their own attack (PGD-20 by default); a headline
+The notebooks measure (a), (b) and (d) with their own attack (PGD-20 by default); a headline
 figure is the standard protocol's (METHODS section 8). Each zoo card holds the standard
 protocol's record, per example (`rqlab zoo measure`), on the first n images of the same
 test subset, so two cards pair example by example on the first min(n) images: the
@@ -16,9 +16,11 @@ measured, else its -small pair where that pair is a fair one (same training budg
 it is "not run" with what is missing. A flagged record (e.g. Square beating the
 white-box attacks) makes the figure an upper bound: the row says so. Claim (a) is paired
 twice: at the cards' eps (0.1, where every full-budget natural model is at 0%) and at
-zoo.SMALL_EPS (the cards' records there, `rqlab zoo measure` for Recipe.extra_eps). One
-comparison per claim is its `headline`: the claims table's figure where it is measured
-(claims.with_standard).
+zoo.SMALL_EPS (the cards' records there, `rqlab zoo measure` for Recipe.extra_eps). Claim
+(b) pairs a model with itself at another precision (Recipe.extra_precisions, zoo.B_CONTROLS):
+the RPT model under random precision against the same weights at a fixed 8 bits, and RPI
+alone on the 8-bit PGD-7 model against that model at its own 8 bits. One comparison per
+claim is its `headline`: the claims table's figure where it is measured (claims.with_standard).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 from .. import zoo
 from ..stats import paired_difference
-from .claims import verdict
+from .claims import verdict, who
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Pair:
     judged: bool = True            # False: context (e.g. ODG-Q against adversarial training)
     eps: float | None = None       # the cards' records at this eps (zoo.SMALL_EPS), else the headline's
     headline: bool = False         # the claims table's figure for its claim (claims.with_standard)
+    better_at: str | None = None   # the card's record at this precision (Recipe.extra_precisions), else its first
+    worse_at: str | None = None
 
 
 _A = (  # claim (a): (text, better, worse, whether the -small pair is a fair fallback)
@@ -62,6 +66,15 @@ PAIRS = (
     # the first (beta 3e-3, notebook 02's highlighted model) is the claims table's figure for (a)
     *(Pair("a", f"{text}, at eps {zoo.SMALL_EPS:g}", better, worse, small=False, eps=zoo.SMALL_EPS,
            headline=i == 0) for i, (text, better, worse, _) in enumerate(_A)),
+    # claim (b): random precision against the same weights at a fixed precision (full budget only:
+    # the -small cards are not measured at the other precision)
+    Pair("b", "RPI+RPT: the RPT model under random precision 4..8 is more robust than the same weights at a fixed "
+              "8 bits (random minus fixed)", "fmnist-rpt-pgd7", "fmnist-rpt-pgd7", small=False, worse_at="8",
+         headline=True),
+    Pair("b", "RPI alone: the 8-bit PGD-7 model under random precision 4..8 is more robust than at its own 8 bits "
+              "(random minus fixed)", "fmnist-q8-pgd7", "fmnist-q8-pgd7", small=False, better_at="4-8"),
+    Pair("b", "context: RPI+RPT against FP PGD-7 AT, the paper's comparison (RPI+RPT minus FP)",
+         "fmnist-rpt-pgd7", "fmnist-fp-pgd7", small=False, judged=False),
     Pair("d", "ODG-Q is far above natural training at 4 bits (ODG-Q minus natural)",
          "fmnist-odgq-q4", "fmnist-q4-natural", headline=True),
     Pair("d", "ODG-Q is far above natural training, binary (ODG-Q minus natural)",
@@ -75,7 +88,7 @@ PAIRS = (
 
 def _records(pair: Pair, record):
     """(better, worse, their records, budget) of the first candidate with both measured,
-    else (None, the reason). record: name -> the card's standard Record or None."""
+    else (None, the reason). record: (name, eps, precision) -> the card's standard Record or None."""
     candidates = [(pair.better, pair.worse, "full")]
     if pair.small:
         candidates.append((f"{pair.better}-small", f"{pair.worse}-small", "small"))
@@ -84,23 +97,24 @@ def _records(pair: Pair, record):
         if better not in zoo.RECIPES or worse not in zoo.RECIPES:
             missing.append(f"{better} or {worse} is not a zoo recipe")
             continue
-        recs = {m: record(m, pair.eps) for m in (better, worse)}
-        if all(recs.values()):
-            return (better, worse, recs[better], recs[worse], budget), None
+        sides = [(better, pair.better_at), (worse, pair.worse_at)]
+        recs = [record(m, pair.eps, at) if at is not None else record(m, pair.eps) for m, at in sides]
+        if all(recs):
+            return (better, worse, recs[0], recs[1], budget), None
         built = zoo.names(trained_only=True)
         at = "" if pair.eps is None else f" at eps {pair.eps:g}"
-        missing.append(", ".join(f"{m} ({'not measured' + at if m in built else 'not built'})"
-                                 for m, r in recs.items() if r is None))
+        missing.append(", ".join(f"{who(m, p)} ({'not measured' + at if m in built else 'not built'})"
+                                 for (m, p), r in zip(sides, recs) if r is None))
     why = "; ".join(missing)
     hint = "" if pair.small or pair.eps is not None else f" (no fair -small pair for {pair.better})"
     return None, f"Needs the standard protocol on both cards: {why}{hint}. `rqlab zoo build` / `rqlab zoo measure`."
 
 
 def pair_row(pair: Pair, record=None) -> dict:
-    """The row of one comparison (JSON values). record: (name, eps) -> Record or None
-    (default `zoo.standard_record`)."""
+    """The row of one comparison (JSON values). record: (name, eps[, precision]) -> Record
+    or None (default `zoo.standard_record`)."""
     row = {"id": pair.id, "text": pair.text, "judged": pair.judged, "eps": pair.eps, "headline": pair.headline,
-           "better": None, "worse": None, "budget": None,
+           "better": None, "worse": None, "better_at": pair.better_at, "worse_at": pair.worse_at, "budget": None,
            "value": None, "ci95": None, "n": None, "robust": None, "verdict": "not run" if pair.judged else None,
            "flags": [], "reason": None}
     found, why = _records(pair, record or zoo.standard_record)
@@ -110,12 +124,13 @@ def pair_row(pair: Pair, record=None) -> dict:
     better, worse, rb, rw, budget = found
     n = min(rb.n, rw.n)  # the same first n images of the card's test subset
     diff, ci95 = paired_difference(rb.robust_scores()[:n], rw.robust_scores()[:n])
-    flags = [f"{m}: {u}" for m, r in ((better, rb), (worse, rw)) for u in r.unreliable]
+    b, w = who(better, pair.better_at), who(worse, pair.worse_at)
+    flags = [f"{m}: {u}" for m, r in ((b, rb), (w, rw)) for u in r.unreliable]
     row.update(better=better, worse=worse, budget=budget, value=diff, ci95=list(ci95), n=n,
-               robust={better: rb.robust_accuracy, worse: rw.robust_accuracy}, flags=flags,
+               robust={b: rb.robust_accuracy, w: rw.robust_accuracy}, flags=flags,
                verdict=verdict(ci95) if pair.judged else None)
-    parts = [f"standard protocol on the same {n} images: {better} {100 * rb.robust_accuracy:.1f}% "
-             f"(n = {rb.n}), {worse} {100 * rw.robust_accuracy:.1f}% (n = {rw.n})"]
+    parts = [f"standard protocol on the same {n} images: {b} {100 * rb.robust_accuracy:.1f}% (n = {rb.n}), "
+             f"{w} {100 * rw.robust_accuracy:.1f}% (n = {rw.n})"]
     if budget == "small":
         parts.append("the -small models (6,000 training images): the full-budget pair is not measured yet")
     if flags:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ CALIBRATE_N = 1024
 AUDIT_N = 100                        # test examples of the card's sanity audit (METHODS section 6)
 STANDARD_N = 500                     # test examples of the card's headline (the standard protocol)
 MEASURE_BATCH = 100                  # ... measured in batches of 100, each kept when it finishes
+RANDOM_PASSES = 5                    # stochastic passes scoring a random precision (its mean)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Recipe:
     notes: str = ""
     standard_n: int = STANDARD_N       # test examples of the card's headline (`measure`)
     extra_eps: tuple[float, ...] = ()  # the standard protocol also at these eps (card["standard_eps"])
+    extra_precisions: tuple[str, ...] = ()  # ... and at these precisions (card["standard_precision"])
 
     @property
     def command(self) -> str:
@@ -114,7 +117,8 @@ def _fmnist_pair(name: str, summary: str, policy: str, defense: str, eval_bits: 
     small = _fmnist(policy, defense, small=True, **defense_config)
     budget = f"{(small.train.n_train or 60_000) // 1000}k images, {small.train.epochs} epochs"
     return (Recipe(name, summary, _fmnist(policy, defense, **defense_config), eval_bits, paper, notes=notes,
-                   standard_n=1000 if adversarial else STANDARD_N, extra_eps=_extra_eps(policy, defense)),
+                   standard_n=1000 if adversarial else STANDARD_N, extra_eps=_extra_eps(policy, defense),
+                   extra_precisions=B_CONTROLS.get(name, ())),
             Recipe(f"{name}-small", f"{summary} ({budget})", small, eval_bits, paper, notes=small_notes))
 
 
@@ -160,6 +164,12 @@ _FMNIST_FULL_ONLY = (
     ("fmnist-dq-natural-beta1e-2", "FP weights, 4-bit activations, DQ regulariser (beta 1e-2)", "w32a4", "dq",
      ("w32a4",), "Defensive Quantization", "", {"beta": 1e-2}),
 )
+
+
+# Claim (b) under the standard protocol, each side against the same weights (Double-Win
+# Quant; docs/methods.md): the RPT model also at a fixed 8 bits, the fixed 8-bit PGD-7 model
+# also under random precision inference over 4..8 (RPI alone)
+B_CONTROLS = {"fmnist-rpt-pgd7": ("8",), "fmnist-q8-pgd7": ("4-8",)}
 
 
 def _extra_eps(policy: str, defense: str) -> tuple[float, ...]:
@@ -228,15 +238,18 @@ def card(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def standard_record(name: str, eps: float | None = None):
+def standard_record(name: str, eps: float | None = None, precision: str | None = None):
     """The standard-protocol Record of zoo model `name`'s card (`rqlab zoo measure`: per-example
-    outcomes of every attack), the headline's or (eps) the one at another radius, or None
-    when the model is not built or not measured (at that eps) yet."""
+    outcomes of every attack), the headline's, or (eps) the one at another radius, or
+    (precision) the one at another precision; None when the model is not built or not
+    measured (there) yet."""
     from ..record import Record
 
     if name not in names(trained_only=True):
         return None
-    s = standard_entries(card(name)).get(None if eps is None else float(eps))
+    c = card(name)
+    s = (standard_precisions(c).get(precision) if precision is not None
+         else standard_entries(c).get(None if eps is None else float(eps)))
     return Record.from_json((STORE / s["record"]).read_text()) if s else None
 
 
@@ -371,7 +384,7 @@ def build(name: str, force: bool = False, device: str = "auto", threads: int | N
     rows = []
     for spelling in r.eval_bits:
         p = quant.parse_policy(spelling)
-        passes = 5 if isinstance(p, quant.RandomPrecision) else 1
+        passes = _passes(p)
         clean = clean_accuracy(model, test, p, passes)
         robust = evaluate(model, test, threat, policy=p, n=PGD_N, passes=passes, progress=progress)
         rows.append({"precision": str(p), "policy": p.to_dict(), "passes": passes,
@@ -451,11 +464,43 @@ def _eps_key(eps: float) -> str:
     return f"{eps:g}"
 
 
-def standard_files(name: str, eps: float | None = None) -> tuple[Path, Path]:
+def standard_files(name: str, eps: float | None = None, precision: str | None = None) -> tuple[Path, Path]:
     """The record and the progress file of `name`'s standard-protocol measurement: the
-    headline's (eps None: the card's threat) or the one at another `eps` (Recipe.extra_eps)."""
-    stem = f"{name}.standard" if eps is None else f"{name}.standard-eps{_eps_key(eps)}"
+    headline's (eps None: the card's threat), the one at another `eps` (Recipe.extra_eps)
+    or the one at another `precision` (Recipe.extra_precisions)."""
+    stem = (f"{name}.standard-p{precision}" if precision is not None
+            else f"{name}.standard" if eps is None else f"{name}.standard-eps{_eps_key(eps)}")
     return STORE / f"{stem}.json", STORE / f"{stem}.progress"
+
+
+def _passes(policy) -> int:
+    from .. import quant
+
+    return RANDOM_PASSES if isinstance(policy, quant.RandomPrecision) else 1
+
+
+_PRECISION_SPELLING = re.compile(r"^[0-9a-z][0-9a-z,\-]*$")
+
+
+def check_precision(spelling) -> str:
+    """A precision spelling of `quant.parse_policy` ("8", "w32a4", "4-8", "4,6,8"), checked
+    (it names a file of the store): returned as written, lower case."""
+    from .. import quant
+
+    s = str(spelling).strip().lower()
+    if not _PRECISION_SPELLING.match(s):
+        raise RqlabError(f"precision={spelling!r}: write a precision as the card does, e.g. 8, w32a4 or 4-8")
+    try:
+        quant.parse_policy(s)
+    except RqlabError as e:
+        raise RqlabError(f"precision: {e}") from None   # names the allowed spellings
+    return s
+
+
+def standard_precisions(c: dict) -> dict:
+    """The card's standard-protocol entries at other precisions than its first (claim (b)'s
+    same-model controls): {spelling: entry}, those measured so far."""
+    return dict(c.get("standard_precision") or {})
 
 
 def standard_entries(c: dict) -> dict:
@@ -468,7 +513,7 @@ def standard_entries(c: dict) -> dict:
 
 def measure(name: str, n: int | None = None, device: str = "cpu", options: dict | None = None,
             force: bool = False, progress: bool = True, log=print, channels_last: bool = False,
-            eps: float | None = None) -> dict:
+            eps: float | None = None, precision: str | None = None) -> dict:
     """The card's headline: the standard protocol (METHODS section 8) at the card's first
     precision, on the first `n` (default: the recipe's standard_n, 500, or 1,000 for the
     adversarially trained full-budget models) examples of the card's test subset,
@@ -477,7 +522,10 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     store/NAME.standard.json. eps: the same protocol at another radius than the card's
     threat (its PGD step by the default rule, `ThreatModel.alpha`), written into
     card["standard_eps"]["EPS"] and store/NAME.standard-epsEPS.json (claim (a) at
-    SMALL_EPS). A card already measured with the same n, options and weights
+    SMALL_EPS). precision: the same protocol at another precision than the card's first
+    (a spelling of `quant.parse_policy`; a random one scored over RANDOM_PASSES passes),
+    written into card["standard_precision"][SPELLING] and store/NAME.standard-pSPELLING.json
+    (claim (b)'s same-model controls, B_CONTROLS). A card already measured with the same n, options and weights
     is kept unless `force` (so a stopped `rqlab zoo measure` resumes where it stopped); within
     a card, the finished batches of MEASURE_BATCH examples are kept in
     store/NAME.standard.progress, so a killed measurement resumes at its next batch.
@@ -493,9 +541,13 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     n = recipe(name).standard_n if n is None else check_int(n, "n", 1, CLEAN_N)
     if eps is not None:
         eps = check_float(eps, "eps", 0.0, 1.0, lo_open=True)
+    if precision is not None:
+        if eps is not None:
+            raise RqlabError("eps and precision: give one of them (a measurement varies one thing from the headline)")
+        precision = check_precision(precision)
     c = card(name)
-    existing = standard_entries(c).get(eps)
-    at = "" if eps is None else f" at eps {_eps_key(eps)}"
+    existing = standard_precisions(c).get(precision) if precision is not None else standard_entries(c).get(eps)
+    at = f" at precision {precision}" if precision is not None else "" if eps is None else f" at eps {_eps_key(eps)}"
     if existing and not force and existing["n"] == n and existing["sha256"] == c["sha256"] \
             and existing["requested_options"] == (options or {}):
         log(f"{name}: standard protocol{at} already measured on {n} examples; --force remeasures it")
@@ -510,12 +562,14 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     t = c["threat"]
     threat = ThreatModel("pgd", norm=t["norm"], eps=t["eps"] if eps is None else eps, steps=t["steps"],
                          step_size=t["step_size"] if eps is None else None, restarts=t["restarts"], seed=t["seed"])
-    record_path, progress_path = standard_files(name, eps)  # progress: the finished batches of a stopped run
+    record_path, progress_path = standard_files(name, eps, precision)  # progress: a stopped run's finished batches
     if force:
         progress_path.unlink(missing_ok=True)
     elif progress_path.exists():
         log(f"{name}: resuming from {progress_path.name}")
-    rec = evaluate(model, test, threat, policy=quant.policy_from_dict(row["policy"]), n=n, passes=row["passes"],
+    policy = quant.policy_from_dict(row["policy"]) if precision is None else quant.parse_policy(precision)
+    passes = row["passes"] if precision is None else _passes(policy)
+    rec = evaluate(model, test, threat, policy=policy, n=n, passes=passes,
                    batch_size=MEASURE_BATCH, protocol="standard", options=options, model_id=name, progress=progress,
                    resume=progress_path)
     checkpoint.save_json(record_path, rec.to_dict())
@@ -532,7 +586,9 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
              "sha256": c["sha256"], "record": record_path.name}
     entry = json.loads(json.dumps(entry))  # as it reads back from the card (tuples -> lists)
     c = card(name)  # re-read: written only with what is on disk now
-    if eps is None:
+    if precision is not None:
+        c.setdefault("standard_precision", {})[precision] = entry
+    elif eps is None:
         c["standard"] = entry
     else:
         c.setdefault("standard_eps", {})[_eps_key(eps)] = entry
@@ -546,7 +602,7 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
 def measure_many(which: list[str], n: int | None = None, device: str = "cpu", options: dict | None = None,
                  force: bool = False, progress: bool = True, log=print, channels_last: bool = False) -> int:
     """`measure` each named (default: every built) model in turn, its headline and then each
-    of its recipe's extra_eps; returns how many models."""
+    of its recipe's extra_eps and extra_precisions; returns how many models."""
     for w in which:
         card(w)  # unknown or unbuilt names fail before any work
     targets = which or names(trained_only=True)
@@ -555,6 +611,9 @@ def measure_many(which: list[str], n: int | None = None, device: str = "cpu", op
         for eps in (None, *recipe(w).extra_eps):
             measure(w, n=n, device=device, options=options, force=force, progress=progress, log=log,
                     channels_last=channels_last, eps=eps)
+        for precision in recipe(w).extra_precisions:
+            measure(w, n=n, device=device, options=options, force=force, progress=progress, log=log,
+                    channels_last=channels_last, precision=precision)
     return len(targets)
 
 
@@ -587,29 +646,40 @@ def standard_problems(name: str) -> list[str]:
     """Why the standard-protocol entries of card `name` are not ones to commit ([] = sane; a
     card not measured yet has nothing to check): each measured at the reference budget
     (AutoAttack 100 iterations, Square 5,000 queries) on the recipe's standard_n examples of
-    the card's first precision and current weights; no higher than any of its attacks; the
-    headline, moreover, no higher (beyond a point that float rounding may flip) than the
-    card's own PGD-20 row, which the protocol's PGD reruns on the same examples with the same
-    seeds; each entry's record beside it, agreeing with it (an entry at another eps: at that eps)."""
+    the card's first precision (an entry at another precision: that one, scored over
+    `_passes` passes) and current weights; no higher than any of its attacks; no higher
+    (beyond a point that float rounding may flip) than the card's own PGD-20 row at its
+    precision where the card has one at the card's eps (the protocol's PGD reruns it on the
+    same examples with the same seeds); each entry's record beside it, agreeing with it (an
+    entry at another eps: at that eps). Each problem of an extra entry names it ("at eps
+    0.03: ...", "at precision 8: ...")."""
+    from .. import quant
+
     c = card(name)
     first = c["eval"][0]
+    entries = [("" if eps is None else f"at eps {_eps_key(eps)}: ", eps, first["policy"], first["passes"], s)
+               for eps, s in standard_entries(c).items()]
+    for spelling, s in standard_precisions(c).items():
+        policy = quant.parse_policy(spelling)
+        entries.append((f"at precision {spelling}: ", None, policy.to_dict(), _passes(policy), s))
     problems = []
-    for eps, s in standard_entries(c).items():
-        at = "" if eps is None else f"at eps {_eps_key(eps)}: "
+    for at, eps, policy, passes, s in entries:
         checks = [
             (s["n"] == recipe(name).standard_n, f"n = {s['n']}, not the recipe's {recipe(name).standard_n}"),
             (s["requested_options"] == {}, f"requested options {s['requested_options']}, not the reference budget"),
             (s["sha256"] == c["sha256"], "measured on other weights (sha256 differs)"),
             (s["protocol_options"].get("n_iter") == 100 and s["protocol_options"].get("n_queries") == 5000,
              f"protocol options {s['protocol_options']}: not AutoAttack's 100 iterations and Square's 5,000 queries"),
-            (s["policy"] == first["policy"] and s["passes"] == first["passes"],
-             "another precision or number of passes than the card's first row"),
+            (s["policy"] == policy and s["passes"] == passes,
+             "another precision or number of passes than the card's first row" if policy is first["policy"]
+             else f"measured at {s['policy']} over {s['passes']} passes, not {policy} over {passes}"),
             (s["robust_accuracy"] <= min(s["attacks"].values()),
              f"headline {s['robust_accuracy']} above an attack's {min(s['attacks'].values())}"),
         ]
-        if eps is None:
-            checks.append((s["robust_accuracy"] <= first["robust_accuracy"] + 0.01,
-                           f"headline {s['robust_accuracy']} above the card's PGD-20 {first['robust_accuracy']}"))
+        row = next((r for r in c["eval"] if r["policy"] == policy and r["passes"] == passes), None)
+        if eps is None and row is not None:
+            checks.append((s["robust_accuracy"] <= row["robust_accuracy"] + 0.01,
+                           f"headline {s['robust_accuracy']} above the card's PGD-20 {row['robust_accuracy']}"))
         problems += [at + why for ok, why in checks if not ok]
         path = STORE / s["record"]
         try:
@@ -623,6 +693,8 @@ def standard_problems(name: str) -> list[str]:
             problems.append(f"{at}its record {path.name} lists other attacks than the card")
         if eps is not None and record["threat"]["eps"] != eps:
             problems.append(f"{at}its record {path.name} is at eps {record['threat']['eps']}")
+        if record.get("policy") is not None and record["policy"] != policy:
+            problems.append(f"{at}its record {path.name} is at another precision ({record['policy']})")
     return problems
 
 
