@@ -98,6 +98,7 @@ def _records(pair: Pair, record):
             missing.append(f"{better} or {worse} is not a zoo recipe")
             continue
         sides = [(better, pair.better_at), (worse, pair.worse_at)]
+        # the precision only where a side has one: `record` may take (name, eps) alone (pair_row)
         recs = [record(m, pair.eps, at) if at is not None else record(m, pair.eps) for m, at in sides]
         if all(recs):
             return (better, worse, recs[0], recs[1], budget), None

@@ -98,7 +98,8 @@ def curves_figure(curves: dict):
         style = dict(color=f"C{i % 10}", marker="o" if i < 10 else "s", markersize=3,
                      linestyle="--" if c["status"] == "training" else "-")
         epochs = [r["epoch"] for r in c["history"]]
-        (axes[0] if key == "clean_accuracy" else axes[1]).plot(epochs, [100 * r["clean_accuracy"] for r in c["history"]], label=_label(name, c), **style)
+        clean_axis = axes[0] if key == "clean_accuracy" else axes[1]
+        clean_axis.plot(epochs, [100 * r["clean_accuracy"] for r in c["history"]], label=_label(name, c), **style)
         if key == "robust_accuracy":
             axes[2].plot(epochs, [100 * r["robust_accuracy"] for r in c["history"]], **style)
     axes[0].set(title="natural / DQ training: held-out clean accuracy")

@@ -525,7 +525,8 @@ def measure(name: str, n: int | None = None, device: str = "cpu", options: dict 
     SMALL_EPS). precision: the same protocol at another precision than the card's first
     (a spelling of `quant.parse_policy`; a random one scored over RANDOM_PASSES passes),
     written into card["standard_precision"][SPELLING] and store/NAME.standard-pSPELLING.json
-    (claim (b)'s same-model controls, B_CONTROLS). A card already measured with the same n, options and weights
+    (claim (b)'s same-model controls, B_CONTROLS). A card already measured with the same n,
+    options and weights
     is kept unless `force` (so a stopped `rqlab zoo measure` resumes where it stopped); within
     a card, the finished batches of MEASURE_BATCH examples are kept in
     store/NAME.standard.progress, so a killed measurement resumes at its next batch.
