@@ -266,9 +266,9 @@ def test_default_config_plans_against_the_notebook_contract(tmp_path):
         nbformat.write(nbformat.v4.new_notebook(cells=[cell]), tmp_path / f"{stem}.ipynb")
     cfg = report.load_config(path, notebooks_dir=tmp_path)
     smoke, full = report.plan(cfg, "smoke"), report.plan(cfg, "full")
-    assert [r.run_id for r in smoke][:4] == ["01_precision_transferability__model=fmnist-fp-pgd7-small",
-                                              "01_precision_transferability__model=fmnist-q4-pgd7-small",
-                                              "01_precision_transferability__model=fmnist-q8-pgd7-small",
+    assert [r.run_id for r in smoke][:4] == ["01_precision_transferability__model=fmnist-fp-pgd7",
+                                              "01_precision_transferability__model=fmnist-q4-pgd7",
+                                              "01_precision_transferability__model=fmnist-q8-pgd7",
                                               "02_lipschitz_error_amplification"]
     assert len(smoke) == 8 and all(r.params["interactive"] is False for r in smoke)
     assert all(r.params["n_examples"] < f.params["n_examples"] for r, f in zip(smoke, full))

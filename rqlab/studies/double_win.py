@@ -34,9 +34,9 @@ class Params(common.StudyParams):
     """
 
     dataset: str = "fashion-mnist"
-    model: str = "fmnist-rpt-pgd7-small"
-    fp_model: str = "fmnist-fp-pgd7-small"
-    rpi_model: str = "fmnist-q8-pgd7-small"
+    model: str = "fmnist-rpt-pgd7"
+    fp_model: str = "fmnist-fp-pgd7"
+    rpi_model: str = "fmnist-q8-pgd7"
     bits: tuple = (4, 5, 6, 7, 8)
     attack: str = "pgd"
     adaptive: tuple = ("eot_pgd", "expectation", "autoattack")

@@ -33,7 +33,7 @@ class Params(common.StudyParams):
     """
 
     dataset: str = "fashion-mnist"
-    model: object = "fmnist-q4-pgd7-small"
+    model: object = "fmnist-q4-pgd7"
     bits: tuple = (3, 4, 5, 6, 7, 8, 32)
     attack: str = "pgd"
     eps: float = 0.1
