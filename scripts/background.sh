@@ -20,6 +20,10 @@
 #   scripts/background.sh pause      SIGSTOP both (e.g. while the test suite runs: it is
 #   scripts/background.sh resume     several times slower on a loaded machine), SIGCONT
 #   scripts/background.sh stop       end both (their progress is kept: start resumes)
+#   scripts/background.sh checkpoint after stop, at a session's end: commit the unfinished
+#                                    measurements' progress files (ignored by git otherwise),
+#                                    so that a fresh checkout's measuring loop resumes them;
+#                                    commit_measured.py commits their removal with the record
 set -u
 cd "$(dirname "$0")/.." || exit 1
 QUEUE="scripts/zoo_queue.py"
@@ -77,5 +81,13 @@ case "${1:-start}" in
   pause)  for p in $(all_pids); do kill -STOP "$p"; done; echo "paused: $(all_pids | xargs)";;
   resume) for p in $(all_pids); do kill -CONT "$p"; done; echo "resumed: $(all_pids | xargs)";;
   stop)   for p in $(all_pids); do kill -CONT "$p"; kill -TERM "$p"; done; echo "stopped";;
-  *) echo "usage: scripts/background.sh [start [train] [measure] [findings]|status|pause|resume|stop]" >&2; exit 2;;
+  checkpoint)
+    if [ -n "$(all_pids)" ]; then echo "jobs still run: scripts/background.sh stop first" >&2; exit 2; fi
+    files=$(ls rqlab/zoo/store/*.progress 2>/dev/null)
+    if [ -z "$files" ]; then echo "no measurement in progress"; exit 0; fi
+    # shellcheck disable=SC2086  (store names have no spaces)
+    git add -f -- $files && git commit -q -m "zoo: unfinished measurements' progress at a session's stop ($(echo $files | wc -w) files; the next rqlab zoo measure resumes them)" -- $files \
+      && echo "committed: $(echo $files | xargs -n1 basename | xargs)"
+    ;;
+  *) echo "usage: scripts/background.sh [start [train] [measure] [findings]|status|pause|resume|stop|checkpoint]" >&2; exit 2;;
 esac

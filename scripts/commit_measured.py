@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rqlab import zoo  # noqa: E402
-from zoo_queue import changed, check, git, store_files  # noqa: E402  (git retries while another git command holds the index lock)
+from zoo_queue import changed, check, finished_progress, git, store_files  # noqa: E402  (git retries while another git command holds the index lock)
 
 
 def pending(name: str) -> list[str]:
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
         if why:
             print(f"{name}: NOT committed: {'; '.join(why)}", flush=True)
             continue
+        files += finished_progress(name)  # a progress file committed at a stop, now finished
         if args.dry_run:
             print(f"{name}: would commit {', '.join(files)}: {message(name)}")
             continue

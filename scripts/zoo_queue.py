@@ -54,6 +54,13 @@ def store_files(name: str) -> list[str]:
     return [str(p.relative_to(ROOT)) for p in sorted(zoo.STORE.glob(f"{name}.*")) if not p.name.endswith(".progress")]
 
 
+def finished_progress(name: str) -> list[str]:
+    """The progress files of `name`'s measurements that a session committed at its stop
+    (`scripts/background.sh checkpoint`) and that the measurement has since finished and
+    removed: their deletion is committed with the model's records."""
+    return git("ls-files", "--deleted", "--", f"rqlab/zoo/store/{name}.standard*.progress").stdout.split()
+
+
 def changed(*files: str) -> bool:
     """Whether git sees one of `files` changed or new."""
     return bool(git("status", "--porcelain", "--", *files).stdout.strip())
