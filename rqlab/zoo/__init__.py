@@ -104,8 +104,6 @@ FULL_EPOCHS = {True: 10, False: 15}  # natural / adversarial recipes at full bud
 SMALL_EPS = 0.03
 SMALL_NOTE = ("the -small variant: 6,000 training images for 4 epochs (the zoo before issue 14), kept for "
               "smoke runs")
-ODGQ_NOTE = ("trained before the ODG-Q fix of issue 14 (free and FGSM-RS steps now ascend each domain's own "
-             "risk): `rqlab zoo build --force` retrains it with the current construction")
 
 
 def _fmnist_pair(name: str, summary: str, policy: str, defense: str, eval_bits: tuple, paper: str = "",
@@ -113,7 +111,7 @@ def _fmnist_pair(name: str, summary: str, policy: str, defense: str, eval_bits: 
     """The full-budget recipe `name` and its 6k `-small` variant."""
     defense_config = defense_config or {}
     adversarial = defense not in ("natural", "dq")
-    small_notes = "; ".join(n for n in (notes, SMALL_NOTE, ODGQ_NOTE if defense == "odgq" else "") if n)
+    small_notes = "; ".join(n for n in (notes, SMALL_NOTE) if n)
     small = _fmnist(policy, defense, small=True, **defense_config)
     budget = f"{(small.train.n_train or 60_000) // 1000}k images, {small.train.epochs} epochs"
     return (Recipe(name, summary, _fmnist(policy, defense, **defense_config), eval_bits, paper, notes=notes,
