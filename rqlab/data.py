@@ -294,13 +294,6 @@ def batches(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
     per example (random crop with padding 4, horizontal flip), also seeded by `seed`.
     drop_last: skip a last batch smaller than batch_size.
     """
-    for _, x, y in _indexed_batches(ds, batch_size, shuffle, seed, augment, device, drop_last):
-        yield x, y
-
-
-def _indexed_batches(ds: Dataset, batch_size: int, shuffle: bool, seed: int, augment: bool, device,
-                     drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`batches`, each batch with the dataset indices of its examples: (idx (B,) int64, x, y)."""
     check_int(batch_size, "batch_size", lo=1)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds), generator=gen) if shuffle else torch.arange(len(ds))
@@ -312,7 +305,7 @@ def _indexed_batches(ds: Dataset, batch_size: int, shuffle: bool, seed: int, aug
         if augment:
             x = _augment(x, gen)
         # Move uint8 (4x fewer bytes), then convert on the device.
-        yield idx, x.to(device).float().div_(255), ds.y[idx].to(device)
+        yield x.to(device).float().div_(255), ds.y[idx].to(device)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -345,17 +338,14 @@ class Loader:
         self.shuffle, self.seed, self.augment = shuffle, seed, augment
         self.device, self.drop_last = device, drop_last
         self.epoch = 0
-        self.indices: torch.Tensor | None = None  # (B,) int64, set as each batch is yielded
 
     def set_epoch(self, epoch: int) -> None:
         """Use seed + epoch for the next iteration's order and augmentation."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for idx, x, y in _indexed_batches(self.dataset, self.batch_size, self.shuffle, self.seed + self.epoch,
-                                          self.augment, self.device, self.drop_last):
-            self.indices = idx  # the dataset indices of the batch just yielded (a defense may key on them)
-            yield x, y
+        return batches(self.dataset, self.batch_size, self.shuffle, self.seed + self.epoch,
+                       self.augment, self.device, self.drop_last)
 
     def __len__(self) -> int:
         n = len(self.dataset)

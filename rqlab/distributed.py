@@ -152,7 +152,6 @@ class ShardedLoader:
                              "batch_size (and training-set size) of at least the number of ranks")
         self.batch_size = b
         self.global_n = b
-        self.indices = None  # (n_local,) dataset indices of the part just yielded, where the loader has them
 
     @property
     def dataset(self):
@@ -168,8 +167,6 @@ class ShardedLoader:
         for x, y in self.loader:
             self.global_n = len(y)
             idx = torch.tensor_split(torch.arange(len(y)), self.world)[self.rank]
-            whole = getattr(self.loader, "indices", None)
-            self.indices = None if whole is None else whole[idx]  # this rank's examples' dataset indices
             yield x[idx], y[idx]
 
     def loss_weight(self, n_local: int) -> float:

@@ -151,9 +151,6 @@ class Hooks:
     """
 
     name = "natural"
-    # The training-set indices (B,) of the batch being trained, set by `fit` before batch()
-    # from the loader's `indices` (data.Loader has them); None where the loader has none.
-    indices = None
 
     def config(self) -> dict:
         """The settings that define this defense (JSON-like values), e.g. {"eps": 0.1}."""
@@ -304,7 +301,6 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, hooks: Hooks | None = 
             y = y.to(device, non_blocking=True)                                 # (B,)
             n_local = len(y)
             hooks.precision(model, step)
-            hooks.indices = getattr(train_loader, "indices", None)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 x, y = hooks.batch(model, x, y)
                 loss, logits = hooks.loss(net, x, y)  # scalar, (B, classes)

@@ -193,19 +193,6 @@ def test_loader_len_and_epochs():
     assert not torch.equal(first, second)
 
 
-def test_loader_tells_each_batchs_dataset_indices():
-    """ODG-Q keys each example's memory on them: every example once per epoch, and the
-    batch's images and labels are the dataset's at those indices."""
-    ds = fake_dataset(n=50)
-    loader = data.Loader(ds, 16, shuffle=True, seed=5)
-    seen = []
-    for x, y in loader:
-        idx = loader.indices
-        assert torch.equal(y, ds.y[idx]) and torch.equal(x, ds.x[idx].float() / 255)
-        seen.append(idx)
-    assert sorted(torch.cat(seen).tolist()) == list(range(50))
-
-
 def test_batch_size_must_be_positive():
     ds = fake_dataset(n=4)
     with pytest.raises(RqlabError, match="batch_size=0"):

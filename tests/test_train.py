@@ -39,7 +39,6 @@ class TensorLoader:
                if self.shuffle else torch.arange(n))
         for i in range(0, n, self.batch_size):
             j = idx[i:i + self.batch_size]
-            self.indices = j  # the batch's dataset indices, as data.Loader gives them (ODG-Q keys on them)
             yield self.x[j], self.y[j]
 
 
