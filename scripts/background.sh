@@ -18,7 +18,10 @@
 #   scripts/background.sh start JOB...  start only those of: train, measure, findings
 #   scripts/background.sh status     what runs, and the last lines of each log
 #   scripts/background.sh pause      SIGSTOP both (e.g. while the test suite runs: it is
-#   scripts/background.sh resume     several times slower on a loaded machine), SIGCONT
+#   scripts/background.sh resume     several times slower on a loaded machine), SIGCONT; the
+#                                    epoch in progress then counts the pause in its card's
+#                                    epoch_time_s, so prefer stop and start (a training run
+#                                    resumes at its last finished epoch) where times matter
 #   scripts/background.sh stop       end both (their progress is kept: start resumes)
 #   scripts/background.sh checkpoint after stop, at a session's end: commit the unfinished
 #                                    measurements' progress files (ignored by git otherwise),
