@@ -36,8 +36,8 @@ ones the model learns to ignore. Replaying at the very next step keeps them fres
 extra pass per image.
 
 The replayed perturbations ascend each domain's own risk: the objective's input gradient
-on domain k is that domain's cross-entropy gradient times (1 + 2 lambda (R_k - mean R)) / 4,
-whose sign flips when R_k lies more than 1 / (2 lambda) below the mean, so the gradients
+on domain k is that domain's cross-entropy gradient times (1 + 2 lambda (R_k - mean R)) / K
+(K domains: 4, or 2 at the first step, which has nothing to replay), whose sign flips when R_k lies more than 1 / (2 lambda) below the mean, so the gradients
 kept for replay are the objective's times the sign of that factor.
 
     >>> fit(model, loader, cfg, hooks=ODGQ(eps=0.1, lam=1.0))
@@ -66,7 +66,7 @@ class ODGQ(Hooks):
         self.lam = check_float(lam, "lam", 0.0)
         self.seed = check_int(seed, "seed")
         self._gen = torch.Generator().manual_seed(self.seed)
-        self._prev: dict | None = None  # the last step's new images: x_a, y_a, x_b, y_b, noise, g_a, g_b
+        self._prev: dict | None = None  # the last step's new images and their ascent signs: x_a, y_a, x_b, y_b, g_a, g_b
         self._sizes: tuple | None = None  # this step's domain sizes, in DOMAINS order
         self._new: dict | None = None    # this step's new images, kept for the next step's replay
         self.last_risks: dict[str, float] = {}
