@@ -86,8 +86,7 @@ class ODGQ(Hooks):
             return x, y
         dev = x.device
         noise = torch.where(self._rand((h,) + tuple(x.shape[1:]), dev) < 0.5, -self.eps, self.eps)
-        x_a, x_b = x[:h], x[h:2 * h]
-        parts, labels = [x_a, (x_b + noise).clamp(0, 1)], [y[:h], y[h:2 * h]]
+        x_a, x_b, y_a, y_b = x[:h], x[h:2 * h], y[:h], y[h:2 * h]
         prev = self._prev
         if prev is None:
             free = rs = x[:0]
@@ -100,10 +99,10 @@ class ODGQ(Hooks):
             rs = (xb + torch.clamp(eta + self.alpha * prev["g_b"].to(dev), -self.eps, self.eps)).clamp(0, 1)
             y_free, y_rs = prev["y_a"].to(dev), prev["y_b"].to(dev)
         # DOMAINS order: clean, free, fgsm_rs, noise
-        x_train = torch.cat([parts[0], free, rs, parts[1]]).detach()
-        y_train = torch.cat([labels[0], y_free, y_rs, labels[1]])
+        x_train = torch.cat([x_a, free, rs, (x_b + noise).clamp(0, 1)]).detach()
+        y_train = torch.cat([y_a, y_free, y_rs, y_b])
         self._sizes = (h, len(free), len(rs), h)
-        self._new = {"x_a": x_a.detach(), "y_a": labels[0], "x_b": x_b.detach(), "y_b": labels[1]}
+        self._new = {"x_a": x_a.detach(), "y_a": y_a, "x_b": x_b.detach(), "y_b": y_b}
         return x_train, y_train
 
     def loss(self, model, x, y):
