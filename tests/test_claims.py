@@ -71,9 +71,10 @@ def bit_selection_results(lipschitz: list, uniform: list, n: int) -> dict:
             "lipschitz_gain_mean": r["gain_mean"], "lipschitz_gain_ci95": r["gain_mean_ci95"]}
 
 
-def odgq_results(odgq: float, natural: float, ratio: float, n: int = 200) -> dict:
+def odgq_results(odgq: float, natural: float, ratio: float | None, n: int = 200) -> dict:
     curves = {"natural": {"robust_accuracy": [natural]}, "odgq": {"robust_accuracy": [odgq]}}
-    r = readings.curves_reading(curves, {"natural": 1.0, "odgq": ratio}, n=n)
+    r = readings.curves_reading(curves, {"natural": 1.0, "odgq": ratio}, n=n,
+                                cost=None if ratio is None else {"natural": 1.0, "odgq": ratio})
     return {"bits": [4], "source": "zoo", "final_robust_accuracy": {"4": r["final_robust_accuracy"]},
             "odgq_gain": {"4": {"gain": r["robust_gain"], "ci95": r["robust_gain_ci95"], "n": n,
                                 "time_ratio": ratio, "cheap": r["cheap"]}}}
@@ -171,6 +172,12 @@ def test_odgq_too_slow_is_not_reproduced(tmp_path):
     rows = make_report(tmp_path, {("04", "04_odgq_training_curves", ()): odgq_results(0.5, 0.1, 3.0)})
     d = C.claims_table(tmp_path, rows)[-1]
     assert d["ci95"][0] > 0 and d["verdict"] == "not reproduced" and "3.00x" in d["reason"]
+
+
+def test_odgq_without_a_controlled_cost_is_inconclusive(tmp_path):
+    rows = make_report(tmp_path, {("04", "04_odgq_training_curves", ()): odgq_results(0.5, 0.1, None)})
+    d = C.claims_table(tmp_path, rows)[-1]
+    assert d["ci95"][0] > 0 and d["verdict"] == "inconclusive" and "not judged" in d["reason"]
 
 
 def test_missing_failed_and_outdated_runs(tmp_path):

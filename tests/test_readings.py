@@ -93,10 +93,18 @@ def test_curves_reading_checks_gain_and_cost():
 
     curves = {"natural": curve(0.05, 1.0), "pgd-at": curve(0.6, 8.0), "odgq": curve(0.5, 1.3)}
     ratios = {"natural": 1.0, "pgd-at": 8.0, "odgq": 1.3}
-    r = R.curves_reading(curves, ratios, n=500)
-    assert r["robust_gain"] == pytest.approx(0.45) and "holds here" in r["text"]
-    slow = R.curves_reading(curves, {**ratios, "odgq": 6.0}, n=500)
-    assert "does not hold" in slow["text"] and "6.0x natural" in slow["text"]
+    r = R.curves_reading(curves, ratios, n=500, cost=ratios, cost_source="one run")
+    assert r["robust_gain"] == pytest.approx(0.45) and r["cheap"] is True and "holds here" in r["text"]
+    assert "(one run): pgd-at 8.00x, odgq 1.30x" in r["text"]
+    # the controlled cost judges, not the curves' own ratios (trained under other loads)
+    slow = R.curves_reading(curves, ratios, n=500, cost={**ratios, "odgq": 6.0})
+    assert slow["cheap"] is False and "does not hold" in slow["text"] and "6.00x natural" in slow["text"]
+    # without a controlled cost the cost half is not judged
+    unjudged = R.curves_reading(curves, {**ratios, "odgq": 6.0}, n=500)
+    assert unjudged["cheap"] is None and "not judged" in unjudged["text"]
+    # no robust gain: the claim fails whatever the cost
+    flat = R.curves_reading({**curves, "odgq": curve(0.06, 1.0)}, ratios, n=500, cost=ratios)
+    assert "within the noise" in flat["text"]
 
 
 def test_amplification_and_beta_readings():

@@ -281,33 +281,47 @@ def allocation_reading(rows: list[dict], n: int, method: str = "lipschitz", agai
 CHEAP_RATIO = 2.0   # an epoch time "close to natural training's": at most this many times it
 
 def curves_reading(curves: dict, ratios: dict, n: int, subject: str = "odgq", reference: str = "natural",
-                   costly: str = "pgd-at", labels: dict | None = None) -> dict:
+                   costly: str = "pgd-at", labels: dict | None = None, cost: dict | None = None,
+                   cost_source: str = "") -> dict:
     """Final-epoch robust accuracy of `subject` against `reference` and `costly`, and their
-    epoch-time ratios. Returns {"final_robust_accuracy", "ratios", "robust_gain",
-    "robust_gain_ci95", "cheap" (subject's epoch time <= CHEAP_RATIO x reference's), "text"}."""
+    cost. ratios: the curves' own epoch-time ratios (what the figure shows); cost: the
+    controlled ones (`analysis.cost.training_cost`'s "ratio", described by `cost_source`),
+    which alone judge whether the subject is cheap: the curves' runs may have trained under
+    different loads. Without `cost`, "cheap" is None (not judged).
+    Returns {"final_robust_accuracy", "ratios", "cost_ratios", "robust_gain",
+    "robust_gain_ci95", "cheap" (subject's controlled epoch time <= CHEAP_RATIO x the
+    reference's, or None), "text"}."""
     labels = labels or {}
     name = lambda m: labels.get(m, m)  # noqa: E731
     final = {m: c["robust_accuracy"][-1] for m, c in curves.items()}
-    parts = [f"{name(m)} {pct(v)} ({ratios[m]:.1f}x {name(reference)}'s epoch time)" for m, v in final.items()]
+    parts = [f"{name(m)} {pct(v)}" for m, v in final.items()]
     text = f"Robust accuracy after the last epoch: {', '.join(parts)}."
+    if cost:
+        text += (f" Epoch time over {name(reference)}'s ({cost_source or 'controlled'}): "
+                 + ", ".join(f"{name(m)} {r:.2f}x" for m, r in cost.items() if m != reference) + ".")
     gain = gain_ci = cheap = None
     if subject in final and reference in final:
         gain = final[subject] - final[reference]
         h = diff_half_width(final[subject], final[reference], n)
         gain_ci = [gain - h, gain + h]
-        text += (f" {name(subject)} is {100 * gain:+.1f} points over {name(reference)} (95% noise ±{100 * h:.1f}) at "
-                 f"{ratios[subject]:.1f}x its epoch time")
+        text += f" {name(subject)} is {100 * gain:+.1f} points over {name(reference)} (95% noise ±{100 * h:.1f})"
         if costly in final:
-            text += (f"; {name(costly)} reaches {pct(final[costly])} at {ratios[costly]:.1f}x"
-                     f" ({100 * (final[subject] - final[costly]):+.1f} points for {name(subject)})")
+            text += f"; {name(costly)} reaches {pct(final[costly])} ({100 * (final[subject] - final[costly]):+.1f} " \
+                    f"points for {name(subject)})"
         text += "."
-        cheap = ratios[subject] <= CHEAP_RATIO
-        text += (" The claim (robust accuracy far above natural training at a cost close to it) holds here."
-                 if gain > h and cheap else
-                 " The claim does not hold here: " + ("the robust gain is within the noise" if gain <= h else
-                                                       f"its epoch time is {ratios[subject]:.1f}x natural") + ".")
-    return {"final_robust_accuracy": final, "ratios": dict(ratios), "robust_gain": gain, "robust_gain_ci95": gain_ci,
-            "cheap": cheap, "text": text}
+        cheap = cost[subject] <= CHEAP_RATIO if cost and subject in cost else None
+        if gain <= h:
+            text += " The claim (robust accuracy far above natural training at a cost close to it) does not hold " \
+                    "here: the robust gain is within the noise."
+        elif cheap is None:
+            text += " The cost half of the claim is not judged: no controlled epoch-time measurement."
+        elif cheap:
+            text += " The claim (robust accuracy far above natural training at a cost close to it) holds here."
+        else:
+            text += (f" The claim does not hold here: its epoch time is {cost[subject]:.2f}x natural training's "
+                     f"(close means at most {CHEAP_RATIO:g}x).")
+    return {"final_robust_accuracy": final, "ratios": dict(ratios), "cost_ratios": dict(cost) if cost else None,
+            "robust_gain": gain, "robust_gain_ci95": gain_ci, "cheap": cheap, "text": text}
 
 
 # ---- 02: error amplification and beta -------------------------------------------------------

@@ -9,7 +9,9 @@ Verdict rule (`verdict`): the claim is turned into a difference that it says is 
 that difference: lo > 0 is "reproduced", hi < 0 "not reproduced", an interval containing 0
 "inconclusive". A claim whose run is not in the report (e.g. `--only`) or failed is
 "not run". ODG-Q's claim has a second condition (an epoch time close to natural
-training's, at most `readings.CHEAP_RATIO` times it): failing it is "not reproduced".
+training's, at most `readings.CHEAP_RATIO` times it, as notebook 04 measures it under
+control, `analysis.cost`): failing it is "not reproduced"; not measuring it leaves a
+robust gain "inconclusive".
 
 Each claim reads the full results.json of one run (OUT/<run-id>/results.json, written by
 its study in rqlab.studies), chosen by notebook and, where a notebook runs several times,
@@ -141,20 +143,22 @@ def _odgq(res: dict) -> dict:
     bits = str(res["bits"][0])
     c = res["odgq_gain"][bits]
     final = res["final_robust_accuracy"][bits]
-    ratio = c["time_ratio"]
+    ratio = c.get("time_ratio")
+    cost = (f"{ratio:.2f}x natural training's epoch time ({c.get('time_source') or 'controlled'}; 'close' means at "
+            f"most {CHEAP_RATIO:g}x)" if ratio is not None else "an epoch time not measured (cost_n=0)")
     out = {"value": c["gain"], "ci95": c["ci95"], "n": c["n"],
            "figure": f"ODG-Q {pct(final['odgq'])} vs natural {pct(final['natural'])} robust accuracy at {bits} bits: "
-                     f"{pts(c['gain'])}, epoch time {ratio:.2f}x natural",
+                     f"{pts(c['gain'])}" + (f", epoch time {ratio:.2f}x natural" if ratio is not None else ""),
            "reason": f"At {bits} bits ODG-Q's final robust accuracy minus natural training's is {pts(c['gain'])}, "
-                     f"95% interval {interval(c['ci95'])} (n = {c['n']}), at {ratio:.2f}x natural training's epoch "
-                     f"time ({res['source']} curves; 'close' means at most {CHEAP_RATIO:g}x)"
-                     + (f"; PGD-7 AT reaches {pct(final['pgd-at'])}" if "pgd-at" in final else "") + "."
-                     + (" The zoo's epoch times compare only if its models trained alone on the machine."
-                        if res["source"] == "zoo" else ""),
+                     f"95% interval {interval(c['ci95'])} (n = {c['n']}, {res['source']} curves), at {cost}"
+                     + (f"; PGD-7 AT reaches {pct(final['pgd-at'])}" if "pgd-at" in final else "") + ".",
            "details": {"bits": int(bits), "final_robust_accuracy": final, "time_ratio": ratio,
-                       "source": res["source"]}}
-    if not c["cheap"]:
+                       "time_source": c.get("time_source"), "source": res["source"]}}
+    if c["cheap"] is False:
         out["verdict"] = "not reproduced"
+    elif c["cheap"] is None and c["ci95"][0] > 0:
+        out["verdict"] = "inconclusive"
+        out["reason"] += " The cost half of the claim is not judged without a controlled measurement."
     return out
 
 
