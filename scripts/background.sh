@@ -4,17 +4,20 @@
 #   - the training queue (scripts/zoo_queue.py), two workers: the full-budget zoo, each worker
 #     one model at a time (a model's lock keeps it to one worker), each model committed alone
 #     once it passes its checks;
-#   - the measuring loop: `rqlab zoo measure` over every built card not yet measured (the
-#     standard protocol's headline; 500 examples, 1,000 for full-budget adversarial models),
-#     then again every 10 minutes, so that models the queue finishes get their headline;
-#     after each pass scripts/commit_measured.py commits every measured card that passes
-#     zoo.standard_problems (one commit per model; a failing one is left, its reasons logged);
+#   - the measuring queue (scripts/measure_queue.py): the standard protocol's cards (500
+#     examples, 1,000 for full-budget adversarial models) of every built model not yet
+#     measured, the claims' models first, then again every 10 minutes, so that models the
+#     training queue finishes get theirs; after each model scripts/commit_measured.py
+#     commits every measured card that passes zoo.standard_problems (one commit per model;
+#     a failing one is left, its reasons logged). MEASURERS=2: two workers (a model's lock
+#     keeps it to one), for when nothing trains;
 #   - findings (b) under the standard protocol (`scripts/findings.py --section B --n 500`,
 #     once: it resumes from its finished batches and writes docs/findings/b_standard.json).
 #
 #   scripts/background.sh            start the queue and the loop (a job already running is
 #                                    left alone); NO_COMMIT=1 before it: commit nothing;
-#                                    WORKERS=1 before it: one training worker, not two
+#                                    WORKERS=1 before it: one training worker, not two;
+#                                    MEASURERS=2: two measuring workers, not one
 #   scripts/background.sh start JOB...  start only those of: train, measure, findings
 #   scripts/background.sh status     what runs, and the last lines of each log
 #   scripts/background.sh pause      SIGSTOP both (e.g. while the test suite runs: it is
@@ -30,11 +33,12 @@
 set -u
 cd "$(dirname "$0")/.." || exit 1
 QUEUE="scripts/zoo_queue.py"
-LOOP="rqlab-measure-loop"
+MEASURE="scripts/measure_queue.py"
+LOOP="rqlab-measure-loop"   # the measuring loop of older checkouts (a shell loop of rqlab zoo measure)
 
 pids() { pgrep -f "$1"; }
 FINDINGS="scripts/findings.py --section B"
-all_pids() { { pids "$QUEUE"; pids "$LOOP"; pids "rqlab zoo measure"; pids "$FINDINGS"; } | sort -u; }
+all_pids() { { pids "$QUEUE"; pids "$MEASURE"; pids "$LOOP"; pids "rqlab zoo measure"; pids "$FINDINGS"; } | sort -u; }
 
 case "${1:-start}" in
   start)
@@ -58,8 +62,8 @@ case "${1:-start}" in
     # the measuring loop shares the cores when it has a model to measure
     # NO_COMMIT=1: train and measure, commit nothing (e.g. after the last CI check of a
     # session: a later start commits what passed its checks)
-    nocommit=""; commit="scripts/commit_measured.py"
-    if [ -n "${NO_COMMIT:-}" ]; then nocommit="--no-commit"; commit="scripts/commit_measured.py --dry-run"; fi
+    nocommit=""
+    if [ -n "${NO_COMMIT:-}" ]; then nocommit="--no-commit"; fi
     launch train "$QUEUE --threads 1 --worker 1" "training queue (worker 1)" runs/zoo_queue.log \
       nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 1 $nocommit
     # WORKERS=1: one training worker, leaving a core to the measuring loop (whose standard
@@ -68,9 +72,12 @@ case "${1:-start}" in
       launch train "$QUEUE --threads 1 --worker 2" "training queue (worker 2)" runs/zoo_queue2.log \
         nice -n 5 .venv/bin/python "$QUEUE" --threads 1 --worker 2 $nocommit
     fi
-    # exec -a names the loop's shell, so that status, pause and stop find it
-    launch measure "$LOOP" "measuring loop" runs/measure/loop.log \
-      bash -c "exec -a $LOOP bash -c 'while true; do nice -n 5 .venv/bin/rqlab zoo measure --no-progress --channels-last; .venv/bin/python $commit; sleep 600; done'"
+    launch measure "$MEASURE --threads 1 --worker 1" "measuring queue (worker 1)" runs/measure/queue.log \
+      nice -n 5 .venv/bin/python "$MEASURE" --threads 1 --worker 1 --loop $nocommit
+    if [ "${MEASURERS:-1}" = 2 ]; then
+      launch measure "$MEASURE --threads 1 --worker 2" "measuring queue (worker 2)" runs/measure/queue2.log \
+        nice -n 5 .venv/bin/python "$MEASURE" --threads 1 --worker 2 --loop $nocommit
+    fi
     launch findings "$FINDINGS" "findings (b)" runs/findings_B.log \
       nice -n 5 .venv/bin/python $FINDINGS --n 500
     ;;
@@ -78,7 +85,8 @@ case "${1:-start}" in
     for p in $(all_pids); do ps -o pid=,stat=,etime=,args= -p "$p" | cut -c1-150; done
     echo "--- runs/zoo_queue.log";        tail -n 3 runs/zoo_queue.log 2>/dev/null
     echo "--- runs/zoo_queue2.log";       tail -n 3 runs/zoo_queue2.log 2>/dev/null
-    echo "--- runs/measure/loop.log";     tail -n 3 runs/measure/loop.log 2>/dev/null
+    echo "--- runs/measure/queue.log";    tail -n 3 runs/measure/queue.log 2>/dev/null
+    echo "--- runs/measure/queue2.log";   tail -n 3 runs/measure/queue2.log 2>/dev/null
     echo "--- runs/findings_B.log";       tail -n 3 runs/findings_B.log 2>/dev/null
     ;;
   pause)  for p in $(all_pids); do kill -STOP "$p"; done; echo "paused: $(all_pids | xargs)";;

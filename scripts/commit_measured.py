@@ -4,7 +4,8 @@ the recipe's n, the card's weights and precision, no higher than any attack or t
 PGD-20, each record agreeing): the model's store files, alone, one commit per model (its
 weights too where the training queue has not committed them, after the queue's own
 checks). A card that fails is left uncommitted, the reasons printed for a person to read.
-The background measuring loop runs it after every pass (scripts/background.sh).
+The background measuring queue (scripts/measure_queue.py, started by scripts/background.sh)
+runs it after every model it measures.
 
     .venv/bin/python scripts/commit_measured.py            # commit what is measured and sane
     .venv/bin/python scripts/commit_measured.py --dry-run  # say what it would commit

@@ -435,3 +435,44 @@ def test_small_recipes_name_their_own_budget():
     assert zoo.recipe("fmnist-fp-natural-small").summary.endswith("(60k images, 3 epochs)")
     assert zoo.recipe("fmnist-q4-pgd7-small").summary.endswith("(6k images, 4 epochs)")
     assert zoo.recipe("fmnist-dq-natural-small").summary.endswith("(6k images, 4 epochs)")
+
+
+# ---- the background measuring queue (scripts/measure_queue.py) --------------------------------
+
+def measure_queue(monkeypatch, tmp_path):
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(zoo.STORE.parents[2] / "scripts"))
+    for mod in ("measure_queue", "zoo_queue"):
+        sys.modules.pop(mod, None)
+    q = importlib.import_module("measure_queue")
+    monkeypatch.setattr(importlib.import_module("zoo_queue"), "LOCKS", tmp_path / "locks")
+    return q
+
+
+def test_measure_queue_puts_the_claims_models_first_and_locks_each(monkeypatch, tmp_path):
+    q = measure_queue(monkeypatch, tmp_path)
+    assert all(n in zoo.RECIPES for n in q.ORDER) and len(set(q.ORDER)) == len(q.ORDER)
+    built = ["fmnist-fp-natural", "fmnist-q4-fgsm-rs", "fmnist-q4-pgd7"]
+    assert q.order(built) == ["fmnist-q4-pgd7", "fmnist-q4-fgsm-rs", "fmnist-fp-natural"]
+    first = q.take("measure-fmnist-q4-pgd7")
+    assert first is not None and q.take("measure-fmnist-q4-pgd7") is None   # a second worker passes over it
+    first.close()
+    assert q.take("measure-fmnist-q4-pgd7") is not None
+
+
+def test_measure_queue_names_the_missing_entries(monkeypatch, tmp_path):
+    q = measure_queue(monkeypatch, tmp_path)
+    name = "fmnist-fp-natural"   # a headline and an entry at eps 0.03 (Recipe.extra_eps)
+    if name not in MEASURED:
+        pytest.skip(f"{name} not measured")
+    store_copy(name, tmp_path, monkeypatch)
+    c = zoo.card(name)
+    assert q.unmeasured(name) == []
+    c.pop("standard_eps", None)
+    (tmp_path / f"{name}.json").write_text(json.dumps(c))
+    assert q.unmeasured(name) == ["eps 0.03"]
+    c.pop("standard")
+    (tmp_path / f"{name}.json").write_text(json.dumps(c))
+    assert q.unmeasured(name) == ["headline", "eps 0.03"]
