@@ -623,5 +623,11 @@ def test_claims_table_headlines_the_standard_protocol_where_measured(tmp_path):
     assert "eps 0.03" in a["figure"] and "+20.0 points" in a["reason"] and "reproduced" in a["reason"]
     assert by["d"]["source"] == "standard" and by["d"]["verdict"] == "not reproduced"   # the epoch time
     assert by["b"]["source"] is None and by["b"]["verdict"] == "not run"
+    # an unmeasured cost leaves a robust gain inconclusive, but not a standard-protocol loss
+    nocost = make_report(tmp_path / "nocost", {("04", "04_odgq_training_curves", ()): odgq_results(0.5, 0.1, None)})
+    d = lambda value, ci: next(r for r in C.claims_table(tmp_path / "nocost", nocost, [std("d", value, ci)])  # noqa: E731
+                               if r["id"] == "d")
+    assert d(0.3, [0.2, 0.4])["verdict"] == "inconclusive" and "not judged" in d(0.3, [0.2, 0.4])["reason"]
+    assert d(-0.3, [-0.4, -0.2])["verdict"] == "not reproduced"
     unmeasured = [{**std("a", 0.1, [0.0, 0.2]), "value": None}]
     assert C.claims_table(tmp_path, rows, unmeasured)[0]["source"] == "notebook"

@@ -263,7 +263,8 @@ def with_standard(row: dict, standard_rows) -> dict:
     as this claim's headline gives the figure, interval, n and verdict (a headline is the
     standard protocol's, not the notebook's single attack); the notebook's figure stays in
     the reason. A verdict the notebook forced by a condition other than the interval (ODG-Q's
-    epoch time) stands. Rows whose run is missing or failed (no figure: the claim's other
+    epoch time: "not reproduced" when too slow, "inconclusive" when not measured) caps the
+    standard protocol's: the lower of the two in not reproduced < inconclusive < reproduced. Rows whose run is missing or failed (no figure: the claim's other
     conditions unread), or without a measured headline comparison, are returned as they are."""
     s = next((r for r in standard_rows or () if r["id"] == row["id"] and r.get("headline") and r["value"] is not None),
              None)
@@ -273,8 +274,9 @@ def with_standard(row: dict, standard_rows) -> dict:
     notebook = (f" The notebook ({row['run_id']}, its own attack): {row['figure']}, 95% interval "
                 f"{interval(row['ci95'])}, {row['verdict']}.")
     forced = row["verdict"] if row.get("condition_failed") else None
+    rank = ("not reproduced", "inconclusive", "reproduced").index
     return {**row, "value": s["value"], "ci95": s["ci95"], "n": s["n"], "source": "standard",
-            "verdict": forced or s["verdict"],
+            "verdict": min(forced, s["verdict"], key=rank) if forced else s["verdict"],
             "figure": f"{who(s['better'], s.get('better_at'))} minus {who(s['worse'], s.get('worse_at'))}{eps}, "
                       f"standard protocol: {pts(s['value'])}",
             "reason": f"Under the standard protocol (the zoo cards' records, paired): {s['reason']}" + notebook
