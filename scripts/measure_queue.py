@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rqlab import zoo  # noqa: E402
-from rqlab.validate import RqlabError  # noqa: E402
-from zoo_queue import take  # noqa: E402
+from zoo_queue import locked, take  # noqa: E402  (take: for the tests)
 
 ORDER = ("fmnist-q4-pgd7", "fmnist-odgq-q4", "fmnist-rpt-pgd7", "fmnist-q8-pgd7", "fmnist-bin-natural",
          "fmnist-odgq-bin", "fmnist-q4-fgsm-rs", "fmnist-dq-pgd7", "fmnist-bin-pgd7", "fmnist-bin-fgsm-rs",
@@ -56,6 +55,12 @@ def unmeasured(name: str) -> list[str]:
     return missing
 
 
+def measure_and_commit(name: str, no_commit: bool) -> None:
+    zoo.measure_many([name], progress=False, channels_last=True, log=lambda m: print(m, flush=True))
+    commit = [sys.executable, str(ROOT / "scripts" / "commit_measured.py")] + (["--dry-run"] if no_commit else [])
+    subprocess.run(commit, cwd=ROOT, check=False)
+
+
 def one_pass(worker: str, dry_run: bool = False, no_commit: bool = False) -> int:
     """Measure every model that needs it and is not taken; returns how many were measured."""
     done = 0
@@ -67,21 +72,9 @@ def one_pass(worker: str, dry_run: bool = False, no_commit: bool = False) -> int
         if dry_run:
             print(f"[{i}/{len(names)}] {name}: to measure ({', '.join(todo)})")
             continue
-        lock = take(f"measure-{name}")
-        if lock is None:
-            print(f"[{i}/{len(names)}] {name}: being measured by another worker; next", flush=True)
-            continue
-        with lock:
-            print(f"[{i}/{len(names)}] {name}: measuring {', '.join(todo)} (worker {worker})", flush=True)
-            try:
-                zoo.measure_many([name], progress=False, channels_last=True, log=lambda m: print(m, flush=True))
-            except RqlabError as e:
-                print(f"{name}: error: {e}", flush=True)
-                continue
+        if locked(f"measure-{name}", f"[{i}/{len(names)}] {name}", "measured",
+                  f"measuring {', '.join(todo)} (worker {worker})", lambda: measure_and_commit(name, no_commit)):
             done += 1
-            commit = [sys.executable, str(ROOT / "scripts" / "commit_measured.py")] + (["--dry-run"] if no_commit
-                                                                                        else [])
-            subprocess.run(commit, cwd=ROOT, check=False)
     return done
 
 

@@ -106,24 +106,36 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(f"[{i}/{len(names)}] {n}: {state}  ({zoo.recipe(n).command})")
             continue
-        lock = take(n)
-        if lock is None:
-            print(f"[{i}/{len(names)}] {n}: being trained by another worker; next", flush=True)
-            continue
-        with lock:
-            print(f"[{i}/{len(names)}] {n}: {state} (worker {args.worker})", flush=True)
-            try:
-                zoo.build(n, threads=args.threads, progress=False, protocol="quick",
-                          log=lambda m: print(m, flush=True))
-            except RqlabError as e:
-                print(f"{n}: error: {e}", flush=True)
-                continue
-            problems = check(n)
-            if problems:
-                print(f"{n}: NOT committed: {'; '.join(problems)}", flush=True)
-            elif not args.no_commit and changed(*store_files(n)):
-                commit(n)
+        locked(n, f"[{i}/{len(names)}] {n}", "trained", f"{state} (worker {args.worker})",
+               lambda: build_and_commit(n, args.threads, args.no_commit))
     return 0
+
+
+def build_and_commit(name: str, threads: int | None, no_commit: bool) -> None:
+    zoo.build(name, threads=threads, progress=False, protocol="quick", log=lambda m: print(m, flush=True))
+    problems = check(name)
+    if problems:
+        print(f"{name}: NOT committed: {'; '.join(problems)}", flush=True)
+    elif not no_commit and changed(*store_files(name)):
+        commit(name)
+
+
+def locked(name: str, head: str, busy: str, start: str, work) -> bool:
+    """Run `work()` holding lock `name` (`take`), the log's lines headed `head`: when another
+    worker holds it, say it is being `busy` and pass; else say `start`, and print an
+    RqlabError of `work` rather than raise it. Returns whether `work` ran to its end."""
+    lock = take(name)
+    if lock is None:
+        print(f"{head}: being {busy} by another worker; next", flush=True)
+        return False
+    with lock:
+        print(f"{head}: {start}", flush=True)
+        try:
+            work()
+        except RqlabError as e:
+            print(f"{name}: error: {e}", flush=True)
+            return False
+    return True
 
 
 def take(name: str):
