@@ -174,6 +174,17 @@ def test_odgq_too_slow_is_not_reproduced(tmp_path):
     assert d["ci95"][0] > 0 and d["verdict"] == "not reproduced" and "3.00x" in d["reason"]
 
 
+def test_odgq_reads_4_bits_and_gives_the_others_as_context(tmp_path):
+    res = odgq_results(0.5, 0.1, 3.0)
+    one = odgq_results(0.3, 0.1, 1.5)
+    res["bits"] = [1, 4]   # as the study sorts them
+    res["odgq_gain"]["1"] = one["odgq_gain"]["4"]
+    res["final_robust_accuracy"]["1"] = one["final_robust_accuracy"]["4"]
+    d = C.claims_table(tmp_path, make_report(tmp_path, {("04", "04_odgq_training_curves", ()): res}))[-1]
+    assert d["details"]["bits"] == 4 and d["value"] == pytest.approx(0.4) and d["verdict"] == "not reproduced"
+    assert "At 1 bit: +20.0 points over natural training" in d["reason"] and "1.50x" in d["reason"]
+
+
 def test_odgq_without_a_controlled_cost_is_inconclusive(tmp_path):
     rows = make_report(tmp_path, {("04", "04_odgq_training_curves", ()): odgq_results(0.5, 0.1, None)})
     d = C.claims_table(tmp_path, rows)[-1]

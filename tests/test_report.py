@@ -245,7 +245,7 @@ EXTRA = {"01_precision_transferability": "eot = 10\npasses = 5\n",
          "02_lipschitz_error_amplification": "beta = 0.001\nbetas = [0.0]\ntrain_n = 1000\nepochs = 2\nsweep_models = []\n",
          "03_bit_selection": "budgets = [3.0]\nrandom_seeds = 3\niters = 300\nmethods = [\"uniform\"]\nsens_n = 256\n"
                              "hessian_probes = 16\n",
-         "04_odgq_training_curves": "epochs = 10\nlive = False\ntrain_n = 2000\n",
+         "04_odgq_training_curves": "epochs = 10\nlive = False\ntrain_n = 2000\ncost_n = 512\ncost_reps = 3\n",
          "05_double_win_quant": "eot = 10\npasses = 5\naa_n_iter = 25\naa_n_examples = 100\n",
          "06_deployed_int8": "model = [\"fmnist-fp-pgd7-small\"]\nsquare_queries = 1000\ncalib_n = 1024\n"}
 
