@@ -188,7 +188,12 @@ def test_odgq_reads_4_bits_and_gives_the_others_as_context(tmp_path):
 def test_odgq_without_a_controlled_cost_is_inconclusive(tmp_path):
     rows = make_report(tmp_path, {("04", "04_odgq_training_curves", ()): odgq_results(0.5, 0.1, None)})
     d = C.claims_table(tmp_path, rows)[-1]
-    assert d["ci95"][0] > 0 and d["verdict"] == "inconclusive" and "not judged" in d["reason"]
+    assert d["ci95"][0] > 0 and d["verdict"] == "inconclusive" and "no controlled measurement" in d["reason"]
+    res = odgq_results(0.5, 0.1, 1.9)
+    res["odgq_gain"]["4"].update(cheap=None, time_range=[1.5, 2.8])   # repetitions on both sides of 2x
+    d = C.claims_table(tmp_path / "straddle", make_report(tmp_path / "straddle",
+                                                          {("04", "04_odgq_training_curves", ()): res}))[-1]
+    assert d["verdict"] == "inconclusive" and "1.50x to 2.80x" in d["reason"]
 
 
 def test_missing_failed_and_outdated_runs(tmp_path):

@@ -102,6 +102,11 @@ def test_curves_reading_checks_gain_and_cost():
     # without a controlled cost the cost half is not judged
     unjudged = R.curves_reading(curves, {**ratios, "odgq": 6.0}, n=500)
     assert unjudged["cheap"] is None and "not judged" in unjudged["text"]
+    # repetitions on both sides of the 2x bound: not judged; all above it: not cheap
+    straddle = R.curves_reading(curves, ratios, n=500, cost={**ratios, "odgq": 1.9}, cost_range={"odgq": [1.5, 2.8]})
+    assert straddle["cheap"] is None and "1.50x to 2.80x" in straddle["text"] and "both sides" in straddle["text"]
+    above = R.curves_reading(curves, ratios, n=500, cost={**ratios, "odgq": 2.3}, cost_range={"odgq": [2.1, 2.8]})
+    assert above["cheap"] is False
     # no robust gain: the claim fails whatever the cost
     flat = R.curves_reading({**curves, "odgq": curve(0.06, 1.0)}, ratios, n=500, cost=ratios)
     assert "within the noise" in flat["text"]

@@ -282,12 +282,15 @@ CHEAP_RATIO = 2.0   # an epoch time "close to natural training's": at most this 
 
 def curves_reading(curves: dict, ratios: dict, n: int, subject: str = "odgq", reference: str = "natural",
                    costly: str = "pgd-at", labels: dict | None = None, cost: dict | None = None,
-                   cost_source: str = "") -> dict:
+                   cost_source: str = "", cost_range: dict | None = None) -> dict:
     """Final-epoch robust accuracy of `subject` against `reference` and `costly`, and their
     cost. ratios: the curves' own epoch-time ratios (what the figure shows); cost: the
     controlled ones (`analysis.cost.training_cost`'s "ratio", described by `cost_source`),
     which alone judge whether the subject is cheap: the curves' runs may have trained under
-    different loads. Without `cost`, "cheap" is None (not judged).
+    different loads. Without `cost`, "cheap" is None (not judged). cost_range: {method: [lo,
+    hi]}, the per-repetition ratios' range (`training_cost`'s "ratio_range"): the subject is
+    judged cheap only when all of them are within the bound, not cheap when none is, and
+    not judged (None) when they straddle it.
     Returns {"final_robust_accuracy", "ratios", "cost_ratios", "robust_gain",
     "robust_gain_ci95", "cheap" (subject's controlled epoch time <= CHEAP_RATIO x the
     reference's, or None), "text"}."""
@@ -309,12 +312,19 @@ def curves_reading(curves: dict, ratios: dict, n: int, subject: str = "odgq", re
             text += f"; {name(costly)} reaches {pct(final[costly])} ({100 * (final[subject] - final[costly]):+.1f} " \
                     f"points for {name(subject)})"
         text += "."
-        cheap = cost[subject] <= CHEAP_RATIO if cost and subject in cost else None
+        lo, hi = (cost_range or {}).get(subject) or [None, None]
+        if cost and subject in cost:
+            lo, hi = (cost[subject], cost[subject]) if lo is None else (lo, hi)
+            cheap = True if hi <= CHEAP_RATIO else False if lo > CHEAP_RATIO else None
         if gain <= h:
             text += " The claim (robust accuracy far above natural training at a cost close to it) does not hold " \
                     "here: the robust gain is within the noise."
-        elif cheap is None:
+        elif cheap is None and not (cost and subject in cost):
             text += " The cost half of the claim is not judged: no controlled epoch-time measurement."
+        elif cheap is None:
+            text += (f" The cost half of the claim is not judged: the repetitions put {name(subject)} at {lo:.2f}x to "
+                     f"{hi:.2f}x natural training's epoch time, on both sides of the {CHEAP_RATIO:g}x bound (time "
+                     f"more images or repetitions).")
         elif cheap:
             text += " The claim (robust accuracy far above natural training at a cost close to it) holds here."
         else:

@@ -166,7 +166,10 @@ def _odgq(res: dict) -> dict:
         out["verdict"] = "not reproduced"
     elif c["cheap"] is None and c["ci95"][0] > 0:
         out["verdict"] = "inconclusive"
-        out["reason"] += " The cost half of the claim is not judged without a controlled measurement."
+        span = c.get("time_range")
+        out["reason"] += (" The cost half of the claim is not judged: " + (
+            f"the repetitions put ODG-Q at {span[0]:.2f}x to {span[1]:.2f}x, on both sides of the bound."
+            if ratio is not None and span else "no controlled measurement."))
     return out
 
 

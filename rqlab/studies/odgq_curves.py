@@ -256,7 +256,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
     Returns {"final_robust_accuracy", "final_clean_accuracy", "epoch_time_ratio" (the
     curves' own), "training_cost" (the controlled one, `measure_cost`; None with cost_n=0),
     "epochs", "curves", "reading", "odgq_gain" ({"gain", "ci95", "n", "time_ratio" (the
-    controlled one), "time_source", "cheap"}: ODG-Q over natural training; each
+    controlled one), "time_range" (its repetitions'), "time_source", "cheap"}: ODG-Q over natural training; each
     {str(bits): ...}), "source" ("zoo" | "live"), "bits", "threat"}; `.models` holds the
     trained (live) or zoo models.
     """
@@ -295,7 +295,8 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
     labels = {m: METHOD_LABELS[m] for m in params.methods}
     full = {b: readings.curves_reading(curves[b], ratios[b], n=n_eval, labels=labels,
                                        cost=cost[b]["ratio"] if cost[b] else None,
-                                       cost_source=cost[b]["source"] if cost[b] else "")
+                                       cost_source=cost[b]["source"] if cost[b] else "",
+                                       cost_range=cost[b]["ratio_range"] if cost[b] else None)
             for b in params.bits if ratios[b]}
     read = {b: r["text"] for b, r in full.items()}
     if params.live and params.train_n < 5000:
@@ -318,6 +319,7 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
         # ODG-Q against natural training (the claim of METHODS section 5), per precision
         "odgq_gain": {str(b): {"gain": r["robust_gain"], "ci95": r["robust_gain_ci95"], "n": n_eval,
                                "time_ratio": (r["cost_ratios"] or {}).get("odgq"),
+                               "time_range": cost[b]["ratio_range"]["odgq"] if cost[b] else None,
                                "time_source": cost[b]["source"] if cost[b] else None, "cheap": r["cheap"]}
                       for b, r in full.items() if r["robust_gain"] is not None},
     }
