@@ -56,23 +56,18 @@ def training_cost(specs: dict, train_set, reps: int = 3, epochs: int = 1, refere
     batch = {s.train.batch_size for s in specs.values()}
 
     def loader(spec):
-        dev = resolve_device(spec.train.device)
-        return data.Loader(train_set, spec.train.batch_size, shuffle=True, seed=seed, device=dev), dev
+        return data.Loader(train_set, spec.train.batch_size, shuffle=True, seed=seed,
+                           device=resolve_device(spec.train.device))
 
-    first = next(iter(specs.values()))
-    warm, dev = loader(first)
-    xw, yw = next(iter(warm))
-    F.cross_entropy(build_model(first, train_set).to(dev).train()(xw), yw).backward()
-
+    warm_up(next(iter(specs.values())), train_set)
     times: dict[str, list[float]] = {k: [] for k in specs}
     order, rng = list(specs), random.Random(seed)
     for r in range(reps):
         rng.shuffle(order)  # no method always first, or always after the same one
         for label in order:
             spec = specs[label]
-            train_loader, _ = loader(spec)
             model = build_model(spec, train_set)
-            history = fit(model, train_loader, spec.train, hooks=build_hooks(spec), progress=False, log=None)
+            history = fit(model, loader(spec), spec.train, hooks=build_hooks(spec), progress=False, log=None)
             times[label].append(history[-1]["epoch_time_s"])
         if log:
             log(f"  cost rep {r + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
@@ -87,6 +82,21 @@ def training_cost(specs: dict, train_set, reps: int = 3, epochs: int = 1, refere
     return out
 
 
+def warm_up(spec, train_set) -> None:
+    """One untimed training step of `spec` (an `experiment.RunSpec`) on a batch of
+    `train_set`, so that the first method timed after it does not pay the process's one-time
+    costs (allocator warm-up, kernel selection)."""
+    import torch.nn.functional as F
+
+    from .. import data
+    from ..experiment import build_model
+    from ..training import resolve_device
+
+    dev = resolve_device(spec.train.device)
+    x, y = next(iter(data.Loader(train_set, spec.train.batch_size, device=dev)))
+    F.cross_entropy(build_model(spec, train_set).to(dev).train()(x), y).backward()
+
+
 def describe(cost: dict) -> str:
     """'measured in one run: 512 training images, batch 128, epoch 2 of 2 timed, median of 3
     interleaved repetitions, 1 thread'."""
@@ -96,4 +106,4 @@ def describe(cost: dict) -> str:
             f"{'s' if cost['reps'] != 1 else ''}, {threads} thread{'s' if threads != 1 else ''}")
 
 
-__all__ = ["training_cost", "describe"]
+__all__ = ["training_cost", "warm_up", "describe"]

@@ -164,11 +164,10 @@ def train_curves(methods, bits: int, train_set, test_set, threat, epochs: int = 
     (post-training quantization, for the explorer), besides the trained one.
     Returns (curves {method: curve}, models {method: model in eval mode at Fixed(bits)}).
     """
-    import torch.nn.functional as F
-
-    from .. import data, quant
+    from .. import quant
+    from ..analysis.cost import warm_up
     from ..evaluation import as_tensors, evaluate
-    from ..experiment import TrainConfig, build_model, train
+    from ..experiment import TrainConfig, train
     from ..training import resolve_device
 
     methods = check_methods(methods)
@@ -180,10 +179,7 @@ def train_curves(methods, bits: int, train_set, test_set, threat, epochs: int = 
     metric = {"robust_accuracy": lambda m: evaluate(m, (x, y), threat, progress=False)["robust_accuracy"]}
     specs = live_specs(methods, bits, train_set.name, threat.eps, cfg)
 
-    # One untimed training step first, so that the first method timed does not pay the
-    # process's one-time costs (allocator warm-up, kernel selection).
-    xw, yw = next(iter(data.Loader(train_set, batch_size, device=dev)))
-    F.cross_entropy(build_model(specs[methods[0]], train_set).to(dev).train()(xw), yw).backward()
+    warm_up(specs[methods[0]], train_set)  # the first method timed does not pay one-time costs
     curves, trained = {}, {}
     for method, spec in specs.items():
         model, history = train(spec, None, train_set=train_set, test_set=test_set, epoch_metrics=metric,
@@ -218,7 +214,7 @@ def cost_specs(params: Params, bits: int, device: str) -> dict:
 
     if params.live:
         return live_specs(params.methods, bits, params.dataset, params.eps,
-                          TrainConfig(epochs=2, seed=params.seed, device=device))
+                          TrainConfig(seed=params.seed, device=device))
     return {m: zoo.recipe(name).spec.replace(train={"device": device})
             for m, name in zoo_curve_models(bits, params.methods).items()}
 
@@ -256,9 +252,9 @@ def run(params: Params, inputs: common.Inputs | None = None, log=print, progress
     Returns {"final_robust_accuracy", "final_clean_accuracy", "epoch_time_ratio" (the
     curves' own), "training_cost" (the controlled one, `measure_cost`; None with cost_n=0),
     "epochs", "curves", "reading", "odgq_gain" ({"gain", "ci95", "n", "time_ratio" (the
-    controlled one), "time_range" (its repetitions'), "time_source", "cheap"}: ODG-Q over natural training; each
-    {str(bits): ...}), "source" ("zoo" | "live"), "bits", "threat"}; `.models` holds the
-    trained (live) or zoo models.
+    controlled one), "time_range" (its repetitions'), "time_source", "cheap"}: ODG-Q over
+    natural training; each {str(bits): ...}), "source" ("zoo" | "live"), "bits", "threat"};
+    `.models` holds the trained (live) or zoo models.
     """
     import torch
 
