@@ -312,14 +312,14 @@ def curves_reading(curves: dict, ratios: dict, n: int, subject: str = "odgq", re
             text += f"; {name(costly)} reaches {pct(final[costly])} ({100 * (final[subject] - final[costly]):+.1f} " \
                     f"points for {name(subject)})"
         text += "."
-        lo, hi = (cost_range or {}).get(subject) or [None, None]
-        if cost and subject in cost:
-            lo, hi = (cost[subject], cost[subject]) if lo is None else (lo, hi)
+        timed = bool(cost) and subject in cost
+        if timed:
+            lo, hi = (cost_range or {}).get(subject) or (cost[subject], cost[subject])
             cheap = True if hi <= CHEAP_RATIO else False if lo > CHEAP_RATIO else None
         if gain <= h:
             text += " The claim (robust accuracy far above natural training at a cost close to it) does not hold " \
                     "here: the robust gain is within the noise."
-        elif cheap is None and not (cost and subject in cost):
+        elif not timed:
             text += " The cost half of the claim is not judged: no controlled epoch-time measurement."
         elif cheap is None:
             text += (f" The cost half of the claim is not judged: the repetitions put {name(subject)} at {lo:.2f}x to "

@@ -10,8 +10,8 @@ that difference: lo > 0 is "reproduced", hi < 0 "not reproduced", an interval co
 "inconclusive". A claim whose run is not in the report (e.g. `--only`) or failed is
 "not run". ODG-Q's claim has a second condition (an epoch time close to natural
 training's, at most `readings.CHEAP_RATIO` times it, as notebook 04 measures it under
-control, `analysis.cost`): failing it is "not reproduced"; not measuring it leaves a
-robust gain "inconclusive".
+control, `analysis.cost`): failing it is "not reproduced"; not measuring it, or
+repetitions on both sides of the bound, leave a robust gain "inconclusive".
 
 Each claim reads the full results.json of one run (OUT/<run-id>/results.json, written by
 its study in rqlab.studies), chosen by notebook and, where a notebook runs several times,
@@ -274,9 +274,10 @@ def with_standard(row: dict, standard_rows) -> dict:
     as this claim's headline gives the figure, interval, n and verdict (a headline is the
     standard protocol's, not the notebook's single attack); the notebook's figure stays in
     the reason. A verdict the notebook forced by a condition other than the interval (ODG-Q's
-    epoch time: "not reproduced" when too slow, "inconclusive" when not measured) caps the
-    standard protocol's: the lower of the two in not reproduced < inconclusive < reproduced. Rows whose run is missing or failed (no figure: the claim's other
-    conditions unread), or without a measured headline comparison, are returned as they are."""
+    epoch time: "not reproduced" when too slow, "inconclusive" when not judged) caps the
+    standard protocol's: the lower of the two in not reproduced < inconclusive < reproduced.
+    Rows whose run is missing or failed (no figure: the claim's other conditions unread), or
+    without a measured headline comparison, are returned as they are."""
     s = next((r for r in standard_rows or () if r["id"] == row["id"] and r.get("headline") and r["value"] is not None),
              None)
     if s is None or row["value"] is None:
