@@ -1,5 +1,5 @@
 """Issue 18: a rerun of `rqlab report` keeps the runs that finished and redoes only the rest
-(rqlab/report/reuse.py): same parameters, notebook file and commit, files as written.
+(rqlab/report/reuse.py): same parameters, notebook file and rqlab source, files as written.
 
 Each notebook here appends a line to ../executions.log (beside the notebooks folder) when it
 completes, so a test counts what ran. No torch in the notebooks: a run is one kernel start.
@@ -24,7 +24,7 @@ from rqlab.report import batch, reuse  # noqa: E402
 
 from test_bad_inputs import assert_index_agrees, kill_tree, spawn, wait_for  # noqa: E402
 
-SKIPPED = "finished runs (same parameters and commit); --force reruns them"
+SKIPPED = "finished runs (same parameters and rqlab source); --force reruns them"
 
 
 def write_notebook(path: Path, title: str = "") -> None:
@@ -94,7 +94,7 @@ def test_sigterm_after_the_first_run_then_a_rerun_redoes_only_the_rest(tmp_path)
     assert {p.name: stamp(p) for p in (out / "fast").iterdir()} == before  # nor was its folder rewritten
     assert_index_agrees(out, {"fast": 1.0, "slow": 1.5}, in_progress=False)
     assert reused(out) == {"fast": True, "slow": False}
-    assert "reused: same parameters and commit" in (out / "index.html").read_text()
+    assert "reused: same parameters and rqlab source" in (out / "index.html").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +142,13 @@ def test_a_changed_parameter_or_notebook_reruns_only_that_run(base, tmp_path, ca
     assert_index_agrees(out, {"alpha": 1.0, "beta": 2.0}, in_progress=False)
 
 
-def test_force_or_another_commit_reruns_every_run(base, tmp_path, capsys, monkeypatch):
+def test_force_or_another_source_reruns_every_run(base, tmp_path, capsys, monkeypatch):
     ws = copy(base, tmp_path)
     assert sorted(rerun(ws, "--force")) == ["2.0 0.0", "3.0 0.0"]
     assert "skipped" not in capsys.readouterr().out
     assert reused(ws / "out") == {"alpha": False, "beta": False}
 
-    monkeypatch.setattr(batch, "source_commit", lambda: "0123abcd+dirty.feedfeedfeedfeed")
+    monkeypatch.setattr(batch, "source_state", lambda: "source 0123abcd+dirty.feedfeedfeedfeed")
     assert sorted(rerun(ws)) == ["2.0 0.0", "3.0 0.0"]
     assert "skipped" not in capsys.readouterr().out
     assert rerun(ws) == []  # the same (dirty) state again: kept
@@ -163,12 +163,12 @@ def test_a_finished_run_is_kept_only_as_written(tmp_path):
     (folder / "sub").mkdir()
     (folder / "sub" / "figure.png").write_bytes(b"png")
     run = SimpleNamespace(run_id="run", notebook="alpha")
-    fp = {"params": {"scale": 1.0, "bits": [4, 8]}, "commit": "abc", "notebook_sha256": "0" * 64}
+    fp = {"params": {"scale": 1.0, "bits": [4, 8]}, "source": "abc", "notebook_sha256": "0" * 64}
     record = {"run_id": "run", "status": "ok", "results": {"acc": 0.5}, "reused": False}
     reuse.seal(folder, run, fp, record)
     assert reuse.finished(folder, fp) == record
     assert reuse.finished(folder, {**fp, "params": {"scale": 1.0, "bits": [4, 6]}}) is None
-    assert reuse.finished(folder, {**fp, "commit": "abc+dirty.0123"}) is None
+    assert reuse.finished(folder, {**fp, "source": "abc+dirty.0123"}) is None
 
     for change, undo in [
         (lambda: (folder / "extra.json").write_text("{}"), lambda: (folder / "extra.json").unlink()),
@@ -195,38 +195,48 @@ def git(repo: Path, *args: str) -> str:
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
-def test_the_commit_counts_uncommitted_changes(tmp_path):
-    """Clean: HEAD. Uncommitted changes under rqlab/ or notebooks/ (tracked or new, not
-    ignored): HEAD+dirty.<hash>, one hash per set of changes. Elsewhere: still HEAD."""
+def test_the_source_state_follows_rqlab_and_the_notebooks_only(tmp_path):
+    """Clean: a hash of the tree under rqlab/ and notebooks/, whatever the commit. A commit
+    elsewhere, or of a zoo card only (measuring rewrites cards, not weights), keeps it;
+    weights or code change it. Uncommitted changes under rqlab/ or notebooks/ (tracked or
+    new, not ignored; cards aside): +dirty.<hash>, one hash per set of changes."""
     repo = tmp_path / "repo"
     for rel, text in [("rqlab/a.py", "x = 1\n"), ("notebooks/n.ipynb", "{}\n"), ("README.md", "hi\n"),
+                      ("rqlab/zoo/store/m.json", "{}\n"), ("rqlab/zoo/store/m.pt", "w1"),
                       (".gitignore", "__pycache__/\n")]:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text(text)
     git(repo, "init", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "init")
-    head = git(repo, "rev-parse", "HEAD")
-    assert reuse.source_commit(repo) == head
+    clean = reuse.source_state(repo)
+    assert clean.startswith("source ") and "+dirty" not in clean
 
     (repo / "README.md").write_text("changed\n")                 # outside rqlab/ and notebooks/
     (repo / "rqlab" / "__pycache__").mkdir()
     (repo / "rqlab" / "__pycache__" / "a.pyc").write_bytes(b"ignored")
-    assert reuse.source_commit(repo) == head
+    (repo / "rqlab" / "zoo" / "store" / "m.json").write_text('{"standard": 1}\n')   # a card measured
+    assert reuse.source_state(repo) == clean
+    git(repo, "commit", "-q", "-am", "docs and a measured card")
+    assert reuse.source_state(repo) == clean                       # another commit, the same source
 
     (repo / "rqlab" / "a.py").write_text("x = 2\n")
-    one = reuse.source_commit(repo)
-    assert one.startswith(f"{head}+dirty.") and reuse.source_commit(repo) == one
+    one = reuse.source_state(repo)
+    assert one.startswith(f"{clean}+dirty.") and reuse.source_state(repo) == one
     (repo / "rqlab" / "a.py").write_text("x = 3\n")               # another change, same file list
-    two = reuse.source_commit(repo)
-    assert two.startswith(f"{head}+dirty.") and two != one
+    two = reuse.source_state(repo)
+    assert two.startswith(f"{clean}+dirty.") and two != one
     (repo / "rqlab" / "a.py").write_text("x = 1\n")
-    assert reuse.source_commit(repo) == head
+    assert reuse.source_state(repo) == clean
     (repo / "notebooks" / "helper.py").write_text("y = 1\n")     # untracked, not ignored
-    assert reuse.source_commit(repo).startswith(f"{head}+dirty.")
+    assert reuse.source_state(repo).startswith(f"{clean}+dirty.")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "helper")
-    assert reuse.source_commit(repo) == git(repo, "rev-parse", "HEAD") != head
+    code = reuse.source_state(repo)
+    assert code != clean and "+dirty" not in code
+    (repo / "rqlab" / "zoo" / "store" / "m.pt").write_text("w2")     # weights retrained
+    git(repo, "commit", "-q", "-am", "retrained")
+    assert reuse.source_state(repo) not in (clean, code)
 
     shutil.rmtree(repo / ".git")                                  # an installed copy: no git
-    assert reuse.source_commit(repo).startswith("rqlab ")
+    assert reuse.source_state(repo).startswith("rqlab ")

@@ -11,8 +11,9 @@ summary.json are written anyway), 2 for a bad config or option (nothing has run)
 when interrupted (Ctrl-C, SIGTERM: the index then lists the runs that finished). With
 --only, the other runs of an earlier batch in OUT are kept and listed. A rerun skips the
 finished runs it would redo identically (same parameters after profile and grid, notebook
-file, rqlab commit with a hash of uncommitted changes under rqlab/ and notebooks/, torch
-and device; files untouched) and lists them as reused; --force reruns them.
+file, rqlab source: the git tree under rqlab/ and notebooks/, zoo cards aside, with a hash
+of uncommitted changes there; torch and device; files untouched) and lists them as reused;
+--force reruns them.
 torch and papermill are imported inside run_cli, so registering the parser costs nothing.
 """
 from __future__ import annotations
@@ -37,8 +38,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"report folder (default {DEFAULT_OUT})")
     p.add_argument("--force", action="store_true",
                    help="rerun every run; by default a finished ok run with the same parameters, notebook file, "
-                        "rqlab commit (uncommitted changes under rqlab/ and notebooks/ count as another commit, "
-                        "one per set of changes), torch and device is kept and listed as reused")
+                        "rqlab source (the tree under rqlab/ and notebooks/, the zoo's cards aside; uncommitted "
+                        "changes there count as another source, one per set of changes), torch and device is kept "
+                        "and listed as reused")
     p.add_argument("--show-input", action="store_true", help="show code cells in the HTML (default: outputs only)")
     p.add_argument("--cell-progress", action="store_true", help="papermill's per-cell progress bar")
     p.set_defaults(run=run_cli)

@@ -7,7 +7,7 @@ to self-contained HTML and write an index page (`rqlab report`).
     config.py    the YAML config (schema, parameter precedence, run-ids): load_config, plan
     execute.py   one notebook (the notebook contract): execute_notebook, export_html, ...
     batch.py     the batch and its output folder (layout, reruns): run_report, environment
-    reuse.py     which finished runs a rerun keeps: fingerprint, source_commit, finished
+    reuse.py     which finished runs a rerun keeps: fingerprint, source_state, finished
     html.py      the index page: index_html
 
 A rerun with the same config skips the runs already finished ok with the same parameters,

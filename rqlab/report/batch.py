@@ -30,7 +30,8 @@ touch a run folder without the marker. A failing notebook does not stop the batc
 
 A rerun skips every finished run it would redo identically: a run folder whose marker says
 ok, with the same fingerprint (parameters after profile and grid, the notebook's sha256, the
-rqlab commit, with a hash of uncommitted changes under rqlab/ and notebooks/, torch, device)
+rqlab source: the git tree under rqlab/ and notebooks/ with a hash of uncommitted changes
+there, the zoo's cards aside (reuse.py); torch, device)
 and its files as written (reuse.py). Its row is listed again, marked "reused"; the rest
 (failed, missing, changed) runs. `force=True` (--force) reruns everything.
 """
@@ -56,7 +57,7 @@ from .standard import standard_claims
 from .config import DEFAULT_CONFIG, Run, load_config, plan
 from .execute import check_kernel, execute_notebook, export_html, main_figure, read_results
 from .html import index_html
-from .reuse import MARKER, finished, fingerprint, seal, source_commit
+from .reuse import MARKER, finished, fingerprint, seal, source_state
 
 DEFAULT_OUT = "reports/out"
 SUMMARY_FORMAT = "rqlab-report"
@@ -117,14 +118,14 @@ def run_report(config=DEFAULT_CONFIG, profile: str | None = None, only: str | No
     previous = _previous_rows(out)  # complete runs of earlier batches, by run-id
     done: dict[str, dict] = {}
     notebooks_dir = cfg.notebooks_dir.resolve()
-    commit = source_commit()
-    prints = {r.run_id: fingerprint(r, notebooks_dir, commit, env, show_input) for r in runs}
+    source = source_state()
+    prints = {r.run_id: fingerprint(r, notebooks_dir, source, env, show_input) for r in runs}
     for run in [] if force else runs:
         row = finished(out / run.run_id, prints[run.run_id])
         if row is not None:
             done[run.run_id] = {**row, "reused": True}
     if done:
-        log(f"skipped {len(done)} finished runs (same parameters and commit); --force reruns them")
+        log(f"skipped {len(done)} finished runs (same parameters and rqlab source); --force reruns them")
     todo = [r for r in runs if r.run_id not in done]
 
     zoo_rows = zoo.headlines()

@@ -88,7 +88,7 @@ def _index_row(r: dict) -> str:
     if r["seconds"] is not None:
         run += f'<br><span class="small">{r["seconds"]:.1f} s</span>'
     if r.get("reused"):
-        run += '<br><span class="small">reused: same parameters and commit</span>'
+        run += '<br><span class="small">reused: same parameters and rqlab source</span>'
     if r["error"]:
         run += f'<pre class="error">{e(r["error"])}</pre>'
         if r["traceback"]:

@@ -4,29 +4,36 @@ Every finished run's marker (OUT/<run-id>/.rqlab-report) holds, beside the run's
 index, its fingerprint and the sha256 of each file of the folder:
 
     {"run_id": ..., "notebook": ..., "written_by": "rqlab report", "status": "ok",
-     "fingerprint": {"params": ..., "notebook": STEM, "notebook_sha256": ..., "commit": ...,
+     "fingerprint": {"params": ..., "notebook": STEM, "notebook_sha256": ..., "source": ...,
                      "torch": ..., "device": ..., "python": ..., "show_input": ...},
      "files": {"results.json": SHA256, ...}, "record": {the row of summary.json}}
 
 A rerun keeps (`finished`) a run whose marker says ok with the same fingerprint and whose
 files are exactly the listed ones, unchanged; anything else (failed, missing, other
-parameters after profile and grid, an edited notebook, another commit or environment, a
+parameters after profile and grid, an edited notebook, another rqlab source or environment, a
 file added, removed or edited in the folder) is rerun. `--force` reruns everything.
 
-The commit (`source_commit`) is honest about uncommitted work: a clean checkout is its git
-HEAD; a checkout with uncommitted changes under rqlab/ or notebooks/ (tracked or
-untracked, not ignored) is HEAD plus "+dirty." and a hash of those changes (each changed
-path with its status and content), so it differs from the clean commit and from any other
-set of changes, and the same uncommitted state still lets a rerun skip. Without git (an
-installed package) it is the package version plus a hash of the package's source files.
-Not covered: data files and zoo weights outside the repository, which rqlab treats as
-fixed (the zoo store, rqlab/zoo/store, is in the repository and so in the commit).
+The source (`source_state`) is what the runs execute, not the commit it came with: a hash of
+the git tree's entries under rqlab/ and notebooks/ (path, mode and blob id), so that a commit
+elsewhere (docs, tests, scripts) keeps every finished run, and a findings batch of several
+hours can be resumed in a later session once the last commit was only a measured card.
+The zoo's cards and standard-protocol records (rqlab/zoo/store/*.json) are left out: the
+measuring queue rewrites them (a headline, an audit) without touching the weights, and no
+run reads what it adds (a run reads a card's recipe, history and device, which change only
+with the weights, *.pt, which are in). Uncommitted changes under rqlab/ or notebooks/
+(tracked or untracked, not ignored; the store's JSON aside) add "+dirty." and a hash of
+those changes (each changed path with its status and content), so the state differs from the
+clean one and from any other set of changes, and the same uncommitted state still lets a
+rerun skip. Without git (an installed package) it is the package version plus a hash of the
+package's source files. Not covered: data files outside the repository, which rqlab treats
+as fixed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -34,7 +41,8 @@ from ..checkpoint import save_json
 
 MARKER = ".rqlab-report"  # in every folder the report writes; the complete run's fingerprint
 FORMAT_KEYS = ("status", "fingerprint", "files", "record")
-_TRACKED = ("rqlab", "notebooks")  # what the commit check looks at, below the repository root
+_TRACKED = ("rqlab", "notebooks")  # what the source state covers, below the repository root
+_VOLATILE = re.compile(r"rqlab/zoo/store/[^/]+\.json")  # cards and records: measuring rewrites them
 
 
 def sha256_file(path) -> str:
@@ -45,10 +53,11 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def source_commit(root=None) -> str:
-    """The rqlab source the runs execute: git HEAD, "+dirty.<hash>" for uncommitted changes
-    under rqlab/ and notebooks/ (see the module docstring), or, without git, the version and
-    a hash of the package's *.py files. root: the repository (default: this rqlab's)."""
+def source_state(root=None) -> str:
+    """The rqlab source the runs execute: "source <hash>" of the git tree under rqlab/ and
+    notebooks/ (the store's JSON aside), "+dirty.<hash>" for uncommitted changes there (see
+    the module docstring), or, without git, the version and a hash of the package's *.py
+    files. root: the repository (default: this rqlab's)."""
     root = Path(__file__).resolve().parents[2] if root is None else Path(root)
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read-only: no index refresh written by status
     git = lambda *args: subprocess.run(["git", *args], cwd=root, env=env, capture_output=True,  # noqa: E731
@@ -56,17 +65,20 @@ def source_commit(root=None) -> str:
     try:
         if not (root / ".git").exists():  # e.g. site-packages inside some other repository
             raise FileNotFoundError(root / ".git")
-        head = git("rev-parse", "HEAD").decode().strip()
+        tree = git("ls-tree", "-r", "-z", "HEAD", "--", *_TRACKED)  # "MODE TYPE ID\tPATH" entries
         status = git("status", "--porcelain=v1", "-z", "--untracked-files=all", "--", *_TRACKED)
     except (OSError, subprocess.SubprocessError):
         return _package_state(root)
-    if not status:
-        return head
-    h = hashlib.sha256(status)
-    for rel in sorted(_changed_paths(status)):
+    entries = [e for e in tree.split(b"\0") if e and not _VOLATILE.fullmatch(e.split(b"\t", 1)[1].decode())]
+    state = "source " + hashlib.sha256(b"\0".join(entries)).hexdigest()[:16]
+    changed = sorted(p for p in _changed_paths(status) if not _VOLATILE.fullmatch(p))
+    if not changed:
+        return state
+    h = hashlib.sha256()
+    for rel in changed:
         path = root / rel
         h.update(f"\0{rel}\0{sha256_file(path) if path.is_file() else 'absent'}".encode())
-    return f"{head}+dirty.{h.hexdigest()[:16]}"
+    return f"{state}+dirty.{h.hexdigest()[:16]}"
 
 
 def _changed_paths(status: bytes) -> set[str]:
@@ -94,12 +106,13 @@ def _package_state(root: Path) -> str:
     return f"rqlab {__version__}, source sha256 {h.hexdigest()[:16]}"
 
 
-def fingerprint(run, notebooks_dir, commit: str, env: dict, show_input: bool) -> dict:
+def fingerprint(run, notebooks_dir, source: str, env: dict, show_input: bool) -> dict:
     """What makes a run's results what they are: its parameters (after profile and grid;
-    output_dir aside), its notebook file, the rqlab commit and the environment that runs it."""
+    output_dir aside), its notebook file, the rqlab source (`source_state`) and the
+    environment that runs it."""
     return _plain({"params": run.params, "notebook": run.notebook,
                    "notebook_sha256": sha256_file(Path(notebooks_dir) / f"{run.notebook}.ipynb"),
-                   "commit": commit, "torch": env.get("torch"), "device": env.get("device"),
+                   "source": source, "torch": env.get("torch"), "device": env.get("device"),
                    "python": env.get("python"), "show_input": bool(show_input)})
 
 
