@@ -12,13 +12,17 @@
 #     a failing one is left, its reasons logged). MEASURERS=2: two workers (a model's lock
 #     keeps it to one), for when nothing trains;
 #   - findings (b) under the standard protocol (`scripts/findings.py --section B --n 500`,
-#     once: it resumes from its finished batches and writes docs/findings/b_standard.json).
+#     once: it resumes from its finished batches and writes docs/findings/b_standard.json);
+#   - report: the findings profile's report (`rqlab report --profile findings --out
+#     reports/findings`, one thread), the source of docs/findings.md; hours, so it is resumed
+#     across sessions: a rerun keeps the runs that finished while rqlab's source is the same
+#     (rqlab/report/reuse.py), and `checkpoint` commits the finished runs' folders.
 #
 #   scripts/background.sh            start the queue and the loop (a job already running is
 #                                    left alone); NO_COMMIT=1 before it: commit nothing;
 #                                    WORKERS=1 before it: one training worker, not two;
 #                                    MEASURERS=2: two measuring workers, not one
-#   scripts/background.sh start JOB...  start only those of: train, measure, findings
+#   scripts/background.sh start JOB...  start only those of: train, measure, findings, report
 #   scripts/background.sh status     what runs, and the last lines of each log
 #   scripts/background.sh pause      SIGSTOP both (e.g. while the test suite runs: it is
 #   scripts/background.sh resume     several times slower on a loaded machine), SIGCONT; the
@@ -28,8 +32,9 @@
 #   scripts/background.sh stop       end both (their progress is kept: start resumes)
 #   scripts/background.sh checkpoint after stop, at a session's end: commit the unfinished
 #                                    measurements' progress files (ignored by git otherwise),
-#                                    so that a fresh checkout's measuring loop resumes them;
-#                                    commit_measured.py commits their removal with the record
+#                                    so that a fresh checkout's measuring loop resumes them
+#                                    (commit_measured.py commits their removal with the
+#                                    record), and the findings report's finished runs
 set -u
 cd "$(dirname "$0")/.." || exit 1
 QUEUE="scripts/zoo_queue.py"
@@ -38,7 +43,9 @@ LOOP="rqlab-measure-loop"   # the measuring loop of older checkouts (a shell loo
 
 pids() { pgrep -f "$1"; }
 FINDINGS="scripts/findings.py --section B"
-all_pids() { { pids "$QUEUE"; pids "$MEASURE"; pids "$LOOP"; pids "rqlab zoo measure"; pids "$FINDINGS"; } | sort -u; }
+REPORT_OUT="reports/findings"
+REPORT="rqlab report --profile findings --out $REPORT_OUT"
+all_pids() { { pids "$QUEUE"; pids "$MEASURE"; pids "$LOOP"; pids "rqlab zoo measure"; pids "$FINDINGS"; pids "$REPORT"; } | sort -u; }
 
 case "${1:-start}" in
   start)
@@ -46,7 +53,7 @@ case "${1:-start}" in
     shift
     jobs=" ${*:-train measure} "
     for j in $jobs; do
-      case "$j" in train|measure|findings) ;; *) echo "unknown job $j: choose train, measure or findings" >&2; exit 2;; esac
+      case "$j" in train|measure|findings|report) ;; *) echo "unknown job $j: choose train, measure, findings or report" >&2; exit 2;; esac
     done
     mkdir -p runs/measure
     export OMP_NUM_THREADS=1
@@ -80,6 +87,9 @@ case "${1:-start}" in
     fi
     launch findings "$FINDINGS" "findings (b)" runs/findings_B.log \
       nice -n 5 .venv/bin/python $FINDINGS --n 500
+    # shellcheck disable=SC2086  (REPORT is words)
+    launch report "$REPORT" "findings report" runs/findings_report.log \
+      nice -n 5 .venv/bin/$REPORT
     ;;
   status)
     for p in $(all_pids); do ps -o pid=,stat=,etime=,args= -p "$p" | cut -c1-150; done
@@ -88,6 +98,7 @@ case "${1:-start}" in
     echo "--- runs/measure/queue.log";    tail -n 3 runs/measure/queue.log 2>/dev/null
     echo "--- runs/measure/queue2.log";   tail -n 3 runs/measure/queue2.log 2>/dev/null
     echo "--- runs/findings_B.log";       tail -n 3 runs/findings_B.log 2>/dev/null
+    echo "--- runs/findings_report.log";  tail -n 3 runs/findings_report.log 2>/dev/null
     ;;
   pause)  for p in $(all_pids); do kill -STOP "$p"; done; echo "paused: $(all_pids | xargs)";;
   resume) for p in $(all_pids); do kill -CONT "$p"; done; echo "resumed: $(all_pids | xargs)";;
@@ -95,10 +106,18 @@ case "${1:-start}" in
   checkpoint)
     if [ -n "$(all_pids)" ]; then echo "jobs still run: scripts/background.sh stop first" >&2; exit 2; fi
     files=$(ls rqlab/zoo/store/*.progress 2>/dev/null)
-    if [ -z "$files" ]; then echo "no measurement in progress"; exit 0; fi
-    # shellcheck disable=SC2086  (store names have no spaces)
-    git add -f -- $files && git commit -q -m "zoo: unfinished measurements' progress at a session's stop ($(echo $files | wc -w) files; the next rqlab zoo measure resumes them)" -- $files \
-      && echo "committed: $(echo $files | xargs -n1 basename | xargs)"
+    if [ -z "$files" ]; then echo "no measurement in progress"; else
+      # shellcheck disable=SC2086  (store names have no spaces)
+      git add -f -- $files && git commit -q -m "zoo: unfinished measurements' progress at a session's stop ($(echo $files | wc -w) files; the next rqlab zoo measure resumes them)" -- $files \
+        && echo "committed: $(echo $files | xargs -n1 basename | xargs)"
+    fi
+    # the findings report's finished runs (OUT/<run-id>, sealed) and its index; not the staging
+    # folders of runs in progress (OUT/.<name>), which a rerun redoes
+    if [ -d "$REPORT_OUT" ]; then
+      git add -A -- "$REPORT_OUT" ":(exclude)$REPORT_OUT/.*" \
+        && git commit -q -m "findings report: the runs finished at a session's stop (a rerun of \`$REPORT\` keeps them while rqlab's source is the same)" -- "$REPORT_OUT" \
+        && echo "committed: $REPORT_OUT"
+    fi
     ;;
-  *) echo "usage: scripts/background.sh [start [train] [measure] [findings]|status|pause|resume|stop|checkpoint]" >&2; exit 2;;
+  *) echo "usage: scripts/background.sh [start [train] [measure] [findings] [report]|status|pause|resume|stop|checkpoint]" >&2; exit 2;;
 esac
