@@ -19,7 +19,6 @@ channels_last), interleaved the same way; prints channels_last / NCHW per defens
 """
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
@@ -77,8 +76,7 @@ def main(argv=None) -> int:
     cost = training_cost(specs, train, reps=reps, epochs=args.epochs,
                          reference="natural" if "natural" in names else None,
                          log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
-    times = cost["times"]
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, med = cost["times"], cost["median_s"]
     base = med.get("natural")
     w = max(12, *(len(k) + 2 for k in names))
     print(f"{'defense':<{w}}{'epoch s':>9}{'x natural':>11}   spread")
