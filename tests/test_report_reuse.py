@@ -216,8 +216,10 @@ def test_the_source_state_follows_rqlab_and_the_notebooks_only(tmp_path):
     (repo / "rqlab" / "__pycache__").mkdir()
     (repo / "rqlab" / "__pycache__" / "a.pyc").write_bytes(b"ignored")
     (repo / "rqlab" / "zoo" / "store" / "m.json").write_text('{"standard": 1}\n')   # a card measured
+    (repo / "rqlab" / "zoo" / "store" / "m.standard.progress").write_bytes(b"half")  # a stopped measurement
     assert reuse.source_state(repo) == clean
-    git(repo, "commit", "-q", "-am", "docs and a measured card")
+    git(repo, "add", "-f", "rqlab/zoo/store/m.standard.progress")
+    git(repo, "commit", "-q", "-am", "docs, a measured card and a checkpointed measurement")
     assert reuse.source_state(repo) == clean                       # another commit, the same source
 
     (repo / "rqlab" / "a.py").write_text("x = 2\n")

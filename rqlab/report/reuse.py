@@ -17,11 +17,12 @@ The source (`source_state`) is what the runs execute, not the commit it came wit
 the git tree's entries under rqlab/ and notebooks/ (path, mode and blob id), so that a commit
 elsewhere (docs, tests, scripts) keeps every finished run, and a findings batch of several
 hours can be resumed in a later session once the last commit was only a measured card.
-The zoo's cards and standard-protocol records (rqlab/zoo/store/*.json) are left out: the
-measuring queue rewrites them (a headline, an audit) without touching the weights, and no
-run reads what it adds (a run reads a card's recipe, history and device, which change only
-with the weights, *.pt, which are in). Uncommitted changes under rqlab/ or notebooks/
-(tracked or untracked, not ignored; the store's JSON aside) add "+dirty." and a hash of
+The zoo store's files other than the weights (cards, standard-protocol records, the
+progress files of measurements a session's stop commits) are left out: measuring rewrites
+them (a headline, an audit) without touching the weights, and no run reads what it adds (a
+run reads a card's recipe, history and device, which change only with the weights, *.pt,
+which are in). Uncommitted changes under rqlab/ or notebooks/ (tracked or untracked, not
+ignored; the store's files other than weights aside) add "+dirty." and a hash of
 those changes (each changed path with its status and content), so the state differs from the
 clean one and from any other set of changes, and the same uncommitted state still lets a
 rerun skip. Without git (an installed package) it is the package version plus a hash of the
@@ -42,7 +43,9 @@ from ..checkpoint import save_json
 MARKER = ".rqlab-report"  # in every folder the report writes; the complete run's fingerprint
 FORMAT_KEYS = ("status", "fingerprint", "files", "record")
 _TRACKED = ("rqlab", "notebooks")  # what the source state covers, below the repository root
-_VOLATILE = re.compile(r"rqlab/zoo/store/[^/]+\.json")  # cards and records: measuring rewrites them
+# the zoo store but its weights: cards, records and measurements' progress files, which
+# measuring rewrites (and a session's checkpoint commits) without touching the weights
+_VOLATILE = re.compile(r"rqlab/zoo/store/[^/]+(?<!\.pt)")
 
 
 def sha256_file(path) -> str:
@@ -55,7 +58,7 @@ def sha256_file(path) -> str:
 
 def source_state(root=None) -> str:
     """The rqlab source the runs execute: "source <hash>" of the git tree under rqlab/ and
-    notebooks/ (the store's JSON aside), "+dirty.<hash>" for uncommitted changes there (see
+    notebooks/ (of the zoo store, the weights only), "+dirty.<hash>" for uncommitted changes there (see
     the module docstring), or, without git, the version and a hash of the package's *.py
     files. root: the repository (default: this rqlab's)."""
     root = Path(__file__).resolve().parents[2] if root is None else Path(root)
