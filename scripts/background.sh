@@ -30,7 +30,8 @@
 #                                    epoch_time_s, so prefer stop and start (a training run
 #                                    resumes at its last finished epoch) where times matter
 #   scripts/background.sh stop       end both (their progress is kept: start resumes)
-#   scripts/background.sh checkpoint after stop, at a session's end: commit the unfinished
+#   scripts/background.sh checkpoint after stop, at a session's end: commit what the stopped
+#                                    measuring finished (commit_measured.py), the unfinished
 #                                    measurements' progress files (ignored by git otherwise),
 #                                    so that a fresh checkout's measuring loop resumes them
 #                                    (commit_measured.py commits their removal with the
@@ -105,6 +106,8 @@ case "${1:-start}" in
   stop)   for p in $(all_pids); do kill -CONT "$p"; kill -TERM "$p"; done; echo "stopped";;
   checkpoint)
     if [ -n "$(all_pids)" ]; then echo "jobs still run: scripts/background.sh stop first" >&2; exit 2; fi
+    # entries the stopped measuring finished (a headline before the model's other entries)
+    .venv/bin/python scripts/commit_measured.py
     files=$(ls rqlab/zoo/store/*.progress 2>/dev/null)
     if [ -z "$files" ]; then echo "no measurement in progress"; else
       # shellcheck disable=SC2086  (store names have no spaces)
