@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rqlab import zoo  # noqa: E402
-from zoo_queue import locked, take  # noqa: E402  (take: for the tests)
+from zoo_queue import locked  # noqa: E402
 
 ORDER = ("fmnist-q4-pgd7", "fmnist-odgq-q4", "fmnist-rpt-pgd7", "fmnist-q8-pgd7", "fmnist-bin-natural",
          "fmnist-odgq-bin", "fmnist-q4-fgsm-rs", "fmnist-dq-pgd7", "fmnist-bin-pgd7", "fmnist-bin-fgsm-rs",
