@@ -373,6 +373,22 @@ def test_findings_page_shows_the_zoo_training_curves(tmp_path, monkeypatch):
     assert md.read_text() == text and not (tmp_path / "c.txt").exists()
 
 
+def test_findings_page_links_the_hand_written_notes(tmp_path):
+    from rqlab.report import findings
+
+    out = tmp_path / "reports" / "out"
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps(summary_of(out, full_report(out))))
+    (tmp_path / "docs").mkdir()
+    md, notes = tmp_path / "docs" / "findings.md", tmp_path / "docs" / "findings-notes.md"
+    assert findings.main([str(out / "summary.json"), str(md), "--notes", str(notes)]) == 2   # no such page
+    assert not md.exists()
+    notes.write_text("# notes\n")
+    assert findings.main([str(out / "summary.json"), str(md), "--notes", str(notes)]) == 0
+    text = md.read_text()
+    assert text.index("[findings-notes.md](findings-notes.md)") < text.index("## The claims")
+
+
 # ---- the default grid ---------------------------------------------------------------------------
 
 # Parameters that only choose what a run highlights, with what the run computes instead:

@@ -4,7 +4,8 @@ figures, interval and reason), the zoo's headline table, the machine and the rep
 profile and commit. Every number comes from summary.json; the text around them is fixed.
 
     python -m rqlab.report.findings reports/out/summary.json docs/findings.md \
-        --standard-b docs/findings/b_standard.json --curves docs/zoo_curves.png
+        --standard-b docs/findings/b_standard.json --curves docs/zoo_curves.png \
+        --notes docs/findings-notes.md
 
 `--standard-b`: claim (b) again at full strength, from `scripts/findings.py --section B`
 (the standard protocol on the card's test images, each random-precision model against the
@@ -44,8 +45,10 @@ NOTES = """## How to read these numbers
   cell of N images.
 - Verdict: interval above 0, reproduced; below 0, not reproduced; across 0, inconclusive;
   a claim whose run is missing from the report (e.g. `--only`) or failed is "not run".
-  ODG-Q must also train at an epoch time close to natural training's (the ratio bound is
-  in its row), or it is not reproduced.
+  ODG-Q must also train at a cost close to natural training's: notebook 04 times each
+  method's epoch on the same images under control, and every repetition must be within
+  the bound in its row; if none is, the claim is not reproduced; if the repetitions fall on
+  both sides, it is inconclusive.
 - Where rqlab had to construct a method (the Lipschitz sensitivity of bit selection, the
   ODG-Q algorithm), the verdict is on rqlab's construction: docs/methods.md says which.
 - A robust accuracy measured with gradient attacks is an upper bound; the zoo's headline
@@ -236,11 +239,12 @@ def curves_markdown(figure: Path, page_dir: Path, curves: dict) -> str:
                       f"![held-out training curves of the full-budget zoo]({Path(rel).as_posix()})"])
 
 
-def write_findings(summary_path, md_path, standard_b=None, curves=None) -> Path:
+def write_findings(summary_path, md_path, standard_b=None, curves=None, notes=None) -> Path:
     """Read OUT/summary.json (and `standard_b`, a b_standard.json, if given), write the
     findings page (atomically); links to the runs are relative to the page's folder.
     curves: a figure path (.png/.svg) to draw the full-budget zoo's training curves into
-    (from the cards), shown after the zoo's table."""
+    (from the cards), shown after the zoo's table. notes: a hand-written page of discussion
+(e.g. docs/findings-notes.md), linked under the header; it must exist."""
     from . import zoo_curves
 
     summary_path, md_path = Path(summary_path), Path(md_path)
@@ -249,6 +253,14 @@ def write_findings(summary_path, md_path, standard_b=None, curves=None) -> Path:
                                            "run `scripts/findings.py --section B` first")) if standard_b else None
     links = os.path.relpath(summary_path.resolve().parent, md_path.resolve().parent)
     text = findings_markdown(summary, links_from=links)
+    if notes:
+        if not Path(notes).is_file():
+            raise RqlabError(f"notes={notes}: no such page; give the hand-written notes page (e.g. "
+                             "docs/findings-notes.md) or leave --notes out")
+        rel = Path(os.path.relpath(Path(notes).resolve(), md_path.resolve().parent)).as_posix()
+        head, sep, rest = text.partition("\n## The claims\n")
+        text = (head + f"Discussion beyond these numbers (what the verdicts rest on, analyses measured by hand): "
+                f"[{Path(notes).name}]({rel}).\n" + sep + rest)
     if curves:
         drawn = zoo_curves.zoo_curves()
         figure = zoo_curves.write_figure(drawn, curves)
@@ -270,9 +282,12 @@ def main(argv=None) -> int:
     p.add_argument("--curves", metavar="PATH", default=None,
                    help="draw the full-budget zoo's training curves into PATH (e.g. docs/zoo_curves.png) and "
                         "show them on the page")
+    p.add_argument("--notes", metavar="PATH", default=None,
+                   help="a hand-written notes page (e.g. docs/findings-notes.md) to link under the header")
     args = p.parse_args(argv)
     try:
-        path = write_findings(args.summary, args.markdown, standard_b=args.standard_b, curves=args.curves)
+        path = write_findings(args.summary, args.markdown, standard_b=args.standard_b, curves=args.curves,
+                              notes=args.notes)
     except RqlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
