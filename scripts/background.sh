@@ -17,6 +17,7 @@
 #     reports/findings`, one thread), the source of docs/findings.md; hours, so it is resumed
 #     across sessions: a rerun keeps the runs that finished while rqlab's source is the same
 #     (rqlab/report/reuse.py), and `checkpoint` commits the finished runs' folders.
+#     Notebook 05 (the longest run) runs first, then the rest (REPORT_FIRST=RUN picks another).
 #
 #   scripts/background.sh            start the queue and the loop (a job already running is
 #                                    left alone); NO_COMMIT=1 before it: commit nothing;
@@ -88,9 +89,13 @@ case "${1:-start}" in
     fi
     launch findings "$FINDINGS" "findings (b)" runs/findings_B.log \
       nice -n 5 .venv/bin/python $FINDINGS --n 500
+    # notebook 05 first, on its own (--only keeps the other runs): its AutoAttack "rand" makes
+    # it the longest run by far (1-2 h on one thread), and a run cut by a session's stop
+    # restarts from nothing, so it gets a session's whole time; then the whole profile, which
+    # keeps 05 (reuse) and every other finished run
     # shellcheck disable=SC2086  (REPORT is words)
     launch report "$REPORT" "findings report" runs/findings_report.log \
-      nice -n 5 .venv/bin/$REPORT
+      nice -n 5 bash -c ".venv/bin/$REPORT --only ${REPORT_FIRST:-05_double_win_quant} && .venv/bin/$REPORT"
     ;;
   status)
     for p in $(all_pids); do ps -o pid=,stat=,etime=,args= -p "$p" | cut -c1-150; done
