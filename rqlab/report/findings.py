@@ -244,7 +244,7 @@ def write_findings(summary_path, md_path, standard_b=None, curves=None, notes=No
     findings page (atomically); links to the runs are relative to the page's folder.
     curves: a figure path (.png/.svg) to draw the full-budget zoo's training curves into
     (from the cards), shown after the zoo's table. notes: a hand-written page of discussion
-(e.g. docs/findings-notes.md), linked under the header; it must exist."""
+    (e.g. docs/findings-notes.md), linked under the header; it must exist."""
     from . import zoo_curves
 
     summary_path, md_path = Path(summary_path), Path(md_path)
