@@ -95,7 +95,7 @@ case "${1:-start}" in
     # keeps 05 (reuse) and every other finished run
     # shellcheck disable=SC2086  (REPORT is words)
     launch report "$REPORT" "findings report" runs/findings_report.log \
-      nice -n 5 bash -c ".venv/bin/$REPORT --only ${REPORT_FIRST:-05_double_win_quant} && .venv/bin/$REPORT"
+      nice -n 5 bash -c ".venv/bin/$REPORT --only ${REPORT_FIRST:-05_double_win_quant}; .venv/bin/$REPORT"
     ;;
   status)
     for p in $(all_pids); do ps -o pid=,stat=,etime=,args= -p "$p" | cut -c1-150; done
