@@ -528,11 +528,17 @@ def test_standard_claims_pair_the_committed_cards_example_by_example():
     if not measured:
         pytest.skip("no pair of the zoo is measured under the standard protocol")
     for r in measured:
-        raw = {m: json.loads((zoo.STORE / zoo.standard_entries(zoo.card(m))[r["eps"]]["record"]).read_text())
-               ["per_example"]["robust"] for m in (r["better"], r["worse"])}
-        n = min(map(len, raw.values()))
+        def robust(side):  # the entry at the side's precision (claim (b)'s same-model rows), else at eps
+            c, at = zoo.card(r[side]), r[f"{side}_at"]
+            entry = zoo.standard_precisions(c)[at] if at is not None else zoo.standard_entries(c)[r["eps"]]
+            rec = json.loads((zoo.STORE / entry["record"]).read_text())
+            pe = rec["per_example"]  # a random policy's: the share of its passes robust
+            return [h / rec["passes"] for h in pe["robust_hits"]] if "robust_hits" in pe else pe["robust"]
+
+        better, worse = robust("better"), robust("worse")
+        n = min(len(better), len(worse))
         assert r["n"] == n
-        assert r["value"] == pytest.approx(sum(a - b for a, b in zip(raw[r["better"]][:n], raw[r["worse"]][:n])) / n)
+        assert r["value"] == pytest.approx(sum(a - b for a, b in zip(better[:n], worse[:n])) / n)
         assert r["ci95"][0] <= r["value"] <= r["ci95"][1] and r["verdict"] in (C.verdict(r["ci95"]), None)
         assert r["better"].endswith("-small") == r["worse"].endswith("-small") == (r["budget"] == "small")
 
