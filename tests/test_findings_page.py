@@ -28,7 +28,7 @@ def test_findings_page_is_generated_from_the_committed_report(summary):
     head, sep, tail = expected.rpartition("\n" + NOTES)
     assert sep, "the generated page ends with its notes on how to read the numbers"
     page = PAGE.read_text()
-    notes_link = "Discussion beyond these numbers (what the verdicts rest on, analyses measured by hand): " \
+    notes_link = "\nDiscussion beyond these numbers (what the verdicts rest on, analyses measured by hand): " \
                  "[findings-notes.md](findings-notes.md).\n"
     assert notes_link in page, "the page links the hand-written notes (--notes docs/findings-notes.md)"
     page = page.replace(notes_link, "", 1)
@@ -47,3 +47,11 @@ def test_the_committed_report_judges_every_claim(summary):
         lo, hi = c["ci95"]
         assert lo <= c["value"] <= hi, c["id"]
         assert (ROOT / "reports" / "findings" / c["link"]).is_file(), c["link"]
+
+
+def test_the_page_header_counts_the_runs_own_time_not_the_reusing_batch():
+    from rqlab.report.findings import _run_time
+
+    summary = {"wall_time_s": 2.0, "runs": [{"seconds": 600.0, "reused": True}, {"seconds": 300.0, "reused": False}]}
+    assert _run_time(summary) == "the runs took 15 min (1 reused from earlier batches of the same source); this batch 2 s"
+    assert _run_time({"wall_time_s": 0.0, "runs": []}) == "no runs; this batch 0 s"

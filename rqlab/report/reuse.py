@@ -21,7 +21,9 @@ The zoo store's files other than the weights (cards, standard-protocol records, 
 progress files of measurements a session's stop commits) are left out: measuring rewrites
 them (a headline, an audit) without touching the weights, and no run reads what it adds (a
 run reads a card's recipe, history and device, which change only with the weights, *.pt,
-which are in). Uncommitted changes under rqlab/ or notebooks/ (tracked or untracked, not
+which are in). So are the report's modules that the batch runs after the runs, on every
+batch, reused runs included (_AFTER_RUNS: the claims, the standard-protocol pairs, the index
+and findings pages, the zoo's curves): no run imports them. Uncommitted changes under rqlab/ or notebooks/ (tracked or untracked, not
 ignored; the store's files other than weights aside) add "+dirty." and a hash of
 those changes (each changed path with its status and content), so the state differs from the
 clean one and from any other set of changes, and the same uncommitted state still lets a
@@ -46,6 +48,17 @@ _TRACKED = ("rqlab", "notebooks")  # what the source state covers, below the rep
 # the zoo store but its weights: cards, records and measurements' progress files, which
 # measuring rewrites (and a session's checkpoint commits) without touching the weights
 _VOLATILE = re.compile(r"rqlab/zoo/store/[^/]+(?<!\.pt)")
+# what the batch computes, after the runs, from their results and the zoo's cards, on every
+# batch (reused runs included): the claims, the standard-protocol pairs, the index page, the
+# findings page and the zoo's curves. No run executes them (the layer contract keeps
+# rqlab.studies and below from importing rqlab.report; tests/test_report_reuse.py checks
+# that the notebooks do not), so editing them keeps every finished run
+_AFTER_RUNS = re.compile(r"rqlab/report/(claims|standard|findings|html|zoo_curves)\.py")
+
+
+def _outside(path: str) -> bool:
+    """Whether `path` (relative to the repository) is left out of the source state."""
+    return bool(_VOLATILE.fullmatch(path) or _AFTER_RUNS.fullmatch(path))
 
 
 def sha256_file(path) -> str:
@@ -58,7 +71,8 @@ def sha256_file(path) -> str:
 
 def source_state(root=None) -> str:
     """The rqlab source the runs execute: "source <hash>" of the git tree under rqlab/ and
-    notebooks/ (of the zoo store, the weights only), "+dirty.<hash>" for uncommitted changes there (see
+    notebooks/ (of the zoo store, the weights only; the report's modules that run after the
+    runs, _AFTER_RUNS, left out), "+dirty.<hash>" for uncommitted changes there (see
     the module docstring), or, without git, the version and a hash of the package's *.py
     files. root: the repository (default: this rqlab's)."""
     root = Path(__file__).resolve().parents[2] if root is None else Path(root)
@@ -72,9 +86,9 @@ def source_state(root=None) -> str:
         status = git("status", "--porcelain=v1", "-z", "--untracked-files=all", "--", *_TRACKED)
     except (OSError, subprocess.SubprocessError):
         return _package_state(root)
-    entries = [e for e in tree.split(b"\0") if e and not _VOLATILE.fullmatch(e.split(b"\t", 1)[1].decode())]
+    entries = [e for e in tree.split(b"\0") if e and not _outside(e.split(b"\t", 1)[1].decode())]
     state = "source " + hashlib.sha256(b"\0".join(entries)).hexdigest()[:16]
-    changed = sorted(p for p in _changed_paths(status) if not _VOLATILE.fullmatch(p))
+    changed = sorted(p for p in _changed_paths(status) if not _outside(p))
     if not changed:
         return state
     h = hashlib.sha256()

@@ -83,6 +83,11 @@ PAIRS = (
          "fmnist-odgq-q4", "fmnist-q4-fgsm-rs", judged=False),
     Pair("d", "context: ODG-Q against PGD-7 AT at 4 bits (ODG-Q minus PGD-7 AT)",
          "fmnist-odgq-q4", "fmnist-q4-pgd7", judged=False),
+    # binary: the adversarially trained controls have no -small recipe
+    Pair("d", "context: ODG-Q against FGSM-RS, binary (ODG-Q minus FGSM-RS)",
+         "fmnist-odgq-bin", "fmnist-bin-fgsm-rs", small=False, judged=False),
+    Pair("d", "context: ODG-Q against PGD-7 AT, binary (ODG-Q minus PGD-7 AT)",
+         "fmnist-odgq-bin", "fmnist-bin-pgd7", small=False, judged=False),
 )
 
 
