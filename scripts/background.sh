@@ -14,10 +14,12 @@
 #   - findings (b) under the standard protocol (`scripts/findings.py --section B --n 500`,
 #     once: it resumes from its finished batches and writes docs/findings/b_standard.json);
 #   - report: the findings profile's report (`rqlab report --profile findings --out
-#     reports/findings`, one thread), the source of docs/findings.md; hours, so it is resumed
-#     across sessions: a rerun keeps the runs that finished while rqlab's source is the same
-#     (rqlab/report/reuse.py), and `checkpoint` commits the finished runs' folders.
-#     Notebook 05 (the longest run) runs first, then the rest (REPORT_FIRST=RUN picks another).
+#     reports/findings-next`, one thread); hours, so it is resumed across sessions: a rerun
+#     keeps the runs that finished while rqlab's source is the same (rqlab/report/reuse.py),
+#     and `checkpoint` commits the finished runs' folders there. Notebook 05 (the longest run)
+#     runs first, then the rest (REPORT_FIRST=RUN picks another). reports/findings stays the
+#     last complete report (docs/findings.md is generated from it and tests/test_findings_page.py
+#     holds the two together) until `publish` replaces it with a complete findings-next.
 #
 #   scripts/background.sh            start the queue and the loop (a job already running is
 #                                    left alone); NO_COMMIT=1 before it: commit nothing;
@@ -31,6 +33,10 @@
 #                                    epoch_time_s, so prefer stop and start (a training run
 #                                    resumes at its last finished epoch) where times matter
 #   scripts/background.sh stop       end both (their progress is kept: start resumes)
+#   scripts/background.sh publish    once reports/findings-next is complete (every run ok,
+#                                    every claim judged): it becomes reports/findings, its index
+#                                    is rewritten there (every run reused), docs/findings.md is
+#                                    regenerated, and all of it is committed
 #   scripts/background.sh checkpoint after stop, at a session's end: commit what the stopped
 #                                    measuring finished (commit_measured.py), the unfinished
 #                                    measurements' progress files (ignored by git otherwise),
@@ -45,7 +51,8 @@ LOOP="rqlab-measure-loop"   # the measuring loop of older checkouts (a shell loo
 
 pids() { pgrep -f "$1"; }
 FINDINGS="scripts/findings.py --section B"
-REPORT_OUT="reports/findings"
+REPORT_OUT="reports/findings-next"   # the batch in progress (committed at a stop, resumed after)
+PUBLISHED="reports/findings"          # the finished report that docs/findings.md is generated from
 REPORT="rqlab report --profile findings --out $REPORT_OUT"
 all_pids() { { pids "$QUEUE"; pids "$MEASURE"; pids "$LOOP"; pids "rqlab zoo measure"; pids "$FINDINGS"; pids "$REPORT"; } | sort -u; }
 
@@ -127,5 +134,31 @@ case "${1:-start}" in
         && echo "committed: $REPORT_OUT"
     fi
     ;;
-  *) echo "usage: scripts/background.sh [start [train] [measure] [findings] [report]|status|pause|resume|stop|checkpoint]" >&2; exit 2;;
+  publish)
+    if [ -n "$(pids "$REPORT")" ]; then echo "the findings report still runs: scripts/background.sh stop first" >&2; exit 2; fi
+    .venv/bin/python - "$REPORT_OUT/summary.json" <<'PY' || exit 2
+import json, sys
+try:
+    s = json.load(open(sys.argv[1]))
+except OSError as e:
+    sys.exit(f"nothing to publish: {e}")
+not_run = [c["id"] for c in s.get("claims", []) if c.get("verdict") in (None, "not run")]
+if s.get("in_progress") or s.get("n_failed") or not_run:
+    sys.exit(f"{sys.argv[1]} is not complete (in progress: {bool(s.get('in_progress'))}, failed runs: "
+             f"{s.get('n_failed')}, claims not run: {not_run}): resume it with scripts/background.sh start report")
+PY
+    # the committed findings-next (if a stop committed some of it) leaves the index too
+    was_tracked=$(git ls-tree -r --name-only HEAD -- "$REPORT_OUT" | head -n 1)
+    git rm -rq --cached --ignore-unmatch -- "$PUBLISHED" "$REPORT_OUT" && rm -rf "$PUBLISHED" \
+      && mv "$REPORT_OUT" "$PUBLISHED" || exit 1
+    # the index and summary rewritten where they now lie (every run reused: same source)
+    .venv/bin/rqlab report --profile findings --out "$PUBLISHED" || exit 1
+    .venv/bin/python -m rqlab.report.findings "$PUBLISHED/summary.json" docs/findings.md \
+      --curves docs/zoo_curves.png --notes docs/findings-notes.md || exit 1
+    git add -A -- "$PUBLISHED" ":(exclude)$PUBLISHED/.*" docs/findings.md docs/zoo_curves.png \
+      && git commit -q -m "findings report published: $REPORT_OUT becomes $PUBLISHED; docs/findings.md regenerated from it" \
+         -- "$PUBLISHED" ${was_tracked:+"$REPORT_OUT"} docs/findings.md docs/zoo_curves.png \
+      && echo "published: $PUBLISHED, docs/findings.md"
+    ;;
+  *) echo "usage: scripts/background.sh [start [train] [measure] [findings] [report]|status|pause|resume|stop|checkpoint|publish]" >&2; exit 2;;
 esac
