@@ -55,3 +55,10 @@ def test_the_page_header_counts_the_runs_own_time_not_the_reusing_batch():
     summary = {"wall_time_s": 2.0, "runs": [{"seconds": 600.0, "reused": True}, {"seconds": 300.0, "reused": False}]}
     assert _run_time(summary) == "the runs took 15 min (1 reused from earlier batches of the same source); this batch 2 s"
     assert _run_time({"wall_time_s": 0.0, "runs": []}) == "no runs; this batch 0 s"
+
+
+def test_a_claims_nested_details_read_as_a_nested_list():
+    from rqlab.report.findings import _details
+
+    assert _details({"bits": 4, "RPI": {"random": 0.7504, "ci95": [0.1, 0.2], "deep": {"x": 1}}}) == [
+        "- bits: 4", "- RPI:", "  - random: 0.7504", "  - ci95: [0.1, 0.2]", "  - deep: {x: 1}"]

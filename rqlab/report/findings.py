@@ -76,6 +76,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _details(details: dict, depth: int = 0) -> list[str]:
+    """A claim's details as a bullet list, a nested dict as a nested list (two levels; deeper
+    ones inline)."""
+    lines = []
+    for k, v in details.items():
+        if isinstance(v, dict) and v and depth < 1:
+            lines += [f"{'  ' * depth}- {k}:", *_details(v, depth + 1)]
+        else:
+            lines.append(f"{'  ' * depth}- {k}: {_fmt(v)}")
+    return lines
+
+
 def _interval(r: dict) -> str:
     lo, hi = r["ci95"]
     return f"[{100 * lo:+.1f}, {100 * hi:+.1f}] points"
@@ -138,8 +150,7 @@ def findings_markdown(summary: dict, links_from=None) -> str:
         if r["value"] is not None:
             lines.append(f"- rqlab: {r['figure']}; difference {100 * r['value']:+.1f} points, 95% interval "
                          f"{_interval(r)}, n = {r['n']}")
-        for k, v in (r.get("details") or {}).items():
-            lines.append(f"- {k}: {_fmt(v)}")
+        lines += _details(r.get("details") or {})
         lines.append(f"- run: {_link(r, links_from)} (notebook {r['notebook']})")
         if r.get("figure_file") and links_from is not None:
             lines += ["", f"![main figure of {r['run_id']}]({_rel(links_from, r['figure_file'])})"]
