@@ -151,13 +151,17 @@ PY
     was_tracked=$(git ls-tree -r --name-only HEAD -- "$REPORT_OUT" | head -n 1)
     git rm -rq --cached --ignore-unmatch -- "$PUBLISHED" "$REPORT_OUT" && rm -rf "$PUBLISHED" \
       && mv "$REPORT_OUT" "$PUBLISHED" || exit 1
+    # the move committed first, so that the index below names a clean commit
+    git add -A -- "$PUBLISHED" ":(exclude)$PUBLISHED/.*" \
+      && git commit -q -m "findings report: $REPORT_OUT, complete, becomes $PUBLISHED" -- "$PUBLISHED" ${was_tracked:+"$REPORT_OUT"} \
+      || exit 1
     # the index and summary rewritten where they now lie (every run reused: same source)
     .venv/bin/rqlab report --profile findings --out "$PUBLISHED" || exit 1
     .venv/bin/python -m rqlab.report.findings "$PUBLISHED/summary.json" docs/findings.md \
       --curves docs/zoo_curves.png --notes docs/findings-notes.md || exit 1
     git add -A -- "$PUBLISHED" ":(exclude)$PUBLISHED/.*" docs/findings.md docs/zoo_curves.png \
-      && git commit -q -m "findings report published: $REPORT_OUT becomes $PUBLISHED; docs/findings.md regenerated from it" \
-         -- "$PUBLISHED" ${was_tracked:+"$REPORT_OUT"} docs/findings.md docs/zoo_curves.png \
+      && git commit -q -m "findings report published: its index rewritten in $PUBLISHED, docs/findings.md regenerated from it" \
+         -- "$PUBLISHED" docs/findings.md docs/zoo_curves.png \
       && echo "published: $PUBLISHED, docs/findings.md"
     ;;
   *) echo "usage: scripts/background.sh [start [train] [measure] [findings] [report]|status|pause|resume|stop|checkpoint|publish]" >&2; exit 2;;
