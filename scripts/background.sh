@@ -159,10 +159,12 @@ PY
     .venv/bin/rqlab report --profile findings --out "$PUBLISHED" || exit 1
     .venv/bin/python -m rqlab.report.findings "$PUBLISHED/summary.json" docs/findings.md \
       --curves docs/zoo_curves.png --notes docs/findings-notes.md || exit 1
-    git add -A -- "$PUBLISHED" ":(exclude)$PUBLISHED/.*" docs/findings.md docs/zoo_curves.png \
-      && git commit -q -m "findings report published: its index rewritten in $PUBLISHED, docs/findings.md regenerated from it" \
-         -- "$PUBLISHED" docs/findings.md docs/zoo_curves.png \
-      && echo "published: $PUBLISHED, docs/findings.md"
+    git add -A -- "$PUBLISHED" ":(exclude)$PUBLISHED/.*" docs/findings.md docs/zoo_curves.png || exit 1
+    if ! git diff --cached --quiet -- "$PUBLISHED" docs/findings.md docs/zoo_curves.png; then
+      git commit -q -m "findings report published: its index rewritten in $PUBLISHED, docs/findings.md regenerated from it" \
+         -- "$PUBLISHED" docs/findings.md docs/zoo_curves.png || exit 1
+    fi
+    echo "published: $PUBLISHED, docs/findings.md"
     ;;
   *) echo "usage: scripts/background.sh [start [train] [measure] [findings] [report]|status|pause|resume|stop|checkpoint|publish]" >&2; exit 2;;
 esac
