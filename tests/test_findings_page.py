@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rqlab.report.findings import NOTES, findings_markdown
+from rqlab.report.findings import NOTES, findings_markdown, notes_link
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = ROOT / "reports" / "findings" / "summary.json"
@@ -28,10 +28,9 @@ def test_findings_page_is_generated_from_the_committed_report(summary):
     head, sep, tail = expected.rpartition("\n" + NOTES)
     assert sep, "the generated page ends with its notes on how to read the numbers"
     page = PAGE.read_text()
-    notes_link = "\nDiscussion beyond these numbers (what the verdicts rest on, analyses measured by hand): " \
-                 "[findings-notes.md](findings-notes.md).\n"
-    assert notes_link in page, "the page links the hand-written notes (--notes docs/findings-notes.md)"
-    page = page.replace(notes_link, "", 1)
+    link = notes_link("findings-notes.md", "findings-notes.md")
+    assert link in page, "the page links the hand-written notes (--notes docs/findings-notes.md)"
+    page = page.replace(link, "", 1)
     assert page.startswith(head), f"docs/findings.md differs from reports/findings/summary.json: {REGENERATE}"
     assert page.endswith(sep + tail), f"docs/findings.md's closing notes differ: {REGENERATE}"
 

@@ -264,6 +264,12 @@ def curves_markdown(figure: Path, page_dir: Path, curves: dict) -> str:
                       f"![held-out training curves of the full-budget zoo]({Path(rel).as_posix()})"])
 
 
+def notes_link(name: str, rel: str) -> str:
+    """The line under the page's header that links the hand-written notes page (`--notes`)."""
+    return (f"\nDiscussion beyond these numbers (what the verdicts rest on, analyses measured by hand): "
+            f"[{name}]({rel}).\n")
+
+
 def write_findings(summary_path, md_path, standard_b=None, curves=None, notes=None) -> Path:
     """Read OUT/summary.json (and `standard_b`, a b_standard.json, if given), write the
     findings page (atomically); links to the runs are relative to the page's folder.
@@ -284,8 +290,7 @@ def write_findings(summary_path, md_path, standard_b=None, curves=None, notes=No
                              "docs/findings-notes.md) or leave --notes out")
         rel = Path(os.path.relpath(Path(notes).resolve(), md_path.resolve().parent)).as_posix()
         head, sep, rest = text.partition("\n## The claims\n")
-        text = (head + f"\nDiscussion beyond these numbers (what the verdicts rest on, analyses measured by hand): "
-                f"[{Path(notes).name}]({rel}).\n" + sep + rest)
+        text = head + notes_link(Path(notes).name, rel) + sep + rest
     if curves:
         drawn = zoo_curves.zoo_curves()
         figure = zoo_curves.write_figure(drawn, curves)
@@ -323,5 +328,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["NOTES", "findings_markdown", "standard_claims_markdown", "standard_b_markdown", "zoo_markdown",
+__all__ = ["NOTES", "findings_markdown", "notes_link", "standard_claims_markdown", "standard_b_markdown", "zoo_markdown",
            "curves_markdown", "write_findings", "main"]
